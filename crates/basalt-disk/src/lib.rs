@@ -1,0 +1,99 @@
+//! Disk engines: the one narrow interface through which Basalt touches a disk.
+//!
+//! Every byte the storage controller stores passes through a [`DiskEngine`].
+//! There are three:
+//!
+//! * [`uring::UringEngine`] — io_uring with `O_DIRECT` on aligned buffers: the
+//!   fast path. One thread per disk owns the ring; callers hand it operations
+//!   through a queue and await a completion.
+//! * [`sync::SyncEngine`] — `pread`/`pwrite` on a blocking thread pool: the
+//!   fallback, chosen automatically when the filesystem refuses `O_DIRECT`
+//!   (tmpfs, some CI filesystems).
+//! * [`sim::SimEngine`] — memory that keeps *written* and *durable* bytes apart,
+//!   so a test can cut the power at any point and see exactly what a real disk
+//!   may have kept: everything synced, plus any subset of later writes, each
+//!   possibly torn at sector granularity.
+//!
+//! The trait is deliberately tiny (read, vectored write, sync) so that crash
+//! behaviour can be modelled completely.
+
+mod error;
+pub mod open;
+pub mod sim;
+pub mod sync;
+pub mod uring;
+
+use std::sync::Arc;
+
+use basalt_core::{BoxFuture, IoBuf};
+
+pub use error::DiskError;
+pub use open::{DiskFile, EngineChoice, open_disk};
+
+/// Which engine serves a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring with O_DIRECT.
+    Uring,
+    /// pread/pwrite through the page cache.
+    Sync,
+    /// In-memory simulation for tests.
+    Simulated,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Uring => "io_uring+O_DIRECT",
+            EngineKind::Sync => "pread/pwrite",
+            EngineKind::Simulated => "simulated",
+        })
+    }
+}
+
+/// Result of a read: the buffer is always handed back so it can be reused.
+pub type ReadResult = (IoBuf, Result<(), DiskError>);
+
+/// Block I/O on one disk.
+///
+/// Offsets, buffer addresses and lengths are multiples of
+/// [`basalt_core::IO_ALIGN`] for every call (engines may rely on it; the
+/// simulated engine checks it). A completed write is *not* durable until a
+/// later [`DiskEngine::sync`] completes.
+pub trait DiskEngine: Send + Sync + 'static {
+    /// Which engine this is.
+    fn kind(&self) -> EngineKind;
+
+    /// Size of the disk in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` (its visible length) from `offset`.
+    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult>;
+
+    /// Writes the segments back to back starting at `offset`.
+    fn write_at(
+        &self,
+        offset: u64,
+        segments: Vec<Arc<IoBuf>>,
+    ) -> BoxFuture<'static, Result<(), DiskError>>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>>;
+}
+
+/// Checks the alignment rules of [`DiskEngine`] for a transfer.
+pub(crate) fn check_aligned(
+    offset: u64,
+    lens: impl IntoIterator<Item = usize>,
+) -> Result<(), DiskError> {
+    let align = basalt_core::IO_ALIGN;
+    if offset % align as u64 != 0 {
+        return Err(DiskError::Unaligned { offset, len: 0 });
+    }
+    for len in lens {
+        if len % align != 0 {
+            return Err(DiskError::Unaligned { offset, len });
+        }
+    }
+    Ok(())
+}
