@@ -51,6 +51,44 @@ impl std::fmt::Display for EngineKind {
     }
 }
 
+/// A slice of a shared buffer handed to a vectored write.
+///
+/// Segments let one write gather parts of several buffers (a log batch header
+/// followed by client payloads, or one extent's share of a larger request)
+/// without copying. The range must start and end on [`basalt_core::IO_ALIGN`]
+/// boundaries.
+#[derive(Clone)]
+pub struct Segment {
+    /// The buffer holding the bytes.
+    pub buf: Arc<IoBuf>,
+    /// Byte offset of the segment inside the buffer.
+    pub start: usize,
+    /// Length of the segment in bytes.
+    pub len: usize,
+}
+
+impl Segment {
+    /// The whole visible length of `buf` as one segment.
+    pub fn whole(buf: Arc<IoBuf>) -> Segment {
+        let len = buf.len();
+        Segment { buf, start: 0, len }
+    }
+
+    /// The segment's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 /// Result of a read: the buffer is always handed back so it can be reused.
 pub type ReadResult = (IoBuf, Result<(), DiskError>);
 
@@ -74,26 +112,36 @@ pub trait DiskEngine: Send + Sync + 'static {
     fn write_at(
         &self,
         offset: u64,
-        segments: Vec<Arc<IoBuf>>,
+        segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>>;
 
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>>;
 }
 
-/// Checks the alignment rules of [`DiskEngine`] for a transfer.
+/// Checks the alignment rules of [`DiskEngine`] for a transfer of segments
+/// described by `(start, len, buffer length)` triples, and that each lies
+/// inside its buffer.
 pub(crate) fn check_aligned(
     offset: u64,
-    lens: impl IntoIterator<Item = usize>,
+    parts: impl IntoIterator<Item = (usize, usize, usize)>,
 ) -> Result<(), DiskError> {
     let align = basalt_core::IO_ALIGN;
     if offset % align as u64 != 0 {
         return Err(DiskError::Unaligned { offset, len: 0 });
     }
-    for len in lens {
-        if len % align != 0 {
+    for (start, len, capacity) in parts {
+        if start % align != 0 || len % align != 0 || start + len > capacity {
             return Err(DiskError::Unaligned { offset, len });
         }
     }
     Ok(())
+}
+
+/// The `(start, len, buffer length)` triples of segments, for [`check_aligned`].
+pub(crate) fn segment_parts(segments: &[Segment]) -> Vec<(usize, usize, usize)> {
+    segments
+        .iter()
+        .map(|s| (s.start, s.len, s.buf.len()))
+        .collect()
 }

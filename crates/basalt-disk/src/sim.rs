@@ -16,7 +16,7 @@ use basalt_core::{BoxFuture, IoBuf};
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::{DiskEngine, DiskError, EngineKind, ReadResult, check_aligned};
+use crate::{DiskEngine, DiskError, EngineKind, ReadResult, Segment, check_aligned, segment_parts};
 
 const PAGE: usize = 4096;
 const SECTOR: usize = 512;
@@ -203,12 +203,17 @@ pub struct SimEngine {
 }
 
 impl SimEngine {
-    fn check(&self, m: &Medium, offset: u64, lens: &[usize]) -> Result<u64, DiskError> {
+    fn check(
+        &self,
+        m: &Medium,
+        offset: u64,
+        parts: &[(usize, usize, usize)],
+    ) -> Result<u64, DiskError> {
         if m.cycle != self.cycle {
             return Err(DiskError::EngineGone);
         }
-        check_aligned(offset, lens.iter().copied())?;
-        let total: u64 = lens.iter().map(|&l| l as u64).sum();
+        check_aligned(offset, parts.iter().copied())?;
+        let total: u64 = parts.iter().map(|&(_, l, _)| l as u64).sum();
         match offset.checked_add(total) {
             Some(end) if end <= self.disk.size => Ok(total),
             _ => Err(DiskError::OutOfRange {
@@ -232,7 +237,7 @@ impl DiskEngine for SimEngine {
     fn read_at(&self, offset: u64, mut buf: IoBuf) -> BoxFuture<'static, ReadResult> {
         let result = {
             let mut m = self.disk.medium.lock();
-            match self.check(&m, offset, &[buf.len()]) {
+            match self.check(&m, offset, &[(0, buf.len(), buf.len())]) {
                 Err(e) => Err(e),
                 Ok(len) if overlaps(&m.read_faults, offset, len) => Err(DiskError::Io {
                     offset,
@@ -254,12 +259,12 @@ impl DiskEngine for SimEngine {
     fn write_at(
         &self,
         offset: u64,
-        segments: Vec<Arc<IoBuf>>,
+        segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
+        let parts = segment_parts(&segments);
         let result = {
             let mut m = self.disk.medium.lock();
-            match self.check(&m, offset, &lens) {
+            match self.check(&m, offset, &parts) {
                 Err(e) => Err(e),
                 Ok(_) if m.full => Err(DiskError::NoSpace { offset }),
                 Ok(len) if overlaps(&m.write_faults, offset, len) => Err(DiskError::Io {
@@ -310,8 +315,8 @@ impl DiskEngine for SimEngine {
 mod tests {
     use super::*;
 
-    fn page(byte: u8) -> Vec<Arc<IoBuf>> {
-        vec![Arc::new(IoBuf::from_slice(&[byte; PAGE]))]
+    fn page(byte: u8) -> Vec<Segment> {
+        vec![Segment::whole(Arc::new(IoBuf::from_slice(&[byte; PAGE])))]
     }
 
     async fn read(engine: &SimEngine, offset: u64) -> Vec<u8> {

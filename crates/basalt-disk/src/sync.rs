@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use basalt_core::{BoxFuture, IoBuf};
 
-use crate::{DiskEngine, DiskError, EngineKind, ReadResult, check_aligned};
+use crate::{DiskEngine, DiskError, EngineKind, ReadResult, Segment, check_aligned, segment_parts};
 
 /// Blocking-pool engine over a buffered file descriptor.
 pub struct SyncEngine {
@@ -27,9 +27,9 @@ impl SyncEngine {
         }
     }
 
-    fn check(&self, offset: u64, lens: &[usize]) -> Result<(), DiskError> {
-        check_aligned(offset, lens.iter().copied())?;
-        let total: u64 = lens.iter().map(|&l| l as u64).sum();
+    fn check(&self, offset: u64, parts: &[(usize, usize, usize)]) -> Result<(), DiskError> {
+        check_aligned(offset, parts.iter().copied())?;
+        let total: u64 = parts.iter().map(|&(_, l, _)| l as u64).sum();
         match offset.checked_add(total) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(DiskError::OutOfRange {
@@ -58,7 +58,7 @@ impl DiskEngine for SyncEngine {
     }
 
     fn read_at(&self, offset: u64, mut buf: IoBuf) -> BoxFuture<'static, ReadResult> {
-        if let Err(e) = self.check(offset, &[buf.len()]) {
+        if let Err(e) = self.check(offset, &[(0, buf.len(), buf.len())]) {
             return Box::pin(async move { (buf, Err(e)) });
         }
         let file = self.file.clone();
@@ -78,10 +78,9 @@ impl DiskEngine for SyncEngine {
     fn write_at(
         &self,
         offset: u64,
-        segments: Vec<Arc<IoBuf>>,
+        segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
-        if let Err(e) = self.check(offset, &lens) {
+        if let Err(e) = self.check(offset, &segment_parts(&segments)) {
             return Box::pin(async move { Err(e) });
         }
         let file = self.file.clone();
@@ -91,7 +90,7 @@ impl DiskEngine for SyncEngine {
                 for segment in &segments {
                     file.write_all_at(segment.as_slice(), at)
                         .map_err(|e| DiskError::from_io(at, e))?;
-                    at += segment.len() as u64;
+                    at += segment.len as u64;
                 }
                 Ok(())
             })

@@ -16,7 +16,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::{DiskEngine, DiskError, EngineKind, ReadResult, check_aligned};
+use crate::{DiskEngine, DiskError, EngineKind, ReadResult, Segment, check_aligned, segment_parts};
 
 const RING_ENTRIES: u32 = 256;
 /// `user_data` of the no-op that tells the reaper to exit.
@@ -30,7 +30,7 @@ enum OpKind {
         done: oneshot::Sender<ReadResult>,
     },
     Write {
-        _segments: Vec<Arc<IoBuf>>,
+        _segments: Vec<Segment>,
         done: oneshot::Sender<Result<(), DiskError>>,
     },
     Sync {
@@ -352,8 +352,8 @@ impl DiskEngine for UringEngine {
 
     fn read_at(&self, offset: u64, mut buf: IoBuf) -> BoxFuture<'static, ReadResult> {
         let len = buf.len();
-        if let Err(e) =
-            check_aligned(offset, [len]).and_then(|_| self.check_range(offset, len as u64))
+        if let Err(e) = check_aligned(offset, [(0, len, len)])
+            .and_then(|_| self.check_range(offset, len as u64))
         {
             return Box::pin(async move { (buf, Err(e)) });
         }
@@ -385,10 +385,10 @@ impl DiskEngine for UringEngine {
     fn write_at(
         &self,
         offset: u64,
-        segments: Vec<Arc<IoBuf>>,
+        segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let total: u64 = segments.iter().map(|s| s.len() as u64).sum();
-        if let Err(e) = check_aligned(offset, segments.iter().map(|s| s.len()))
+        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
+        if let Err(e) = check_aligned(offset, segment_parts(&segments))
             .and_then(|_| self.check_range(offset, total))
         {
             return Box::pin(async move { Err(e) });
@@ -397,8 +397,10 @@ impl DiskEngine for UringEngine {
         let iovecs = segments
             .iter()
             .map(|s| libc::iovec {
-                iov_base: s.as_ptr() as *mut libc::c_void,
-                iov_len: s.len(),
+                // SAFETY: start + len <= buffer length was checked above, so the
+                // pointer stays inside the buffer.
+                iov_base: unsafe { s.buf.as_ptr().add(s.start) } as *mut libc::c_void,
+                iov_len: s.len,
             })
             .collect();
         let op = Op {
@@ -470,7 +472,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let data = IoBuf::from_slice(&[(i % 251) as u8; 8192]);
                 engine
-                    .write_at(i * 8192, vec![Arc::new(data)])
+                    .write_at(i * 8192, vec![Segment::whole(Arc::new(data))])
                     .await
                     .expect("write");
             }));
