@@ -117,6 +117,11 @@ pub trait DiskEngine: Send + Sync + 'static {
 
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>>;
+
+    /// Reserves backing space for `[offset, offset + len)` so later writes there
+    /// cannot fail for lack of space (fallocate on file disks; a no-op on block
+    /// devices). Fails with [`DiskError::NoSpace`] when the space is not there.
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>>;
 }
 
 /// Checks the alignment rules of [`DiskEngine`] for a transfer of segments

@@ -160,6 +160,33 @@ fn direct_io_works(file: &File) -> bool {
     rc == 4096
 }
 
+/// Reserves space in a file with `fallocate` (mode 0 keeps existing data).
+/// Block devices need no reservation.
+pub(crate) async fn fallocate(file: Arc<File>, offset: u64, len: u64) -> Result<(), DiskError> {
+    tokio::task::spawn_blocking(move || {
+        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !is_file {
+            return Ok(());
+        }
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(DiskError::OutOfRange { offset, len, size: u64::MAX });
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is valid for the call.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, at, n) };
+        if rc != 0 {
+            let error = std::io::Error::last_os_error();
+            // Filesystems without fallocate (some FUSE mounts) cannot promise space; carry on.
+            if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(());
+            }
+            return Err(DiskError::from_io(offset, error));
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| Err(DiskError::Io { offset, source: std::io::Error::other(e.to_string()) }))
+}
+
 fn block_device_size(file: &File) -> std::io::Result<u64> {
     const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
     let mut size: u64 = 0;

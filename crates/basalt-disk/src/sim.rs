@@ -290,6 +290,20 @@ impl DiskEngine for SimEngine {
         })
     }
 
+    fn allocate(&self, offset: u64, _len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        let result = {
+            let m = self.disk.medium.lock();
+            if m.cycle != self.cycle {
+                Err(DiskError::EngineGone)
+            } else if m.full {
+                Err(DiskError::NoSpace { offset })
+            } else {
+                Ok(())
+            }
+        };
+        Box::pin(async move { result })
+    }
+
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
         let result = {
             let mut m = self.disk.medium.lock();

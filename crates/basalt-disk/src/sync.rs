@@ -99,6 +99,10 @@ impl DiskEngine for SyncEngine {
         })
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        Box::pin(crate::open::fallocate(self.file.clone(), offset, len))
+    }
+
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
         let file = self.file.clone();
         Box::pin(async move {

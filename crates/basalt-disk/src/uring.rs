@@ -93,8 +93,8 @@ pub struct UringEngine {
     shared: Arc<Shared>,
     size: u64,
     reaper: Option<JoinHandle<()>>,
-    /// Keeps the buffered descriptor (and its flock) alive as long as the engine.
-    _lock_holder: Option<File>,
+    /// The buffered descriptor: keeps the flock alive and serves fallocate.
+    buffered: Option<Arc<File>>,
 }
 
 impl UringEngine {
@@ -118,7 +118,7 @@ impl UringEngine {
             shared,
             size,
             reaper: Some(reaper),
-            _lock_holder: lock_holder,
+            buffered: lock_holder.map(Arc::new),
         })
     }
 
@@ -418,6 +418,13 @@ impl DiskEngine for UringEngine {
             }
             wait.await.unwrap_or(Err(DiskError::EngineGone))
         })
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        match &self.buffered {
+            Some(file) => Box::pin(crate::open::fallocate(file.clone(), offset, len)),
+            None => Box::pin(async { Ok(()) }),
+        }
     }
 
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {

@@ -1,1 +1,5 @@
 //! placeholder
+pub mod catalog;
+mod error;
+pub mod format;
+pub use error::StoreError;
