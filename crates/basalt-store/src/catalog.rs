@@ -22,10 +22,14 @@ const NODE: TableDefinition<&str, &[u8]> = TableDefinition::new("node");
 const VDISKS: TableDefinition<u64, &[u8]> = TableDefinition::new("vdisks");
 const VDISK_NAMES: TableDefinition<&str, u64> = TableDefinition::new("vdisk_names");
 const DISKS: TableDefinition<u128, &[u8]> = TableDefinition::new("disks");
-/// (vdisk id, extent index) → (disk id, slot, allocation id).
-const EXTENTS: TableDefinition<(u64, u64), (u128, u64, u64)> = TableDefinition::new("extents");
+/// (vdisk id, extent index) → (disk id, slot, allocation id, metadata persisted).
+const EXTENTS: TableDefinition<(u64, u64), (u128, u64, u64, bool)> =
+    TableDefinition::new("extents");
 
 const NODE_KEY: &str = "node";
+
+/// Generations a new vdisk may use before its first checkpoint.
+pub const INITIAL_GEN_RESERVATION: u64 = 1 << 24;
 
 /// This node's identity and counters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -81,6 +85,9 @@ pub struct ExtentRow {
     pub slot: u64,
     /// Allocation id of the tenancy.
     pub alloc_id: u64,
+    /// The slot's metadata blocks have been written for this tenancy, so
+    /// finding none means they were destroyed.
+    pub persisted: bool,
 }
 
 /// Everything the catalog holds, read at startup.
@@ -134,7 +141,11 @@ impl Catalog {
         {
             let mut node = txn.open_table(NODE)?;
             if node.get(NODE_KEY)?.is_none() {
-                let record = NodeRecord { node_id: Uuid::new_v4(), alloc_reserved: 1, next_vdisk_id: 1 };
+                let record = NodeRecord {
+                    node_id: Uuid::new_v4(),
+                    alloc_reserved: 1,
+                    next_vdisk_id: 1,
+                };
                 node.insert(NODE_KEY, encode(&record)?.as_slice())?;
             }
             txn.open_table(VDISKS)?;
@@ -167,14 +178,32 @@ impl Catalog {
         let mut extents = Vec::new();
         for row in txn.open_table(EXTENTS)?.iter()? {
             let (k, v) = row?;
-            let (disk, slot, alloc_id) = v.value();
-            extents.push((k.value(), ExtentRow { disk: Uuid::from_u128(disk), slot, alloc_id }));
+            let (disk, slot, alloc_id, persisted) = v.value();
+            extents.push((
+                k.value(),
+                ExtentRow {
+                    disk: Uuid::from_u128(disk),
+                    slot,
+                    alloc_id,
+                    persisted,
+                },
+            ));
         }
-        Ok(CatalogSnapshot { node, vdisks, disks, extents })
+        Ok(CatalogSnapshot {
+            node,
+            vdisks,
+            disks,
+            extents,
+        })
     }
 
     /// Creates a vdisk record with a fresh id. Fails if the name is taken.
-    pub fn create_vdisk(&self, name: &str, size: u64, created: u64) -> Result<VdiskRecord, StoreError> {
+    pub fn create_vdisk(
+        &self,
+        name: &str,
+        size: u64,
+        created: u64,
+    ) -> Result<VdiskRecord, StoreError> {
         let txn = self.db.begin_write()?;
         let record;
         {
@@ -192,12 +221,13 @@ impl Catalog {
                 name: name.to_string(),
                 size,
                 created,
-                gen_reserved: 1,
+                gen_reserved: INITIAL_GEN_RESERVATION,
             };
             node.next_vdisk_id += 1;
             node_table.insert(NODE_KEY, encode(&node)?.as_slice())?;
             names.insert(name, record.id)?;
-            txn.open_table(VDISKS)?.insert(record.id, encode(&record)?.as_slice())?;
+            txn.open_table(VDISKS)?
+                .insert(record.id, encode(&record)?.as_slice())?;
         }
         txn.commit()?;
         Ok(record)
@@ -223,7 +253,8 @@ impl Catalog {
     /// Stores a changed vdisk record (resize).
     pub fn put_vdisk(&self, record: &VdiskRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(VDISKS)?.insert(record.id, encode(record)?.as_slice())?;
+        txn.open_table(VDISKS)?
+            .insert(record.id, encode(record)?.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -231,7 +262,8 @@ impl Catalog {
     /// Stores a disk record.
     pub fn put_disk(&self, record: &DiskRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(DISKS)?.insert(record.id.as_u128(), encode(record)?.as_slice())?;
+        txn.open_table(DISKS)?
+            .insert(record.id.as_u128(), encode(record)?.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -263,7 +295,10 @@ impl Catalog {
                 }
                 match change {
                     Some(row) => {
-                        extents.insert(*key, (row.disk.as_u128(), row.slot, row.alloc_id))?;
+                        extents.insert(
+                            *key,
+                            (row.disk.as_u128(), row.slot, row.alloc_id, row.persisted),
+                        )?;
                     }
                     None => {
                         extents.remove(*key)?;
@@ -272,7 +307,9 @@ impl Catalog {
             }
             let mut disks = txn.open_table(DISKS)?;
             for &(id, pos, lsn, clean) in &checkpoint.disk_tails {
-                let existing = disks.get(id.as_u128())?.map(|v| decode::<DiskRecord>(v.value()));
+                let existing = disks
+                    .get(id.as_u128())?
+                    .map(|v| decode::<DiskRecord>(v.value()));
                 if let Some(record) = existing {
                     let mut record = record?;
                     record.tail_pos = pos;
@@ -283,7 +320,9 @@ impl Catalog {
             }
             if let Some(reserved) = checkpoint.alloc_reserved {
                 let mut node_table = txn.open_table(NODE)?;
-                let node = node_table.get(NODE_KEY)?.map(|v| decode::<NodeRecord>(v.value()));
+                let node = node_table
+                    .get(NODE_KEY)?
+                    .map(|v| decode::<NodeRecord>(v.value()));
                 if let Some(node) = node {
                     let mut node = node?;
                     node.alloc_reserved = node.alloc_reserved.max(reserved);
@@ -312,7 +351,10 @@ mod tests {
             let a = catalog.create_vdisk("a", 1 << 30, 1).expect("create a");
             let b = catalog.create_vdisk("b", 1 << 20, 2).expect("create b");
             assert_ne!(a.id, b.id);
-            assert!(matches!(catalog.create_vdisk("a", 4096, 3), Err(StoreError::VdiskExists(_))));
+            assert!(matches!(
+                catalog.create_vdisk("a", 4096, 3),
+                Err(StoreError::VdiskExists(_))
+            ));
             catalog
                 .put_disk(&DiskRecord {
                     id: disk_id,
@@ -324,17 +366,30 @@ mod tests {
                     clean: false,
                 })
                 .expect("disk");
-            let row = ExtentRow { disk: disk_id, slot: 9, alloc_id: 5 };
+            let row = ExtentRow {
+                disk: disk_id,
+                slot: 9,
+                alloc_id: 5,
+                persisted: true,
+            };
             catalog
                 .checkpoint(&Checkpoint {
                     disk_tails: vec![(disk_id, 8192, 7, true)],
-                    extent_changes: vec![((a.id, 0), Some(row)), ((a.id, 1), Some(row)), ((a.id, 1), None), ((b.id, 3), Some(row))],
+                    extent_changes: vec![
+                        ((a.id, 0), Some(row)),
+                        ((a.id, 1), Some(row)),
+                        ((a.id, 1), None),
+                        ((b.id, 3), Some(row)),
+                    ],
                     gen_reserved: vec![(a.id, 1000)],
                     alloc_reserved: Some(77),
                 })
                 .expect("checkpoint");
             catalog.delete_vdisk(b.id).expect("delete");
-            assert!(matches!(catalog.delete_vdisk(b.id), Err(StoreError::NoSuchVdisk(_))));
+            assert!(matches!(
+                catalog.delete_vdisk(b.id),
+                Err(StoreError::NoSuchVdisk(_))
+            ));
         }
         let catalog = Catalog::open(&path).expect("reopen");
         let snap = catalog.load().expect("load");

@@ -56,7 +56,9 @@ pub enum StoreError {
     #[error("invalid size: {0}")]
     BadSize(String),
     /// A request reaches past the end of a vdisk.
-    #[error("request of {blocks} blocks at block {first} is past the end of vdisk {vdisk} ({size_blocks} blocks)")]
+    #[error(
+        "request of {blocks} blocks at block {first} is past the end of vdisk {vdisk} ({size_blocks} blocks)"
+    )]
     OutOfRange {
         /// Vdisk id.
         vdisk: u64,

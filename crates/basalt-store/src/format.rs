@@ -55,6 +55,10 @@ const META_ENTRY_BYTES: usize = 12;
 /// Bit of a metadata entry's generation word that says the block holds data
 /// (clear: the block reads as zeros).
 pub const ENTRY_HAS_DATA: u64 = 1 << 63;
+/// Bit of a metadata entry's generation word that says the block's contents
+/// were lost (its metadata was found damaged): reads fail until it is rewritten.
+pub const ENTRY_LOST: u64 = 1 << 62;
+const ENTRY_FLAGS: u64 = ENTRY_HAS_DATA | ENTRY_LOST;
 
 fn put_u16(buf: &mut [u8], at: usize, v: u16) {
     buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -246,7 +250,10 @@ impl Label {
             || label.log_bytes % BLOCK_BYTES != 0
             || label.log_bytes == 0
             || label.slot_offset % BLOCK_BYTES != 0
-            || label.log_offset.checked_add(label.log_bytes).is_none_or(|e| e > label.slot_offset)
+            || label
+                .log_offset
+                .checked_add(label.log_bytes)
+                .is_none_or(|e| e > label.slot_offset)
             || slots_end.is_none_or(|e| e > label.disk_bytes)
         {
             return Err(FormatError::Invalid("layout"));
@@ -266,6 +273,8 @@ pub struct BlockEntry {
     pub generation: u64,
     /// The block holds data; otherwise it reads as zeros.
     pub has_data: bool,
+    /// The block's contents are lost: reads fail with an I/O error.
+    pub lost: bool,
     /// crc32c of the block's data (meaningful when `has_data`).
     pub crc: u32,
 }
@@ -327,7 +336,9 @@ impl ExtentMeta {
         put_u64(&mut b, 48, self.extent_gen());
         for (i, e) in self.entries.iter().enumerate().take(EXTENT_BLOCKS as usize) {
             let at = META_ENTRIES_AT + i * META_ENTRY_BYTES;
-            let word = (e.generation & !ENTRY_HAS_DATA) | if e.has_data { ENTRY_HAS_DATA } else { 0 };
+            let word = (e.generation & !ENTRY_FLAGS)
+                | if e.has_data { ENTRY_HAS_DATA } else { 0 }
+                | if e.lost { ENTRY_LOST } else { 0 };
             put_u64(&mut b, at, word);
             put_u32(&mut b, at + 8, e.crc);
         }
@@ -354,8 +365,9 @@ impl ExtentMeta {
                 let at = META_ENTRIES_AT + i * META_ENTRY_BYTES;
                 let word = get_u64(b, at);
                 BlockEntry {
-                    generation: word & !ENTRY_HAS_DATA,
+                    generation: word & !ENTRY_FLAGS,
                     has_data: word & ENTRY_HAS_DATA != 0,
+                    lost: word & ENTRY_LOST != 0,
                     crc: get_u32(b, at + 8),
                 }
             })
@@ -372,34 +384,55 @@ impl ExtentMeta {
     /// Chooses the current metadata of a slot from its two blocks: the valid
     /// one that belongs to `(vdisk_id, extent, alloc_id)` with the higher
     /// sequence number. Blocks left by an earlier tenant of the slot (another
-    /// allocation id) are ignored; with neither valid the extent is empty.
-    pub fn choose(
-        a: &[u8],
-        b: &[u8],
-        vdisk_id: u64,
-        extent: u64,
-        alloc_id: u64,
-    ) -> ExtentMeta {
-        let ours = |m: &ExtentMeta| m.vdisk_id == vdisk_id && m.extent == extent && m.alloc_id == alloc_id;
-        let a = ExtentMeta::decode(a).ok().filter(ours);
-        let b = ExtentMeta::decode(b).ok().filter(ours);
-        match (a, b) {
-            (Some(a), Some(b)) => {
-                if a.seq >= b.seq {
-                    a
-                } else {
-                    b
+    /// allocation id, or never written) make the extent [`MetaChoice::Fresh`];
+    /// a block that is ours by its magic but fails its checksum, with no valid
+    /// copy beside it, makes it [`MetaChoice::Damaged`].
+    pub fn choose(a: &[u8], b: &[u8], vdisk_id: u64, extent: u64, alloc_id: u64) -> MetaChoice {
+        let mut best: Option<ExtentMeta> = None;
+        let mut damaged = false;
+        for copy in [a, b] {
+            match ExtentMeta::decode(copy) {
+                Ok(m) if m.vdisk_id == vdisk_id && m.extent == extent && m.alloc_id == alloc_id => {
+                    if best.as_ref().is_none_or(|b| m.seq > b.seq) {
+                        best = Some(m);
+                    }
                 }
+                Ok(_) | Err(FormatError::BadMagic) => {}
+                Err(_) => damaged = true,
             }
-            (Some(m), None) | (None, Some(m)) => m,
-            (None, None) => ExtentMeta::empty(vdisk_id, extent, alloc_id),
         }
+        match best {
+            Some(m) => MetaChoice::Valid(m),
+            None if damaged => MetaChoice::Damaged,
+            None => MetaChoice::Fresh,
+        }
+    }
+
+    /// Metadata for an extent whose metadata was lost: every block fails reads
+    /// until it is written again.
+    pub fn lost(vdisk_id: u64, extent: u64, alloc_id: u64) -> ExtentMeta {
+        let mut m = ExtentMeta::empty(vdisk_id, extent, alloc_id);
+        for e in &mut m.entries {
+            e.lost = true;
+        }
+        m
     }
 
     /// Which of the two metadata blocks (0 = A, 1 = B) the version `seq` is written to.
     pub fn copy_for_seq(seq: u64) -> u64 {
         seq % 2
     }
+}
+
+/// What a slot's two metadata blocks say about an extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaChoice {
+    /// A valid metadata block of this tenancy.
+    Valid(ExtentMeta),
+    /// No metadata of this tenancy was ever written.
+    Fresh,
+    /// Metadata of this tenancy exists but is damaged beyond use.
+    Damaged,
 }
 
 // ---------------------------------------------------------------------------
@@ -516,8 +549,13 @@ impl Record {
                 if b.len() < len {
                     return Err(FormatError::Invalid("truncated write record"));
                 }
-                let crcs = (0..n).map(|i| get_u32(b, RECORD_FIXED_BYTES + 4 * i)).collect();
-                RecordKind::Write { data_index: get_u32(b, 48), crcs }
+                let crcs = (0..n)
+                    .map(|i| get_u32(b, RECORD_FIXED_BYTES + 4 * i))
+                    .collect();
+                RecordKind::Write {
+                    data_index: get_u32(b, 48),
+                    crcs,
+                }
             }
             2 => RecordKind::Zero,
             3 => RecordKind::Remap,
@@ -570,7 +608,8 @@ pub struct BatchHeader {
 impl BatchHeader {
     /// Size of the encoded header rounded up to whole blocks.
     pub fn header_blocks(&self) -> u32 {
-        let bytes = LOG_HEADER_FIXED_BYTES + self.records.iter().map(Record::encoded_len).sum::<usize>();
+        let bytes =
+            LOG_HEADER_FIXED_BYTES + self.records.iter().map(Record::encoded_len).sum::<usize>();
         bytes.div_ceil(BLOCK_BYTES as usize) as u32
     }
 
@@ -686,8 +725,18 @@ mod tests {
     fn meta_round_trip_and_choice() {
         let mut m = ExtentMeta::empty(7, 3, 99);
         m.seq = 4;
-        m.entries[5] = BlockEntry { generation: 12, has_data: true, crc: 0xdead_beef };
-        m.entries[6] = BlockEntry { generation: 13, has_data: false, crc: 0 };
+        m.entries[5] = BlockEntry {
+            generation: 12,
+            has_data: true,
+            lost: false,
+            crc: 0xdead_beef,
+        };
+        m.entries[6] = BlockEntry {
+            generation: 13,
+            has_data: false,
+            lost: true,
+            crc: 0,
+        };
         let a = m.encode();
         assert_eq!(ExtentMeta::decode(&a), Ok(m.clone()));
         assert_eq!(m.extent_gen(), 13);
@@ -695,13 +744,30 @@ mod tests {
         newer.seq = 5;
         newer.entries[5].generation = 20;
         let b = newer.encode();
-        assert_eq!(ExtentMeta::choose(&a, &b, 7, 3, 99), newer);
+        assert_eq!(
+            ExtentMeta::choose(&a, &b, 7, 3, 99),
+            MetaChoice::Valid(newer)
+        );
         // A torn B leaves A.
         let mut torn = b.clone();
         torn[100] ^= 0xff;
-        assert_eq!(ExtentMeta::choose(&a, &torn, 7, 3, 99), m);
-        // A previous tenant's metadata is ignored.
-        assert_eq!(ExtentMeta::choose(&a, &b, 7, 3, 100), ExtentMeta::empty(7, 3, 100));
+        assert_eq!(
+            ExtentMeta::choose(&a, &torn, 7, 3, 99),
+            MetaChoice::Valid(m.clone())
+        );
+        // A previous tenant's metadata, or none at all, is a fresh extent.
+        assert_eq!(ExtentMeta::choose(&a, &b, 7, 3, 100), MetaChoice::Fresh);
+        assert_eq!(
+            ExtentMeta::choose(&[0; 4096], &[0; 4096], 7, 3, 99),
+            MetaChoice::Fresh
+        );
+        // Ours but damaged, with no good copy: damaged.
+        let mut torn_a = a.clone();
+        torn_a[200] ^= 1;
+        assert_eq!(
+            ExtentMeta::choose(&torn_a, &torn, 7, 3, 99),
+            MetaChoice::Damaged
+        );
     }
 
     #[test]
@@ -720,7 +786,10 @@ mod tests {
                     first_block: 10,
                     blocks: 3,
                     generation: 77,
-                    kind: RecordKind::Write { data_index: 0, crcs: vec![1, 2, 3] },
+                    kind: RecordKind::Write {
+                        data_index: 0,
+                        crcs: vec![1, 2, 3],
+                    },
                 },
                 Record {
                     vdisk_id: 1,
@@ -754,7 +823,10 @@ mod tests {
                 first_block: 0,
                 blocks: 256,
                 generation: i,
-                kind: RecordKind::Write { data_index: (i * 256) as u32, crcs: vec![i as u32; 256] },
+                kind: RecordKind::Write {
+                    data_index: (i * 256) as u32,
+                    crcs: vec![i as u32; 256],
+                },
             })
             .collect();
         let header = BatchHeader {

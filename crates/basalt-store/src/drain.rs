@@ -1,0 +1,327 @@
+//! The drainer: writes overlay blocks to their home slots and checkpoints.
+//!
+//! A cycle on one disk:
+//!
+//! 1. note `L`, the newest batch written to the oplog;
+//! 2. for every extent with overlay blocks from batches `<= L`, write those
+//!    blocks into the slot and a new metadata block (sequence + 1) into the
+//!    metadata copy *not* holding the current version;
+//! 3. sync the disk — now everything up to `L` is home and durable;
+//! 4. commit a checkpoint to the catalog: extent-map changes up to `L`, the
+//!    new oplog tail (first batch after `L`), generation reservations;
+//! 5. release the oplog space of batches `<= L` and the slots freed by them.
+//!
+//! A crash anywhere in the cycle is harmless: until step 4 commits, the
+//! oplog still holds every record and replay writes them again; a torn
+//! metadata write leaves the previous copy. The cycle is idempotent.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use basalt_core::IoBuf;
+use basalt_disk::Segment;
+use futures::StreamExt;
+
+use crate::StoreError;
+use crate::catalog::{Checkpoint, ExtentRow};
+use crate::format::{BLOCK_BYTES, BlockEntry, ExtentMeta, SLOT_META_BYTES};
+use crate::state::{Content, ExtentKey};
+use crate::store::Store;
+
+/// Half of this is the headroom below which reservations are renewed.
+const RESERVE_AHEAD: u64 = 1 << 24;
+
+struct DrainJob {
+    key: ExtentKey,
+    alloc_id: u64,
+    slot_offset: u64,
+    meta: ExtentMeta,
+    /// Runs of consecutive data blocks: first block and one segment per block.
+    runs: Vec<(u16, Vec<Segment>)>,
+    /// Overlay entries written: block and the LSN of the entry.
+    taken: Vec<(u16, u64)>,
+}
+
+impl Store {
+    /// The drainer task: drains disks when asked or every half second.
+    pub(crate) async fn drainer(&self) {
+        loop {
+            let wake = self.inner.drain_wake.notified();
+            tokio::select! {
+                _ = wake => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            let count = self.lock().disks.len();
+            for index in 0..count {
+                if !self.needs_drain(index) {
+                    continue;
+                }
+                if let Err(error) = self.drain_disk(index, false).await {
+                    tracing::error!(%error, "drain failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            if self.needs_reservation() {
+                let count = self.lock().disks.len();
+                for index in 0..count {
+                    if let Err(error) = self.drain_disk(index, false).await {
+                        tracing::error!(%error, "checkpoint failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn needs_drain(&self, index: usize) -> bool {
+        let st = self.lock();
+        let d = &st.disks[index];
+        d.failed.is_none()
+            && (!d.log.batches.is_empty()
+                || !d.map_changes.is_empty()
+                || !d.quarantine.is_empty()
+                || d.undrained_bytes > 0)
+    }
+
+    fn needs_reservation(&self) -> bool {
+        let st = self.lock();
+        st.alloc_next + RESERVE_AHEAD / 2 > st.alloc_reserved
+            || st
+                .vdisks
+                .values()
+                .any(|v| v.next_gen + RESERVE_AHEAD / 2 > v.record.gen_reserved)
+    }
+
+    /// Runs one drain cycle on disk `index`; `clean` marks a shutdown checkpoint.
+    pub(crate) async fn drain_disk(&self, index: usize, clean: bool) -> Result<(), StoreError> {
+        let (limit, engine) = {
+            let st = self.lock();
+            let d = &st.disks[index];
+            if let Some(why) = &d.failed {
+                return Err(StoreError::DiskFailed(
+                    d.path.display().to_string(),
+                    why.clone(),
+                ));
+            }
+            (d.log.completed_lsn, d.engine.clone())
+        };
+
+        // Metadata of every extent to drain must be in memory first.
+        let jobs = loop {
+            let missing: Vec<(ExtentKey, usize, u64, u64)> = {
+                let st = self.lock();
+                st.extents
+                    .iter()
+                    .filter(|(_, e)| e.disk == index && e.meta.is_none())
+                    .filter(|(_, e)| e.overlay.values().any(|o| o.lsn <= limit))
+                    .map(|(k, e)| (*k, e.disk, e.slot, e.alloc_id))
+                    .collect()
+            };
+            if !missing.is_empty() {
+                let loads = futures::stream::iter(missing)
+                    .map(|(key, disk, slot, alloc)| self.load_meta(key, disk, slot, alloc))
+                    .buffer_unordered(32)
+                    .collect::<Vec<_>>()
+                    .await;
+                for result in loads {
+                    result?;
+                }
+                continue;
+            }
+            break self.plan_drain(index, limit);
+        };
+
+        // Write blocks and the new metadata home: first into the copy that
+        // does not hold the current version, then (after a sync) into the
+        // other, so both copies end identical and either can repair the other.
+        let mut first_phase = Vec::new();
+        let mut second_phase = Vec::new();
+        let mut blocks = 0u64;
+        for job in &jobs {
+            for (first, segments) in &job.runs {
+                blocks += segments.len() as u64;
+                let at = job.slot_offset + SLOT_META_BYTES + u64::from(*first) * BLOCK_BYTES;
+                first_phase.push((at, segments.clone()));
+            }
+            let copy = ExtentMeta::copy_for_seq(job.meta.seq);
+            let block = Segment::whole(Arc::new(IoBuf::from_slice(&job.meta.encode())));
+            first_phase.push((job.slot_offset + copy * BLOCK_BYTES, vec![block.clone()]));
+            second_phase.push((job.slot_offset + (1 - copy) * BLOCK_BYTES, vec![block]));
+        }
+        let mut synced = Ok(());
+        for phase in [first_phase, second_phase] {
+            let results = futures::stream::iter(phase)
+                .map(|(at, segments)| engine.write_at(at, segments))
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await;
+            synced = match results.into_iter().find(|r| r.is_err()) {
+                Some(Err(e)) => Err(e),
+                _ => engine.sync().await,
+            };
+            if synced.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = synced {
+            let mut st = self.lock();
+            let d = &mut st.disks[index];
+            tracing::error!(disk = %d.path.display(), error = %e, "drain write failed; disk marked failed");
+            d.failed = Some(format!("writing home failed: {e}"));
+            return Err(StoreError::Disk(e));
+        }
+
+        // Install the new metadata, drop drained overlay entries, checkpoint.
+        let (checkpoint, changes_taken) = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let disk_id = st.disks[index].id;
+            let mut now_persisted = Vec::new();
+            for job in jobs {
+                let Some(e) = st.extents.get_mut(&job.key) else {
+                    continue;
+                };
+                if e.alloc_id != job.alloc_id {
+                    continue;
+                }
+                if !e.persisted {
+                    e.persisted = true;
+                    let row = ExtentRow {
+                        disk: disk_id,
+                        slot: e.slot,
+                        alloc_id: e.alloc_id,
+                        persisted: true,
+                    };
+                    now_persisted.push((job.key, Some(row)));
+                }
+                for (block, lsn) in job.taken {
+                    if e.overlay.get(&block).is_some_and(|o| o.lsn == lsn) {
+                        if let Some(old) = e.overlay.remove(&block) {
+                            if matches!(old.content, Content::Data { .. }) {
+                                st.disks[index].undrained_bytes -= BLOCK_BYTES;
+                            }
+                        }
+                    }
+                }
+                e.meta = Some(Box::new(job.meta));
+            }
+            let d = &mut st.disks[index];
+            d.log.durable_lsn = d.log.durable_lsn.max(limit);
+            let mut changes: Vec<_> = d
+                .map_changes
+                .iter()
+                .filter(|c| c.0 <= limit)
+                .map(|c| (c.1, c.2))
+                .collect();
+            let changes_taken = changes.len();
+            changes.extend(now_persisted);
+            let (tail_pos, tail_lsn) = d.log.tail_after(limit);
+            let gen_reserved = st
+                .vdisks
+                .values()
+                .filter(|v| v.next_gen + RESERVE_AHEAD / 2 > v.record.gen_reserved)
+                .map(|v| (v.record.id, v.next_gen + RESERVE_AHEAD))
+                .collect();
+            let alloc_reserved = (st.alloc_next + RESERVE_AHEAD / 2 > st.alloc_reserved)
+                .then_some(st.alloc_next + RESERVE_AHEAD);
+            let checkpoint = Checkpoint {
+                disk_tails: vec![(disk_id, tail_pos, tail_lsn, clean)],
+                extent_changes: changes,
+                gen_reserved,
+                alloc_reserved,
+            };
+            (checkpoint, changes_taken)
+        };
+        self.commit_checkpoint(checkpoint).await?;
+
+        // Release oplog space and slots covered by the checkpoint.
+        {
+            let mut st = self.lock();
+            let d = &mut st.disks[index];
+            let mut removed = 0;
+            d.map_changes.retain(|c| {
+                if c.0 <= limit && removed < changes_taken {
+                    removed += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            while d.log.batches.front().is_some_and(|b| b.0 <= limit) {
+                d.log.batches.pop_front();
+            }
+            let mut released = Vec::new();
+            d.quarantine.retain(|&(slot, lsn)| {
+                if lsn <= limit {
+                    released.push(slot);
+                    false
+                } else {
+                    true
+                }
+            });
+            d.free.extend(released);
+        }
+        self.inner.stats.drains.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .drained_blocks
+            .fetch_add(blocks, Ordering::Relaxed);
+        self.inner.progress.notify_waiters();
+        Ok(())
+    }
+
+    /// Builds the drain jobs of disk `index` for overlay entries up to `limit`.
+    fn plan_drain(&self, index: usize, limit: u64) -> Vec<DrainJob> {
+        let st = self.lock();
+        let d = &st.disks[index];
+        let mut jobs = Vec::new();
+        for (key, e) in st.extents.iter().filter(|(_, e)| e.disk == index) {
+            let Some(meta) = e.meta.as_ref() else {
+                continue;
+            };
+            if !e.overlay.values().any(|o| o.lsn <= limit) {
+                continue;
+            }
+            let mut meta = (**meta).clone();
+            meta.seq += 1;
+            let mut runs: Vec<(u16, Vec<Segment>)> = Vec::new();
+            let mut taken = Vec::new();
+            for (&block, entry) in e.overlay.iter().filter(|(_, o)| o.lsn <= limit) {
+                taken.push((block, entry.lsn));
+                match &entry.content {
+                    Content::Data { seg, crc } => {
+                        meta.entries[usize::from(block)] = BlockEntry {
+                            generation: entry.generation,
+                            has_data: true,
+                            lost: false,
+                            crc: *crc,
+                        };
+                        match runs.last_mut() {
+                            Some((first, segs)) if *first + segs.len() as u16 == block => {
+                                segs.push(seg.clone())
+                            }
+                            _ => runs.push((block, vec![seg.clone()])),
+                        }
+                    }
+                    Content::Zero => {
+                        meta.entries[usize::from(block)] = BlockEntry {
+                            generation: entry.generation,
+                            has_data: false,
+                            lost: false,
+                            crc: 0,
+                        };
+                    }
+                }
+            }
+            jobs.push(DrainJob {
+                key: *key,
+                alloc_id: e.alloc_id,
+                slot_offset: d.slot_offset(e.slot),
+                meta,
+                runs,
+                taken,
+            });
+        }
+        jobs
+    }
+}

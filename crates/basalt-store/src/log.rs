@@ -1,0 +1,508 @@
+//! The oplog: group commit on the way in, replay on the way back.
+//!
+//! One writer task per disk takes the oldest gathered batch, places it in the
+//! ring, and writes header and data in one vectored I/O. Only one batch is in
+//! flight per disk, so batches reach the disk in LSN order and, while one is
+//! being written, the next one gathers everything that arrives (group
+//! commit). A batch carrying a FUA write is synced before its writers hear
+//! back.
+//!
+//! Replay walks the ring from the checkpointed tail, batch by batch, while
+//! each next batch is valid (header checksum, expected LSN, this disk's id,
+//! every data block's checksum). The first invalid batch ends the log: it was
+//! torn by the crash, which is allowed because nothing after it was ever
+//! synced. To tell a torn tail from damage to synced records, every header
+//! carries the highest LSN known durable when it was built; if any batch
+//! anywhere in the ring claims that the missing batch was durable, the log
+//! lost acknowledged data, and the disk is failed rather than serving stale
+//! blocks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use basalt_core::IoBuf;
+use basalt_disk::{DiskEngine, Segment};
+use uuid::Uuid;
+
+use crate::StoreError;
+use crate::catalog::ExtentRow;
+use crate::format::{
+    BLOCK_BYTES, BatchHeader, EXTENT_BYTES, ExtentMeta, Label, RecordKind, SLOT_META_BYTES,
+    block_crc,
+};
+use crate::state::{Content, ExtentState, OverlayEntry, State, overlay_data_bytes, overlay_insert};
+use crate::store::Store;
+
+/// LSNs skipped after a recovery, so that a batch torn by the crash (and
+/// still lying in the ring) can never be mistaken for a new one.
+const LSN_GAP_AFTER_RECOVERY: u64 = 1024;
+
+struct Job {
+    lsn: u64,
+    pos: u64,
+    bytes: u64,
+    fua: bool,
+    segments: Vec<Segment>,
+    waiters: Vec<crate::state::Waiter>,
+}
+
+impl Store {
+    /// The log writer of disk `index`.
+    pub(crate) async fn log_writer(&self, index: usize) {
+        loop {
+            let wake = self.inner.log_wake[index].notified();
+            let progress = self.inner.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            let job = self.take_batch(index);
+            let Some(job) = job else {
+                tokio::select! {
+                    _ = wake => {}
+                    _ = &mut progress => {}
+                }
+                continue;
+            };
+            let engine = self.lock().disks[index].engine.clone();
+            let mut result = engine.write_at(job.pos, job.segments).await;
+            if result.is_ok() && job.fua {
+                result = engine.sync().await;
+            }
+            let outcome = {
+                let mut st = self.lock();
+                let d = &mut st.disks[index];
+                d.log.writing = None;
+                match &result {
+                    Ok(()) => {
+                        d.log.completed_lsn = job.lsn;
+                        d.log.batches.push_back((job.lsn, job.pos, job.bytes));
+                        if job.fua {
+                            d.log.durable_lsn = d.log.durable_lsn.max(job.lsn);
+                        }
+                        let busy = d.undrained_bytes > self.inner.config.memory_budget / 4
+                            || d.log.used_bytes() > d.log.ring_bytes() / 4;
+                        if busy {
+                            self.inner.drain_wake.notify_one();
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let why = format!("oplog write failed: {e}");
+                        tracing::error!(disk = %d.path.display(), error = %e, "oplog write failed; disk marked failed");
+                        d.failed = Some(why.clone());
+                        Err(why)
+                    }
+                }
+            };
+            self.inner.stats.log_batches.fetch_add(1, Ordering::Relaxed);
+            for waiter in job.waiters {
+                let _ = waiter.send(outcome.clone());
+            }
+        }
+    }
+
+    /// Takes the oldest gathered batch if it has records and fits in the ring.
+    fn take_batch(&self, index: usize) -> Option<Job> {
+        let mut st = self.lock();
+        let d = &mut st.disks[index];
+        if let Some(why) = d.failed.clone() {
+            for batch in d.log.pending.drain(..) {
+                for waiter in batch.waiters {
+                    let _ = waiter.send(Err(why.clone()));
+                }
+            }
+            return None;
+        }
+        let front = d.log.pending.front()?;
+        if front.records.is_empty() {
+            return None;
+        }
+        let bytes = front.total_bytes();
+        let Some(pos) = d.log.place(bytes) else {
+            self.inner.drain_wake.notify_one();
+            return None;
+        };
+        let batch = d.log.pending.pop_front()?;
+        let header = BatchHeader {
+            lsn: batch.lsn,
+            durable_lsn: d.log.durable_lsn,
+            data_blocks: batch.data_blocks,
+            disk_id: d.id,
+            records: batch.records,
+        };
+        debug_assert_eq!(header.total_bytes(), bytes);
+        d.log.head_pos = pos + bytes;
+        d.log.writing = Some((batch.lsn, pos));
+        let mut segments = Vec::with_capacity(batch.data.len() + 1);
+        segments.push(Segment::whole(Arc::new(IoBuf::from_slice(
+            &header.encode(),
+        ))));
+        segments.extend(batch.data);
+        Some(Job {
+            lsn: batch.lsn,
+            pos,
+            bytes,
+            fua: batch.fua,
+            segments,
+            waiters: batch.waiters,
+        })
+    }
+}
+
+/// A batch read back during replay.
+struct Replayed {
+    lsn: u64,
+    pos: u64,
+    header: BatchHeader,
+    data: Arc<IoBuf>,
+}
+
+/// Reads a batch header at `pos` if one with `lsn` for `disk_id` fits there.
+async fn header_at(
+    engine: &Arc<dyn DiskEngine>,
+    disk_id: Uuid,
+    pos: u64,
+    ring_end: u64,
+) -> Result<Option<BatchHeader>, StoreError> {
+    if pos + BLOCK_BYTES > ring_end {
+        return Ok(None);
+    }
+    let (first, result) = engine
+        .read_at(pos, IoBuf::zeroed(BLOCK_BYTES as usize))
+        .await;
+    result?;
+    let Ok(blocks) = BatchHeader::peek_header_blocks(first.as_slice()) else {
+        return Ok(None);
+    };
+    let header_bytes = u64::from(blocks) * BLOCK_BYTES;
+    if pos + header_bytes > ring_end {
+        return Ok(None);
+    }
+    let bytes = if blocks == 1 {
+        first
+    } else {
+        let (buf, result) = engine
+            .read_at(pos, IoBuf::zeroed(header_bytes as usize))
+            .await;
+        result?;
+        buf
+    };
+    match BatchHeader::decode(bytes.as_slice()) {
+        Ok(h) if h.disk_id == disk_id && pos + h.total_bytes() <= ring_end => Ok(Some(h)),
+        _ => Ok(None),
+    }
+}
+
+/// Scans the whole ring for a header of this disk that claims a batch at or
+/// after `missing` was durable. Returns that header's LSN.
+async fn find_durable_claim(
+    engine: &Arc<dyn DiskEngine>,
+    disk_id: Uuid,
+    ring_start: u64,
+    ring_end: u64,
+    missing: u64,
+) -> Result<Option<u64>, StoreError> {
+    const CHUNK: u64 = 4 << 20;
+    let mut at = ring_start;
+    while at < ring_end {
+        let len = CHUNK.min(ring_end - at);
+        let (buf, result) = engine.read_at(at, IoBuf::zeroed(len as usize)).await;
+        result?;
+        for (i, block) in buf.as_slice().chunks(BLOCK_BYTES as usize).enumerate() {
+            if BatchHeader::peek_header_blocks(block).is_err() {
+                continue;
+            }
+            let pos = at + i as u64 * BLOCK_BYTES;
+            if let Some(h) = header_at(engine, disk_id, pos, ring_end).await? {
+                if h.lsn >= missing && h.durable_lsn >= missing {
+                    return Ok(Some(h.lsn));
+                }
+            }
+        }
+        at += len;
+    }
+    Ok(None)
+}
+
+/// Checks that a slot written copy-on-write holds what its metadata says.
+async fn slot_is_intact(
+    engine: &Arc<dyn DiskEngine>,
+    label: &Label,
+    slot: u64,
+    vdisk: u64,
+    extent: u64,
+    alloc: u64,
+) -> Result<bool, StoreError> {
+    let offset = label.slot_at(slot);
+    let (buf, result) = engine
+        .read_at(
+            offset,
+            IoBuf::zeroed((SLOT_META_BYTES + EXTENT_BYTES) as usize),
+        )
+        .await;
+    result?;
+    let bytes = buf.as_slice();
+    let crate::format::MetaChoice::Valid(meta) =
+        ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc)
+    else {
+        return Ok(false);
+    };
+    let data = &bytes[SLOT_META_BYTES as usize..];
+    Ok(meta
+        .entries
+        .iter()
+        .zip(data.chunks(BLOCK_BYTES as usize))
+        .all(|(e, block)| !e.has_data || block_crc(block) == e.crc))
+}
+
+/// Replays the oplog of disk `index` into `st`.
+pub(crate) async fn replay_disk(
+    st: &mut State,
+    index: usize,
+    tail_pos: u64,
+    tail_lsn: u64,
+    clean: bool,
+) -> Result<(), StoreError> {
+    let (engine, disk_id, label, path) = {
+        let d = &st.disks[index];
+        (d.engine.clone(), d.id, d.label.clone(), d.path.clone())
+    };
+    let ring_start = label.log_offset;
+    let ring_end = label.log_offset + label.log_bytes;
+    let mut pos = tail_pos;
+    let mut expect = tail_lsn;
+    let mut replayed: Vec<Replayed> = Vec::new();
+    loop {
+        let mut found = None;
+        for candidate in [pos, ring_start] {
+            if let Some(h) = header_at(&engine, disk_id, candidate, ring_end).await? {
+                if h.lsn == expect {
+                    found = Some((candidate, h));
+                    break;
+                }
+            }
+            if candidate == ring_start {
+                break;
+            }
+        }
+        let Some((at, header)) = found else { break };
+        let data_at = at + u64::from(header.header_blocks()) * BLOCK_BYTES;
+        let (data, result) = engine
+            .read_at(
+                data_at,
+                IoBuf::zeroed(header.data_blocks as usize * BLOCK_BYTES as usize),
+            )
+            .await;
+        result?;
+        let intact = header.records.iter().all(|r| match &r.kind {
+            RecordKind::Write { data_index, crcs } => crcs.iter().enumerate().all(|(i, &crc)| {
+                let start = (*data_index as usize + i) * BLOCK_BYTES as usize;
+                block_crc(&data.as_slice()[start..start + BLOCK_BYTES as usize]) == crc
+            }),
+            _ => true,
+        });
+        if !intact {
+            tracing::info!(lsn = expect, "oplog ends in a torn batch");
+            break;
+        }
+        let bytes = header.total_bytes();
+        replayed.push(Replayed {
+            lsn: expect,
+            pos: at,
+            header,
+            data: Arc::new(data),
+        });
+        pos = at + bytes;
+        expect += 1;
+    }
+    if !clean {
+        if let Some(claim) =
+            find_durable_claim(&engine, disk_id, ring_start, ring_end, expect).await?
+        {
+            return Err(StoreError::LogCorrupt {
+                path,
+                reason: format!(
+                    "batch {expect} cannot be read back, but batch {claim} records it as durable"
+                ),
+            });
+        }
+    }
+    let max_durable = replayed
+        .iter()
+        .map(|b| b.header.durable_lsn)
+        .max()
+        .unwrap_or(0);
+    if !replayed.is_empty() {
+        tracing::info!(disk = %path.display(), batches = replayed.len(), "replaying oplog");
+    }
+
+    for batch in &replayed {
+        for r in &batch.header.records {
+            if !st.vdisks.contains_key(&r.vdisk_id) {
+                continue;
+            }
+            let key = (r.vdisk_id, r.extent);
+            match &r.kind {
+                RecordKind::Write { data_index, crcs } => {
+                    if !st.extents.contains_key(&key) {
+                        if !st.disks[index].free.remove(&r.slot) {
+                            tracing::warn!(
+                                slot = r.slot,
+                                "oplog allocates a slot that is in use; record skipped"
+                            );
+                            continue;
+                        }
+                        st.extents.insert(
+                            key,
+                            ExtentState {
+                                disk: index,
+                                slot: r.slot,
+                                alloc_id: r.alloc_id,
+                                persisted: false,
+                                meta: None,
+                                overlay: BTreeMap::new(),
+                            },
+                        );
+                        let row = ExtentRow {
+                            disk: disk_id,
+                            slot: r.slot,
+                            alloc_id: r.alloc_id,
+                            persisted: false,
+                        };
+                        st.disks[index]
+                            .map_changes
+                            .push((batch.lsn, key, Some(row)));
+                    }
+                    let Some(e) = st.extents.get_mut(&key) else {
+                        continue;
+                    };
+                    if e.alloc_id != r.alloc_id || e.disk != index {
+                        continue;
+                    }
+                    for (i, &crc) in crcs.iter().enumerate() {
+                        let seg = Segment {
+                            buf: batch.data.clone(),
+                            start: (*data_index as usize + i) * BLOCK_BYTES as usize,
+                            len: BLOCK_BYTES as usize,
+                        };
+                        let entry = OverlayEntry {
+                            lsn: batch.lsn,
+                            generation: r.generation,
+                            content: Content::Data { seg, crc },
+                        };
+                        overlay_insert(
+                            &mut e.overlay,
+                            &mut st.disks[index].undrained_bytes,
+                            r.first_block + i as u16,
+                            entry,
+                        );
+                    }
+                }
+                RecordKind::Zero => {
+                    let Some(e) = st.extents.get_mut(&key) else {
+                        continue;
+                    };
+                    if e.alloc_id != r.alloc_id || e.disk != index {
+                        continue;
+                    }
+                    for b in r.first_block..r.first_block + r.blocks {
+                        let entry = OverlayEntry {
+                            lsn: batch.lsn,
+                            generation: r.generation,
+                            content: Content::Zero,
+                        };
+                        overlay_insert(
+                            &mut e.overlay,
+                            &mut st.disks[index].undrained_bytes,
+                            b,
+                            entry,
+                        );
+                    }
+                }
+                RecordKind::Remap => {
+                    let intact =
+                        slot_is_intact(&engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id)
+                            .await?;
+                    if !intact && batch.lsn > max_durable {
+                        tracing::info!(
+                            lsn = batch.lsn,
+                            "copy-on-write never became durable; keeping the old extent"
+                        );
+                        continue;
+                    }
+                    if !intact {
+                        tracing::error!(
+                            lsn = batch.lsn,
+                            slot = r.slot,
+                            "a durable copy-on-write slot is damaged; its bad blocks will fail reads"
+                        );
+                    }
+                    if let Some(old) = st.extents.get(&key) {
+                        if old.disk == index {
+                            let old_slot = old.slot;
+                            let bytes = overlay_data_bytes(&old.overlay);
+                            st.disks[index].free.insert(old_slot);
+                            st.disks[index].undrained_bytes -= bytes;
+                        }
+                        st.extents.remove(&key);
+                    }
+                    if !st.disks[index].free.remove(&r.slot) {
+                        tracing::warn!(
+                            slot = r.slot,
+                            "oplog remaps to a slot that is in use; record skipped"
+                        );
+                        continue;
+                    }
+                    st.extents.insert(
+                        key,
+                        ExtentState {
+                            disk: index,
+                            slot: r.slot,
+                            alloc_id: r.alloc_id,
+                            persisted: true,
+                            meta: None,
+                            overlay: BTreeMap::new(),
+                        },
+                    );
+                    let row = ExtentRow {
+                        disk: disk_id,
+                        slot: r.slot,
+                        alloc_id: r.alloc_id,
+                        persisted: true,
+                    };
+                    st.disks[index]
+                        .map_changes
+                        .push((batch.lsn, key, Some(row)));
+                }
+                RecordKind::Unmap => {
+                    let matches = st
+                        .extents
+                        .get(&key)
+                        .is_some_and(|e| e.alloc_id == r.alloc_id && e.disk == index);
+                    if matches {
+                        if let Some(old) = st.extents.remove(&key) {
+                            st.disks[index].free.insert(old.slot);
+                            st.disks[index].undrained_bytes -= overlay_data_bytes(&old.overlay);
+                        }
+                        st.disks[index].map_changes.push((batch.lsn, key, None));
+                    }
+                }
+            }
+        }
+    }
+
+    let d = &mut st.disks[index];
+    d.log.head_pos = pos;
+    d.log.completed_lsn = expect - 1;
+    d.log.durable_lsn = expect - 1;
+    d.log.batches = replayed
+        .iter()
+        .map(|b| (b.lsn, b.pos, b.header.total_bytes()))
+        .collect();
+    d.log.next_lsn = if clean && replayed.is_empty() {
+        expect
+    } else {
+        expect + LSN_GAP_AFTER_RECOVERY
+    };
+    Ok(())
+}

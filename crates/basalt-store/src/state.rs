@@ -1,0 +1,414 @@
+//! In-memory state of the store, guarded by one mutex.
+//!
+//! Every decision (which slot, which generation, which LSN, what a read must
+//! fetch) is made here under the lock in a few microseconds; every I/O happens
+//! outside it. The lock order is trivial because there is only one lock.
+//!
+//! Per extent the state has two layers:
+//!
+//! * `meta` — the block checksums and generations *as persisted in the slot*
+//!   (loaded lazily from the slot's metadata blocks);
+//! * `overlay` — blocks written since, whose newest contents live in the oplog
+//!   and in memory until the drainer writes them home.
+//!
+//! A read consults the overlay first, then the persisted metadata.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use basalt_disk::{DiskEngine, Segment};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::catalog::{ExtentRow, VdiskRecord};
+use crate::format::{BLOCK_BYTES, ExtentMeta, Label, Record};
+
+/// (vdisk id, extent index).
+pub(crate) type ExtentKey = (u64, u64);
+
+/// What a block of the overlay reads as.
+#[derive(Clone)]
+pub(crate) enum Content {
+    /// Data held in a shared buffer (one block at `seg`).
+    Data { seg: Segment, crc: u32 },
+    /// Zeros (trimmed or zeroed).
+    Zero,
+}
+
+/// A block changed since the extent's metadata was last persisted.
+#[derive(Clone)]
+pub(crate) struct OverlayEntry {
+    /// LSN of the batch carrying the change.
+    pub lsn: u64,
+    /// Generation of the change.
+    pub generation: u64,
+    /// New contents.
+    pub content: Content,
+}
+
+/// Where an extent lives and what is known of it.
+pub(crate) struct ExtentState {
+    /// Index into `State::disks`.
+    pub disk: usize,
+    /// Slot on that disk.
+    pub slot: u64,
+    /// Allocation id of the tenancy.
+    pub alloc_id: u64,
+    /// The slot's metadata has been written for this tenancy at least once.
+    pub persisted: bool,
+    /// Metadata as persisted in the slot; `None` until loaded.
+    pub meta: Option<Box<ExtentMeta>>,
+    /// Blocks changed since, by block index within the extent.
+    pub overlay: BTreeMap<u16, OverlayEntry>,
+}
+
+/// A completion channel for a record waiting on its batch.
+pub(crate) type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Records gathered for the next oplog batch.
+pub(crate) struct PendingBatch {
+    pub lsn: u64,
+    pub records: Vec<Record>,
+    pub data: Vec<Segment>,
+    pub data_blocks: u32,
+    pub fua: bool,
+    pub waiters: Vec<Waiter>,
+    /// Bytes the header will take (kept current as records are added).
+    pub header_bytes: usize,
+}
+
+impl PendingBatch {
+    pub fn new(lsn: u64) -> PendingBatch {
+        PendingBatch {
+            lsn,
+            records: Vec::new(),
+            data: Vec::new(),
+            data_blocks: 0,
+            fua: false,
+            waiters: Vec::new(),
+            header_bytes: 64,
+        }
+    }
+
+    /// Bytes the batch occupies in the ring.
+    pub fn total_bytes(&self) -> u64 {
+        (self.header_bytes as u64).div_ceil(BLOCK_BYTES) * BLOCK_BYTES
+            + u64::from(self.data_blocks) * BLOCK_BYTES
+    }
+
+    pub fn push(&mut self, record: Record) {
+        self.header_bytes += record.encoded_len();
+        self.records.push(record);
+    }
+}
+
+/// The oplog ring of one disk.
+pub(crate) struct LogState {
+    pub ring_start: u64,
+    pub ring_end: u64,
+    /// Where the next batch goes if it fits before the ring's end.
+    pub head_pos: u64,
+    /// Batches written and not yet released: (lsn, position, bytes).
+    pub batches: VecDeque<(u64, u64, u64)>,
+    /// Highest LSN whose batch is written.
+    pub completed_lsn: u64,
+    /// Highest LSN known synced.
+    pub durable_lsn: u64,
+    /// Batches being gathered, oldest first (never empty; the back one takes
+    /// new records until it is full).
+    pub pending: VecDeque<PendingBatch>,
+    /// The batch being written: (lsn, position).
+    pub writing: Option<(u64, u64)>,
+    /// Largest batch in bytes.
+    pub max_batch_bytes: u64,
+    /// LSN the next new batch gets.
+    pub next_lsn: u64,
+}
+
+impl LogState {
+    /// Where a batch of `bytes` can go now, if anywhere. The live region runs
+    /// from the oldest unreleased batch to the head; the head never catches
+    /// up with the oldest batch (equal positions would mean "empty").
+    pub fn place(&self, bytes: u64) -> Option<u64> {
+        let Some(&(_, oldest, _)) = self.batches.front() else {
+            if self.head_pos + bytes <= self.ring_end {
+                return Some(self.head_pos);
+            }
+            return (self.ring_start + bytes <= self.ring_end).then_some(self.ring_start);
+        };
+        if self.head_pos >= oldest {
+            if self.head_pos + bytes <= self.ring_end {
+                return Some(self.head_pos);
+            }
+            return (self.ring_start + bytes < oldest).then_some(self.ring_start);
+        }
+        (self.head_pos + bytes < oldest).then_some(self.head_pos)
+    }
+
+    /// Bytes of the ring in use.
+    pub fn used_bytes(&self) -> u64 {
+        let Some(&(_, oldest, _)) = self.batches.front() else {
+            return 0;
+        };
+        if self.head_pos >= oldest {
+            self.head_pos - oldest
+        } else {
+            (self.ring_end - oldest) + (self.head_pos - self.ring_start)
+        }
+    }
+
+    pub fn ring_bytes(&self) -> u64 {
+        self.ring_end - self.ring_start
+    }
+
+    /// The batch new records go to, starting a new one when the current one
+    /// cannot take `extra_bytes` more.
+    pub fn open_batch(&mut self, extra_bytes: u64) -> &mut PendingBatch {
+        let full = match self.pending.back() {
+            Some(b) => {
+                !b.records.is_empty() && b.total_bytes() + extra_bytes > self.max_batch_bytes
+            }
+            None => true,
+        };
+        if full {
+            let lsn = self.next_lsn;
+            self.next_lsn += 1;
+            self.pending.push_back(PendingBatch::new(lsn));
+        }
+        match self.pending.back_mut() {
+            Some(b) => b,
+            None => unreachable!("a pending batch was just ensured"),
+        }
+    }
+
+    /// Position the oldest unreleased data starts at (for the checkpoint's tail).
+    pub fn tail_after(&self, lsn: u64) -> (u64, u64) {
+        if let Some(&(l, pos, _)) = self.batches.iter().find(|(l, _, _)| *l > lsn) {
+            return (pos, l);
+        }
+        if let Some((l, pos)) = self.writing {
+            if l > lsn {
+                return (pos, l);
+            }
+        }
+        let next = self.pending.front().map_or(self.next_lsn, |b| b.lsn);
+        (self.head_pos, next.max(lsn + 1))
+    }
+}
+
+/// One disk of the node.
+pub(crate) struct DiskState {
+    pub id: Uuid,
+    pub path: PathBuf,
+    pub label: Label,
+    pub engine: Arc<dyn DiskEngine>,
+    pub free: BTreeSet<u64>,
+    /// Slots freed at an LSN, reusable once a checkpoint covers that LSN.
+    pub quarantine: Vec<(u64, u64)>,
+    pub log: LogState,
+    /// Bytes of overlay data held in memory for this disk.
+    pub undrained_bytes: u64,
+    /// Extent map changes not yet checkpointed, in LSN order.
+    pub map_changes: Vec<(u64, ExtentKey, Option<ExtentRow>)>,
+    /// Set when the disk failed an I/O; everything on it then fails.
+    pub failed: Option<String>,
+}
+
+impl DiskState {
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        self.label.slot_at(slot)
+    }
+}
+
+/// A vdisk and its generation counter.
+pub(crate) struct VdiskState {
+    pub record: VdiskRecord,
+    pub next_gen: u64,
+}
+
+/// Everything behind the store's mutex.
+pub(crate) struct State {
+    pub disks: Vec<DiskState>,
+    /// Disks the catalog knows but that are not present.
+    pub missing_disks: HashMap<Uuid, String>,
+    pub extents: HashMap<ExtentKey, ExtentState>,
+    pub vdisks: HashMap<u64, VdiskState>,
+    pub names: HashMap<String, u64>,
+    pub alloc_next: u64,
+    pub alloc_reserved: u64,
+    pub shutting_down: bool,
+}
+
+/// Extents whose disk is missing point at this index.
+pub(crate) const MISSING_DISK: usize = usize::MAX;
+
+impl State {
+    /// Takes a fresh allocation id, if the reservation allows.
+    pub fn next_alloc_id(&mut self) -> Option<u64> {
+        if self.alloc_next >= self.alloc_reserved {
+            return None;
+        }
+        let id = self.alloc_next;
+        self.alloc_next += 1;
+        Some(id)
+    }
+
+    /// Takes the next generation of a vdisk.
+    pub fn next_generation(&mut self, vdisk: u64) -> Option<u64> {
+        let v = self.vdisks.get_mut(&vdisk)?;
+        if v.next_gen >= v.record.gen_reserved {
+            return None;
+        }
+        let g = v.next_gen;
+        v.next_gen += 1;
+        Some(g)
+    }
+
+    /// The disk a new extent should go to: the one with most free slots.
+    pub fn pick_disk(&self) -> Option<usize> {
+        self.disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.failed.is_none() && !d.free.is_empty())
+            .max_by_key(|(_, d)| d.free.len())
+            .map(|(i, _)| i)
+    }
+
+    /// Frees an extent's slot at `lsn` (quarantined until checkpointed) and
+    /// drops its overlay, returning the overlay bytes released.
+    pub fn release_extent(&mut self, key: ExtentKey, lsn: u64) -> Option<ExtentState> {
+        let extent = self.extents.remove(&key)?;
+        if let Some(disk) = self.disks.get_mut(extent.disk) {
+            disk.quarantine.push((extent.slot, lsn));
+            disk.undrained_bytes -= overlay_data_bytes(&extent.overlay);
+            disk.map_changes.push((lsn, key, None));
+        }
+        Some(extent)
+    }
+
+    /// Total overlay bytes held in memory.
+    pub fn undrained_total(&self) -> u64 {
+        self.disks.iter().map(|d| d.undrained_bytes).sum()
+    }
+}
+
+/// Bytes of data blocks in an overlay.
+pub(crate) fn overlay_data_bytes(overlay: &BTreeMap<u16, OverlayEntry>) -> u64 {
+    overlay
+        .values()
+        .filter(|e| matches!(e.content, Content::Data { .. }))
+        .count() as u64
+        * BLOCK_BYTES
+}
+
+/// Inserts an overlay entry, keeping the per-disk byte count right.
+pub(crate) fn overlay_insert(
+    overlay: &mut BTreeMap<u16, OverlayEntry>,
+    undrained: &mut u64,
+    block: u16,
+    entry: OverlayEntry,
+) {
+    if matches!(entry.content, Content::Data { .. }) {
+        *undrained += BLOCK_BYTES;
+    }
+    if let Some(old) = overlay.insert(block, entry) {
+        if matches!(old.content, Content::Data { .. }) {
+            *undrained -= BLOCK_BYTES;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(batches: &[(u64, u64, u64)], head: u64) -> LogState {
+        LogState {
+            ring_start: 0,
+            ring_end: 100,
+            head_pos: head,
+            batches: batches.iter().copied().collect(),
+            completed_lsn: 0,
+            durable_lsn: 0,
+            pending: VecDeque::new(),
+            writing: None,
+            max_batch_bytes: 50,
+            next_lsn: 1,
+        }
+    }
+
+    #[test]
+    fn ring_placement_never_overruns_live_batches() {
+        // Empty ring: anywhere from the head, wrapping when needed.
+        assert_eq!(log(&[], 0).place(100), Some(0));
+        assert_eq!(log(&[], 90).place(20), Some(0));
+        assert_eq!(log(&[], 90).place(101), None);
+        // Live region 20..60: fits after the head, or wraps before 20 (strictly).
+        let l = log(&[(1, 20, 40)], 60);
+        assert_eq!(l.place(40), Some(60));
+        assert_eq!(l.place(41), Some(0).filter(|_| 41 < 20));
+        assert_eq!(l.place(19), Some(60));
+        let l = log(&[(1, 20, 40)], 95);
+        assert_eq!(l.place(10), Some(0));
+        assert_eq!(l.place(20), None);
+        assert_eq!(l.used_bytes(), 75);
+        // Wrapped: head behind the oldest batch.
+        let l = log(&[(1, 50, 50), (2, 0, 10)], 10);
+        assert_eq!(l.place(39), Some(10));
+        assert_eq!(l.place(40), None);
+        assert_eq!(l.used_bytes(), 60);
+    }
+
+    #[test]
+    fn batches_split_at_the_size_limit() {
+        let mut l = log(&[], 0);
+        let record = |n: u16| Record {
+            vdisk_id: 1,
+            extent: 0,
+            alloc_id: 1,
+            slot: 0,
+            first_block: 0,
+            blocks: n,
+            generation: 1,
+            kind: crate::format::RecordKind::Zero,
+        };
+        l.max_batch_bytes = 8192;
+        l.open_batch(0).push(record(1));
+        assert_eq!(l.pending.len(), 1);
+        let b = l.open_batch(4096);
+        b.push(record(1));
+        b.data_blocks += 1;
+        assert_eq!(l.pending.len(), 1);
+        l.open_batch(4096).push(record(1));
+        assert_eq!(l.pending.len(), 2);
+        assert_eq!(l.pending[1].lsn, 2);
+    }
+
+    #[test]
+    fn overlay_accounting() {
+        let mut overlay = BTreeMap::new();
+        let mut bytes = 0;
+        let seg = Segment::whole(Arc::new(basalt_core::IoBuf::zeroed(4096)));
+        let data = OverlayEntry {
+            lsn: 1,
+            generation: 1,
+            content: Content::Data { seg, crc: 0 },
+        };
+        overlay_insert(&mut overlay, &mut bytes, 3, data.clone());
+        overlay_insert(&mut overlay, &mut bytes, 3, data);
+        assert_eq!(bytes, 4096);
+        overlay_insert(
+            &mut overlay,
+            &mut bytes,
+            3,
+            OverlayEntry {
+                lsn: 2,
+                generation: 2,
+                content: Content::Zero,
+            },
+        );
+        assert_eq!(bytes, 0);
+        assert_eq!(overlay_data_bytes(&overlay), 0);
+    }
+}

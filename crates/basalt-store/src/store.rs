@@ -1,0 +1,1687 @@
+//! The store: vdisks on the node's disks, at block granularity.
+//!
+//! Write path: a write is split at extent boundaries. A piece that covers a
+//! whole extent is written copy-on-write to a fresh slot (metadata and data in
+//! one I/O) and switched in by a `Remap` record; any other piece becomes a
+//! `Write` record in the next oplog batch of its extent's disk, and its data
+//! joins the overlay. The write completes when its batch is on disk.
+//!
+//! Read path: overlay first, then the slot, verifying every block's crc32c.
+//!
+//! Background: one log writer per disk (group commit, one batch in flight)
+//! and one drainer that writes overlay blocks home, syncs, and checkpoints
+//! the extent map and the log tail to the catalog.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use basalt_core::IoBuf;
+use basalt_disk::{DiskEngine, DiskError, EngineChoice, Segment, open_disk};
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::{Notify, oneshot};
+use uuid::Uuid;
+
+use crate::catalog::{Catalog, Checkpoint, DiskRecord, ExtentRow, VdiskRecord};
+use crate::format::{
+    BLOCK_BYTES, BlockEntry, EXTENT_BLOCKS, ExtentMeta, Label, MetaChoice, Record, RecordKind,
+    SLOT_BYTES, SLOT_META_BYTES, block_crc,
+};
+use crate::state::{
+    Content, DiskState, ExtentKey, ExtentState, LogState, MISSING_DISK, OverlayEntry, State,
+    VdiskState, overlay_data_bytes, overlay_insert,
+};
+use crate::{StoreError, log};
+
+/// How many generations / allocation ids a checkpoint reserves ahead.
+const RESERVE_AHEAD: u64 = 1 << 24;
+/// Default size of the disk created when none is given.
+pub const DEFAULT_DISK_BYTES: u64 = 16 << 30;
+
+/// A disk to open: a path, created sparse at `size` when missing.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// File or block device.
+    pub path: PathBuf,
+    /// Size for creating a missing file.
+    pub size: Option<u64>,
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Where the catalog (and default disk) live.
+    pub data_dir: PathBuf,
+    /// Disks to use; empty means the catalog's disks, or a default file disk.
+    pub disks: Vec<DiskSpec>,
+    /// Engine selection.
+    pub engine: EngineChoice,
+    /// Claim disks labelled for another node (destroys their contents).
+    pub force_claim: bool,
+    /// Bytes of written-but-not-drained data held in memory before writers wait.
+    pub memory_budget: u64,
+    /// Size of the default disk.
+    pub default_disk_bytes: u64,
+}
+
+impl StoreConfig {
+    /// A configuration with defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            disks: Vec::new(),
+            engine: EngineChoice::Auto,
+            force_claim: false,
+            memory_budget: 128 << 20,
+            default_disk_bytes: DEFAULT_DISK_BYTES,
+        }
+    }
+}
+
+/// A disk already opened by the caller (tests hand in simulated engines).
+pub struct OpenedDisk {
+    /// Name shown in listings.
+    pub path: PathBuf,
+    /// The engine.
+    pub engine: Arc<dyn DiskEngine>,
+}
+
+/// A vdisk as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VdiskInfo {
+    /// Numeric id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Creation time (unix seconds).
+    pub created: u64,
+    /// Bytes of disk space allocated to it (whole extents).
+    pub allocated: u64,
+}
+
+/// A disk as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Disk id.
+    pub id: Uuid,
+    /// Path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Engine in use.
+    pub engine: String,
+    /// `online`, `failed` or `missing`.
+    pub state: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Slots (extent homes) in total.
+    pub slots_total: u64,
+    /// Slots free.
+    pub slots_free: u64,
+    /// Oplog bytes in total.
+    pub log_bytes: u64,
+    /// Oplog bytes in use.
+    pub log_used: u64,
+}
+
+/// Counters of the store.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Block reads served.
+    pub reads: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Writes served.
+    pub writes: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Full-extent writes done copy-on-write.
+    pub cow_writes: AtomicU64,
+    /// Flushes served.
+    pub flushes: AtomicU64,
+    /// Blocks that failed their checksum.
+    pub checksum_errors: AtomicU64,
+    /// Oplog batches written.
+    pub log_batches: AtomicU64,
+    /// Drain cycles completed.
+    pub drains: AtomicU64,
+    /// Blocks written home by the drainer.
+    pub drained_blocks: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub state: Mutex<State>,
+    pub catalog: Catalog,
+    pub node_id: Uuid,
+    pub config: StoreConfig,
+    pub stats: StoreStats,
+    /// Wakes the log writer of each disk.
+    pub log_wake: Vec<Notify>,
+    /// Wakes the drainer.
+    pub drain_wake: Notify,
+    /// Signalled whenever the drainer frees memory or log space.
+    pub progress: Notify,
+    pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The node's local store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+/// Splits `[first, first + blocks)` into per-extent pieces:
+/// (extent, first block in extent, block count, offset in blocks from `first`).
+fn pieces(first: u64, blocks: u64) -> Vec<(u64, u16, u16, u64)> {
+    let mut out = Vec::new();
+    let mut at = first;
+    let end = first + blocks;
+    while at < end {
+        let extent = at / EXTENT_BLOCKS;
+        let in_extent = at % EXTENT_BLOCKS;
+        let n = (EXTENT_BLOCKS - in_extent).min(end - at);
+        out.push((extent, in_extent as u16, n as u16, at - first));
+        at += n;
+    }
+    out
+}
+
+impl Store {
+    /// Opens the store described by `config`: opens (creating when needed)
+    /// and claims the disks, replays their oplogs, and starts the background
+    /// tasks. Must run inside a tokio runtime.
+    pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| {
+            StoreError::Disk(DiskError::Open {
+                path: config.data_dir.clone(),
+                source,
+            })
+        })?;
+        let catalog_path = config.data_dir.join("meta.redb");
+        let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
+            .await
+            .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+        let snapshot = catalog.load()?;
+        let mut specs = config.disks.clone();
+        if specs.is_empty() {
+            specs = snapshot
+                .disks
+                .iter()
+                .map(|d| DiskSpec {
+                    path: PathBuf::from(&d.path),
+                    size: None,
+                })
+                .collect();
+        }
+        if specs.is_empty() {
+            specs.push(DiskSpec {
+                path: config.data_dir.join("disks").join("disk0.img"),
+                size: Some(config.default_disk_bytes),
+            });
+        }
+        let mut opened = Vec::new();
+        for spec in &specs {
+            let path = spec.path.clone();
+            let size = spec.size;
+            let engine = config.engine;
+            let file = tokio::task::spawn_blocking(move || open_disk(&path, size, engine))
+                .await
+                .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+            if let Some(size) = spec.size {
+                if !file.created && file.size != size & !4095 {
+                    tracing::warn!(
+                        path = %spec.path.display(),
+                        existing = file.size,
+                        requested = size,
+                        "disk exists with another size; using its current size"
+                    );
+                }
+            }
+            opened.push(OpenedDisk {
+                path: file.path,
+                engine: file.engine,
+            });
+        }
+        Store::open_with_disks(config, catalog, opened).await
+    }
+
+    /// Opens a store on disks the caller already opened (simulated disks in tests).
+    pub async fn open_with_engines(
+        config: StoreConfig,
+        disks: Vec<OpenedDisk>,
+    ) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| {
+            StoreError::Disk(DiskError::Open {
+                path: config.data_dir.clone(),
+                source,
+            })
+        })?;
+        let catalog = Catalog::open(&config.data_dir.join("meta.redb"))?;
+        Store::open_with_disks(config, catalog, disks).await
+    }
+
+    async fn open_with_disks(
+        config: StoreConfig,
+        catalog: Catalog,
+        opened: Vec<OpenedDisk>,
+    ) -> Result<Store, StoreError> {
+        let snapshot = catalog.load()?;
+        let node_id = snapshot.node.node_id;
+        let known: HashMap<Uuid, DiskRecord> =
+            snapshot.disks.iter().map(|d| (d.id, d.clone())).collect();
+
+        // Claim each disk: read its label, format it if blank.
+        let mut disks = Vec::new();
+        let mut tails = Vec::new();
+        for disk in opened {
+            let (label, record) =
+                claim_disk(&catalog, node_id, &disk, &known, config.force_claim).await?;
+            if disks.iter().any(|d: &DiskState| d.id == label.disk_id) {
+                return Err(StoreError::BadDisk {
+                    path: disk.path.clone(),
+                    reason: "the same disk is given twice".into(),
+                });
+            }
+            tails.push((record.tail_pos, record.tail_lsn, record.clean));
+            let ring_start = label.log_offset;
+            let ring_end = label.log_offset + label.log_bytes;
+            disks.push(DiskState {
+                id: label.disk_id,
+                path: disk.path,
+                free: (0..label.slot_count).collect(),
+                quarantine: Vec::new(),
+                log: LogState {
+                    ring_start,
+                    ring_end,
+                    head_pos: record.tail_pos,
+                    batches: VecDeque::new(),
+                    completed_lsn: record.tail_lsn.saturating_sub(1),
+                    durable_lsn: record.tail_lsn.saturating_sub(1),
+                    pending: VecDeque::new(),
+                    writing: None,
+                    max_batch_bytes: (16 << 20).min(label.log_bytes / 4),
+                    next_lsn: record.tail_lsn,
+                },
+                label,
+                engine: disk.engine,
+                undrained_bytes: 0,
+                map_changes: Vec::new(),
+                failed: None,
+            });
+        }
+
+        let mut state = State {
+            disks,
+            missing_disks: HashMap::new(),
+            extents: HashMap::new(),
+            vdisks: HashMap::new(),
+            names: HashMap::new(),
+            alloc_next: snapshot.node.alloc_reserved,
+            alloc_reserved: snapshot.node.alloc_reserved,
+            shutting_down: false,
+        };
+        for d in &snapshot.disks {
+            if !state.disks.iter().any(|s| s.id == d.id) {
+                tracing::warn!(disk = %d.id, path = %d.path, "disk known to this node is missing; its data is unavailable");
+                state.missing_disks.insert(d.id, d.path.clone());
+            }
+        }
+        for v in snapshot.vdisks {
+            state.names.insert(v.name.clone(), v.id);
+            let next_gen = v.gen_reserved;
+            state.vdisks.insert(
+                v.id,
+                VdiskState {
+                    record: v,
+                    next_gen,
+                },
+            );
+        }
+        let disk_index: HashMap<Uuid, usize> = state
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id, i))
+            .collect();
+        for (key, row) in snapshot.extents {
+            if !state.vdisks.contains_key(&key.0) {
+                continue;
+            }
+            let disk = match disk_index.get(&row.disk) {
+                Some(&i) => {
+                    state.disks[i].free.remove(&row.slot);
+                    i
+                }
+                None => MISSING_DISK,
+            };
+            state.extents.insert(
+                key,
+                ExtentState {
+                    disk,
+                    slot: row.slot,
+                    alloc_id: row.alloc_id,
+                    persisted: row.persisted,
+                    meta: None,
+                    overlay: BTreeMap::new(),
+                },
+            );
+        }
+
+        // Replay every disk's oplog into the in-memory state.
+        for (index, (tail_pos, tail_lsn, clean)) in tails.into_iter().enumerate() {
+            if let Err(error) = log::replay_disk(&mut state, index, tail_pos, tail_lsn, clean).await
+            {
+                match error {
+                    StoreError::LogCorrupt { .. } => {
+                        tracing::error!(%error, "disk marked failed");
+                        state.disks[index].failed = Some(error.to_string());
+                    }
+                    other => return Err(other),
+                }
+            }
+        }
+
+        let disk_count = state.disks.len();
+        let store = Store {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                catalog,
+                node_id,
+                config,
+                stats: StoreStats::default(),
+                log_wake: (0..disk_count).map(|_| Notify::new()).collect(),
+                drain_wake: Notify::new(),
+                progress: Notify::new(),
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+
+        // Recovery: write everything replayed home and checkpoint before serving,
+        // which also reserves fresh generation and allocation ranges.
+        for index in 0..disk_count {
+            store.drain_disk(index, false).await?;
+        }
+        store.reserve_ahead().await?;
+
+        let mut tasks = Vec::new();
+        for index in 0..disk_count {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move { s.log_writer(index).await }));
+        }
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move { s.drainer().await }));
+        store.inner.tasks.lock().extend(tasks);
+        Ok(store)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> Uuid {
+        self.inner.node_id
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &StoreStats {
+        &self.inner.stats
+    }
+
+    // ------------------------------------------------------------------
+    // Vdisk management
+    // ------------------------------------------------------------------
+
+    /// Bytes of vdisk address space the disks can hold.
+    pub fn capacity(&self) -> u64 {
+        let st = self.lock();
+        st.disks
+            .iter()
+            .filter(|d| d.failed.is_none())
+            .map(|d| d.label.slot_count * crate::format::EXTENT_BYTES)
+            .sum()
+    }
+
+    /// Creates a thin-provisioned vdisk.
+    pub async fn create_vdisk(&self, name: &str, size: u64) -> Result<VdiskInfo, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::BadName(name.to_string()));
+        }
+        self.check_size(size)?;
+        if self.lock().names.contains_key(name) {
+            return Err(StoreError::VdiskExists(name.to_string()));
+        }
+        let store = self.clone();
+        let name_owned = name.to_string();
+        let record = tokio::task::spawn_blocking(move || {
+            store
+                .inner
+                .catalog
+                .create_vdisk(&name_owned, size, now_secs())
+        })
+        .await
+        .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+        let mut st = self.lock();
+        st.names.insert(record.name.clone(), record.id);
+        let next_gen = 1;
+        let info = vdisk_info(&st, &record);
+        st.vdisks.insert(record.id, VdiskState { record, next_gen });
+        drop(st);
+        // Give the new vdisk a generation range right away.
+        self.inner.drain_wake.notify_one();
+        Ok(info)
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), StoreError> {
+        if size == 0 {
+            return Err(StoreError::BadSize("a vdisk needs a size above 0".into()));
+        }
+        if size % BLOCK_BYTES != 0 {
+            return Err(StoreError::BadSize(format!(
+                "{size} bytes is not a multiple of 4 KiB"
+            )));
+        }
+        let capacity = self.capacity();
+        if size > capacity {
+            return Err(StoreError::BadSize(format!(
+                "{} exceeds the node's capacity of {}",
+                basalt_core::size::format_size(size),
+                basalt_core::size::format_size(capacity)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows a vdisk (shrinking is refused).
+    pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<VdiskInfo, StoreError> {
+        self.check_size(size)?;
+        let mut record = self.vdisk_record(name)?;
+        if size < record.size {
+            return Err(StoreError::BadSize(format!(
+                "cannot shrink {name} from {} to {}; vdisks only grow",
+                record.size, size
+            )));
+        }
+        record.size = size;
+        let store = self.clone();
+        let to_store = record.clone();
+        tokio::task::spawn_blocking(move || store.inner.catalog.put_vdisk(&to_store))
+            .await
+            .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+        let mut st = self.lock();
+        if let Some(v) = st.vdisks.get_mut(&record.id) {
+            v.record.size = size;
+        }
+        Ok(vdisk_info(&st, &record))
+    }
+
+    /// Deletes a vdisk and frees its space.
+    pub async fn delete_vdisk(&self, name: &str) -> Result<(), StoreError> {
+        let record = self.vdisk_record(name)?;
+        let store = self.clone();
+        let id = record.id;
+        tokio::task::spawn_blocking(move || store.inner.catalog.delete_vdisk(id))
+            .await
+            .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+        let mut st = self.lock();
+        st.names.remove(&record.name);
+        st.vdisks.remove(&id);
+        let keys: Vec<ExtentKey> = st.extents.keys().filter(|k| k.0 == id).copied().collect();
+        for key in keys {
+            let Some(disk) = st.extents.get(&key).map(|e| e.disk) else {
+                continue;
+            };
+            let lsn = match st.disks.get(disk) {
+                Some(d) => d.log.pending.back().map_or(d.log.next_lsn, |b| b.lsn),
+                None => 0,
+            };
+            st.release_extent(key, lsn);
+        }
+        drop(st);
+        self.inner.progress.notify_waiters();
+        Ok(())
+    }
+
+    fn vdisk_record(&self, name: &str) -> Result<VdiskRecord, StoreError> {
+        let st = self.lock();
+        st.names
+            .get(name)
+            .and_then(|id| st.vdisks.get(id))
+            .map(|v| v.record.clone())
+            .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))
+    }
+
+    /// Looks a vdisk up by name.
+    pub fn vdisk(&self, name: &str) -> Result<VdiskInfo, StoreError> {
+        let record = self.vdisk_record(name)?;
+        Ok(vdisk_info(&self.lock(), &record))
+    }
+
+    /// Size of a vdisk by id, if it exists.
+    pub fn vdisk_size(&self, id: u64) -> Option<u64> {
+        self.lock().vdisks.get(&id).map(|v| v.record.size)
+    }
+
+    /// All vdisks, by name.
+    pub fn list_vdisks(&self) -> Vec<VdiskInfo> {
+        let st = self.lock();
+        let mut out: Vec<VdiskInfo> = st
+            .vdisks
+            .values()
+            .map(|v| vdisk_info(&st, &v.record))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// All disks.
+    pub fn list_disks(&self) -> Vec<DiskInfo> {
+        let st = self.lock();
+        let mut out: Vec<DiskInfo> = st
+            .disks
+            .iter()
+            .map(|d| DiskInfo {
+                id: d.id,
+                path: d.path.display().to_string(),
+                size: d.label.disk_bytes,
+                engine: d.engine.kind().to_string(),
+                state: if d.failed.is_some() {
+                    "failed"
+                } else {
+                    "online"
+                }
+                .into(),
+                error: d.failed.clone(),
+                slots_total: d.label.slot_count,
+                slots_free: (d.free.len() + d.quarantine.len()) as u64,
+                log_bytes: d.label.log_bytes,
+                log_used: d.log.used_bytes(),
+            })
+            .collect();
+        for (id, path) in &st.missing_disks {
+            out.push(DiskInfo {
+                id: *id,
+                path: path.clone(),
+                size: 0,
+                engine: "-".into(),
+                state: "missing".into(),
+                error: Some("the disk was not found at startup".into()),
+                slots_total: 0,
+                slots_free: 0,
+                log_bytes: 0,
+                log_used: 0,
+            });
+        }
+        out
+    }
+
+    // ------------------------------------------------------------------
+    // I/O
+    // ------------------------------------------------------------------
+
+    fn check_io(st: &State, vdisk: u64, first: u64, blocks: u64) -> Result<(), StoreError> {
+        let Some(v) = st.vdisks.get(&vdisk) else {
+            return Err(StoreError::NoSuchVdisk(format!("#{vdisk}")));
+        };
+        if st.shutting_down {
+            return Err(StoreError::ShuttingDown);
+        }
+        let size_blocks = v.record.size / BLOCK_BYTES;
+        if first
+            .checked_add(blocks)
+            .is_none_or(|end| end > size_blocks)
+        {
+            return Err(StoreError::OutOfRange {
+                vdisk,
+                first,
+                blocks,
+                size_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    fn disk_usable(st: &State, disk: usize) -> Result<(), StoreError> {
+        match st.disks.get(disk) {
+            Some(d) => match &d.failed {
+                Some(why) => Err(StoreError::DiskFailed(
+                    d.path.display().to_string(),
+                    why.clone(),
+                )),
+                None => Ok(()),
+            },
+            None => Err(StoreError::DiskFailed(
+                "(missing)".into(),
+                "the disk is not present".into(),
+            )),
+        }
+    }
+
+    /// Waits while too much written data is waiting to be drained.
+    async fn admit(&self) {
+        loop {
+            let notified = self.inner.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().undrained_total() <= self.inner.config.memory_budget {
+                return;
+            }
+            self.inner.drain_wake.notify_one();
+            notified.await;
+        }
+    }
+
+    /// Reads `blocks` blocks from block `first` of vdisk `vdisk`.
+    pub async fn read(&self, vdisk: u64, first: u64, blocks: u64) -> Result<IoBuf, StoreError> {
+        {
+            let st = self.lock();
+            Store::check_io(&st, vdisk, first, blocks)?;
+        }
+        self.inner.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .read_bytes
+            .fetch_add(blocks * BLOCK_BYTES, Ordering::Relaxed);
+        let parts = pieces(first, blocks);
+        if parts.len() == 1 {
+            let (extent, start, n, _) = parts[0];
+            return self.read_piece(vdisk, extent, start, n).await;
+        }
+        let reads = parts
+            .iter()
+            .map(|&(extent, start, n, _)| self.read_piece(vdisk, extent, start, n));
+        let results = futures::future::try_join_all(reads).await?;
+        let mut out = IoBuf::zeroed((blocks * BLOCK_BYTES) as usize);
+        for ((_, _, _, at), piece) in parts.iter().zip(results) {
+            let at = (*at * BLOCK_BYTES) as usize;
+            out.as_mut_slice()[at..at + piece.len()].copy_from_slice(piece.as_slice());
+        }
+        Ok(out)
+    }
+
+    async fn read_piece(
+        &self,
+        vdisk: u64,
+        extent: u64,
+        start: u16,
+        n: u16,
+    ) -> Result<IoBuf, StoreError> {
+        let key = (vdisk, extent);
+        let len = usize::from(n) * BLOCK_BYTES as usize;
+        let mut last_failure = 0u64;
+        for _attempt in 0..8 {
+            // Plan under the lock: copy overlay blocks, list the blocks to fetch.
+            let (mut out, runs, engine, base, fingerprint) = {
+                let st = self.lock();
+                Store::check_io(
+                    &st,
+                    vdisk,
+                    extent * EXTENT_BLOCKS + u64::from(start),
+                    u64::from(n),
+                )?;
+                let Some(e) = st.extents.get(&key) else {
+                    return Ok(IoBuf::zeroed(len));
+                };
+                Store::disk_usable(&st, e.disk)?;
+                let Some(meta) = e.meta.as_ref() else {
+                    let (disk, slot, alloc) = (e.disk, e.slot, e.alloc_id);
+                    drop(st);
+                    self.load_meta(key, disk, slot, alloc).await?;
+                    continue;
+                };
+                let mut out = IoBuf::zeroed(len);
+                // Runs of consecutive blocks to read from the slot: (first, count).
+                let mut runs: Vec<(u16, u16)> = Vec::new();
+                let mut fingerprint = Vec::new();
+                for b in start..start + n {
+                    let i = usize::from(b - start) * BLOCK_BYTES as usize;
+                    if let Some(entry) = e.overlay.get(&b) {
+                        if let Content::Data { seg, .. } = &entry.content {
+                            out.as_mut_slice()[i..i + BLOCK_BYTES as usize]
+                                .copy_from_slice(seg.as_slice());
+                        }
+                        continue;
+                    }
+                    let m = meta.entries[usize::from(b)];
+                    if m.lost {
+                        self.inner
+                            .stats
+                            .checksum_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(StoreError::Checksum {
+                            vdisk,
+                            block: extent * EXTENT_BLOCKS + u64::from(b),
+                        });
+                    }
+                    if !m.has_data {
+                        continue;
+                    }
+                    fingerprint.push((b, m.crc, m.generation));
+                    match runs.last_mut() {
+                        Some((f, c)) if *f + *c == b => *c += 1,
+                        _ => runs.push((b, 1)),
+                    }
+                }
+                let d = &st.disks[e.disk];
+                (
+                    out,
+                    runs,
+                    d.engine.clone(),
+                    d.slot_offset(e.slot) + SLOT_META_BYTES,
+                    (e.alloc_id, fingerprint),
+                )
+            };
+            if runs.is_empty() {
+                return Ok(out);
+            }
+            // Fetch and verify.
+            let whole = runs.len() == 1 && runs[0] == (start, n);
+            let fetches = runs.iter().map(|&(f, c)| {
+                let engine = engine.clone();
+                async move {
+                    let buf = IoBuf::zeroed(usize::from(c) * BLOCK_BYTES as usize);
+                    let (buf, result) =
+                        engine.read_at(base + u64::from(f) * BLOCK_BYTES, buf).await;
+                    result.map(|_| (f, buf))
+                }
+            });
+            let fetched = match futures::future::try_join_all(fetches).await {
+                Ok(f) => f,
+                Err(e) => return Err(StoreError::Disk(e)),
+            };
+            let expected: HashMap<u16, u32> =
+                fingerprint.1.iter().map(|&(b, crc, _)| (b, crc)).collect();
+            let mut bad = None;
+            for (f, buf) in &fetched {
+                for (i, block) in buf.as_slice().chunks(BLOCK_BYTES as usize).enumerate() {
+                    let b = f + i as u16;
+                    if expected.get(&b).is_some_and(|&crc| block_crc(block) != crc) {
+                        bad = Some(b);
+                        break;
+                    }
+                }
+                if bad.is_some() {
+                    break;
+                }
+            }
+            match bad {
+                None => {
+                    let mut fetched = fetched;
+                    if whole && fetched.len() == 1 {
+                        if let Some((_, buf)) = fetched.pop() {
+                            return Ok(buf);
+                        }
+                    }
+                    for (f, buf) in fetched {
+                        let at = usize::from(f - start) * BLOCK_BYTES as usize;
+                        out.as_mut_slice()[at..at + buf.len()].copy_from_slice(buf.as_slice());
+                    }
+                    return Ok(out);
+                }
+                Some(b) => {
+                    // A drain or remap may have moved the block under us: retry if
+                    // what we expected changed, else it is real corruption.
+                    last_failure = extent * EXTENT_BLOCKS + u64::from(b);
+                    let st = self.lock();
+                    let changed = match st.extents.get(&key) {
+                        None => true,
+                        Some(e) => {
+                            e.alloc_id != fingerprint.0
+                                || e.overlay.contains_key(&b)
+                                || e.meta.as_ref().is_none_or(|m| {
+                                    let now = m.entries[usize::from(b)];
+                                    !fingerprint.1.iter().any(|&(fb, crc, g)| {
+                                        fb == b
+                                            && crc == now.crc
+                                            && g == now.generation
+                                            && now.has_data
+                                    })
+                                })
+                        }
+                    };
+                    if changed {
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        self.inner
+            .stats
+            .checksum_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            vdisk,
+            block = last_failure,
+            "checksum mismatch: returning an I/O error"
+        );
+        Err(StoreError::Checksum {
+            vdisk,
+            block: last_failure,
+        })
+    }
+
+    /// Loads the persisted metadata of an extent from its slot.
+    pub(crate) async fn load_meta(
+        &self,
+        key: ExtentKey,
+        disk: usize,
+        slot: u64,
+        alloc: u64,
+    ) -> Result<(), StoreError> {
+        let (engine, offset) = {
+            let st = self.lock();
+            Store::disk_usable(&st, disk)?;
+            let d = &st.disks[disk];
+            (d.engine.clone(), d.slot_offset(slot))
+        };
+        let (buf, result) = engine
+            .read_at(offset, IoBuf::zeroed(SLOT_META_BYTES as usize))
+            .await;
+        result?;
+        let bytes = buf.as_slice();
+        let choice = ExtentMeta::choose(&bytes[..4096], &bytes[4096..], key.0, key.1, alloc);
+        let mut st = self.lock();
+        if let Some(e) = st.extents.get_mut(&key) {
+            if e.alloc_id == alloc && e.meta.is_none() {
+                let meta = match choice {
+                    MetaChoice::Valid(m) => m,
+                    MetaChoice::Fresh if !e.persisted => ExtentMeta::empty(key.0, key.1, alloc),
+                    MetaChoice::Fresh | MetaChoice::Damaged => {
+                        tracing::error!(
+                            vdisk = key.0,
+                            extent = key.1,
+                            "extent metadata is damaged on disk; its blocks fail reads until rewritten"
+                        );
+                        self.inner
+                            .stats
+                            .checksum_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        ExtentMeta::lost(key.0, key.1, alloc)
+                    }
+                };
+                e.meta = Some(Box::new(meta));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (a whole number of blocks) at block `first`.
+    pub async fn write(
+        &self,
+        vdisk: u64,
+        first: u64,
+        data: IoBuf,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        if data.len() as u64 % BLOCK_BYTES != 0 || data.is_empty() {
+            return Err(StoreError::BadSize(format!(
+                "write of {} bytes is not whole blocks",
+                data.len()
+            )));
+        }
+        let blocks = data.len() as u64 / BLOCK_BYTES;
+        {
+            let st = self.lock();
+            Store::check_io(&st, vdisk, first, blocks)?;
+        }
+        self.admit().await;
+        self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .write_bytes
+            .fetch_add(blocks * BLOCK_BYTES, Ordering::Relaxed);
+        let buf = Arc::new(data);
+        let crcs: Vec<u32> = buf
+            .as_slice()
+            .chunks(BLOCK_BYTES as usize)
+            .map(block_crc)
+            .collect();
+        let parts = pieces(first, blocks);
+        if parts.len() == 1 {
+            let (extent, start, n, _) = parts[0];
+            return self
+                .write_piece(vdisk, extent, start, n, &buf, 0, &crcs, fua)
+                .await;
+        }
+        let writes = parts.iter().map(|&(extent, start, n, at)| {
+            self.write_piece(
+                vdisk,
+                extent,
+                start,
+                n,
+                &buf,
+                at as usize,
+                &crcs[at as usize..at as usize + usize::from(n)],
+                fua,
+            )
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_piece(
+        &self,
+        vdisk: u64,
+        extent: u64,
+        start: u16,
+        n: u16,
+        buf: &Arc<IoBuf>,
+        buf_block: usize,
+        crcs: &[u32],
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let key = (vdisk, extent);
+        if u64::from(n) == EXTENT_BLOCKS {
+            if let Some(result) = self.write_cow(key, buf, buf_block, crcs, fua).await {
+                return result;
+            }
+        }
+        loop {
+            let rx = {
+                let mut st = self.lock();
+                Store::check_io(
+                    &st,
+                    vdisk,
+                    extent * EXTENT_BLOCKS + u64::from(start),
+                    u64::from(n),
+                )?;
+                if !st.extents.contains_key(&key) {
+                    drop(st);
+                    self.allocate_extent(key).await?;
+                    continue;
+                }
+                let Some(generation) = st.next_generation(vdisk) else {
+                    drop(st);
+                    self.wait_for_checkpoint().await;
+                    continue;
+                };
+                let st = &mut *st;
+                let Some(e) = st.extents.get_mut(&key) else {
+                    continue;
+                };
+                Store::disk_usable_ref(&st.disks, e.disk)?;
+                let d = &mut st.disks[e.disk];
+                let extra = u64::from(n) * BLOCK_BYTES + 56 + 4 * u64::from(n);
+                let batch = d.log.open_batch(extra);
+                let lsn = batch.lsn;
+                let data_index = batch.data_blocks;
+                batch.push(Record {
+                    vdisk_id: vdisk,
+                    extent,
+                    alloc_id: e.alloc_id,
+                    slot: e.slot,
+                    first_block: start,
+                    blocks: n,
+                    generation,
+                    kind: RecordKind::Write {
+                        data_index,
+                        crcs: crcs.to_vec(),
+                    },
+                });
+                let at = buf_block * BLOCK_BYTES as usize;
+                batch.data.push(Segment {
+                    buf: buf.clone(),
+                    start: at,
+                    len: usize::from(n) * BLOCK_BYTES as usize,
+                });
+                batch.data_blocks += u32::from(n);
+                batch.fua |= fua;
+                let (tx, rx) = oneshot::channel();
+                batch.waiters.push(tx);
+                for i in 0..n {
+                    let seg = Segment {
+                        buf: buf.clone(),
+                        start: at + usize::from(i) * BLOCK_BYTES as usize,
+                        len: BLOCK_BYTES as usize,
+                    };
+                    let entry = OverlayEntry {
+                        lsn,
+                        generation,
+                        content: Content::Data {
+                            seg,
+                            crc: crcs[usize::from(i)],
+                        },
+                    };
+                    overlay_insert(&mut e.overlay, &mut d.undrained_bytes, start + i, entry);
+                }
+                let disk = e.disk;
+                self.inner.log_wake[disk].notify_one();
+                rx
+            };
+            return wait_log(rx).await;
+        }
+    }
+
+    fn disk_usable_ref(disks: &[DiskState], disk: usize) -> Result<(), StoreError> {
+        match disks.get(disk) {
+            Some(d) => match &d.failed {
+                Some(why) => Err(StoreError::DiskFailed(
+                    d.path.display().to_string(),
+                    why.clone(),
+                )),
+                None => Ok(()),
+            },
+            None => Err(StoreError::DiskFailed(
+                "(missing)".into(),
+                "the disk is not present".into(),
+            )),
+        }
+    }
+
+    async fn wait_for_checkpoint(&self) {
+        let notified = self.inner.progress.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.inner.drain_wake.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+    }
+
+    /// Gives an unmapped extent a slot (space reserved on the disk first).
+    async fn allocate_extent(&self, key: ExtentKey) -> Result<(), StoreError> {
+        let (disk, slot, engine, offset) = {
+            let mut st = self.lock();
+            if st.extents.contains_key(&key) {
+                return Ok(());
+            }
+            let Some(disk) = st.pick_disk() else {
+                return Err(StoreError::NoSpace);
+            };
+            let d = &mut st.disks[disk];
+            let Some(slot) = d.free.pop_first() else {
+                return Err(StoreError::NoSpace);
+            };
+            (disk, slot, d.engine.clone(), d.slot_offset(slot))
+        };
+        let reserved = engine.allocate(offset, SLOT_BYTES).await;
+        let mut st = self.lock();
+        let give_back = |st: &mut State| {
+            if let Some(d) = st.disks.get_mut(disk) {
+                d.free.insert(slot);
+            }
+        };
+        if let Err(e) = reserved {
+            give_back(&mut st);
+            return Err(match e {
+                DiskError::NoSpace { .. } => StoreError::NoSpace,
+                other => StoreError::Disk(other),
+            });
+        }
+        if st.extents.contains_key(&key) || !st.vdisks.contains_key(&key.0) {
+            give_back(&mut st);
+            return Ok(());
+        }
+        let Some(alloc_id) = st.next_alloc_id() else {
+            give_back(&mut st);
+            drop(st);
+            self.wait_for_checkpoint().await;
+            return Ok(());
+        };
+        let d = &mut st.disks[disk];
+        let lsn = d.log.open_batch(0).lsn;
+        d.map_changes.push((
+            lsn,
+            key,
+            Some(ExtentRow {
+                disk: d.id,
+                slot,
+                alloc_id,
+                persisted: false,
+            }),
+        ));
+        st.extents.insert(
+            key,
+            ExtentState {
+                disk,
+                slot,
+                alloc_id,
+                persisted: false,
+                meta: Some(Box::new(ExtentMeta::empty(key.0, key.1, alloc_id))),
+                overlay: BTreeMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes a whole extent copy-on-write into a fresh slot. `None` means no
+    /// slot was available and the caller should log the write instead.
+    async fn write_cow(
+        &self,
+        key: ExtentKey,
+        buf: &Arc<IoBuf>,
+        buf_block: usize,
+        crcs: &[u32],
+        fua: bool,
+    ) -> Option<Result<(), StoreError>> {
+        let (disk, slot, alloc_id, generation, engine, offset) = {
+            let mut st = self.lock();
+            let disk = match st.extents.get(&key) {
+                Some(e) => e.disk,
+                None => st.pick_disk()?,
+            };
+            if let Err(e) = Store::disk_usable(&st, disk) {
+                return Some(Err(e));
+            }
+            if st.disks[disk].free.is_empty() {
+                return None;
+            }
+            let alloc_id = st.next_alloc_id()?;
+            let generation = st.next_generation(key.0)?;
+            let d = &mut st.disks[disk];
+            let slot = d.free.pop_first()?;
+            (
+                disk,
+                slot,
+                alloc_id,
+                generation,
+                d.engine.clone(),
+                d.slot_offset(slot),
+            )
+        };
+        let give_back = |store: &Store| {
+            if let Some(d) = store.lock().disks.get_mut(disk) {
+                d.free.insert(slot);
+            }
+        };
+        if engine.allocate(offset, SLOT_BYTES).await.is_err() {
+            give_back(self);
+            return None;
+        }
+        let mut meta = ExtentMeta::empty(key.0, key.1, alloc_id);
+        meta.seq = 1;
+        for (entry, &crc) in meta.entries.iter_mut().zip(crcs) {
+            *entry = BlockEntry {
+                generation,
+                has_data: true,
+                lost: false,
+                crc,
+            };
+        }
+        // Both metadata copies get the same version: a damaged copy can then
+        // always be recovered from the other.
+        let meta_block = Arc::new(IoBuf::from_slice(&meta.encode()));
+        let (copy_a, copy_b) = (meta_block.clone(), meta_block);
+        let data = Segment {
+            buf: buf.clone(),
+            start: buf_block * BLOCK_BYTES as usize,
+            len: crate::format::EXTENT_BYTES as usize,
+        };
+        let written = engine
+            .write_at(
+                offset,
+                vec![Segment::whole(copy_a), Segment::whole(copy_b), data],
+            )
+            .await;
+        if let Err(e) = written {
+            give_back(self);
+            return match e {
+                DiskError::NoSpace { .. } => None,
+                other => Some(Err(StoreError::Disk(other))),
+            };
+        }
+        self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
+        let rx = {
+            let mut st = self.lock();
+            if !st.vdisks.contains_key(&key.0) {
+                if let Some(d) = st.disks.get_mut(disk) {
+                    d.free.insert(slot);
+                }
+                return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
+            }
+            let d = &mut st.disks[disk];
+            let batch = d.log.open_batch(0);
+            let lsn = batch.lsn;
+            batch.push(Record {
+                vdisk_id: key.0,
+                extent: key.1,
+                alloc_id,
+                slot,
+                first_block: 0,
+                blocks: EXTENT_BLOCKS as u16,
+                generation,
+                kind: RecordKind::Remap,
+            });
+            batch.fua |= fua;
+            let (tx, rx) = oneshot::channel();
+            batch.waiters.push(tx);
+            let disk_id = d.id;
+            st.release_extent(key, lsn);
+            let d = &mut st.disks[disk];
+            d.map_changes.push((
+                lsn,
+                key,
+                Some(ExtentRow {
+                    disk: disk_id,
+                    slot,
+                    alloc_id,
+                    persisted: true,
+                }),
+            ));
+            st.extents.insert(
+                key,
+                ExtentState {
+                    disk,
+                    slot,
+                    alloc_id,
+                    persisted: true,
+                    meta: Some(Box::new(meta)),
+                    overlay: BTreeMap::new(),
+                },
+            );
+            self.inner.log_wake[disk].notify_one();
+            rx
+        };
+        Some(wait_log(rx).await)
+    }
+
+    /// Makes `blocks` blocks from `first` read as zeros; whole extents give
+    /// their space back.
+    pub async fn zero(
+        &self,
+        vdisk: u64,
+        first: u64,
+        blocks: u64,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        {
+            let st = self.lock();
+            Store::check_io(&st, vdisk, first, blocks)?;
+        }
+        let mut waits = Vec::new();
+        {
+            let mut st = self.lock();
+            for (extent, start, n, _) in pieces(first, blocks) {
+                let key = (vdisk, extent);
+                let Some(e) = st.extents.get(&key) else {
+                    continue;
+                };
+                let disk = e.disk;
+                Store::disk_usable(&st, disk)?;
+                let (alloc_id, slot) = (e.alloc_id, e.slot);
+                let generation = match st.next_generation(vdisk) {
+                    Some(g) => g,
+                    None => return Err(StoreError::ShuttingDown),
+                };
+                let st_ref = &mut *st;
+                let d = &mut st_ref.disks[disk];
+                let batch = d.log.open_batch(56);
+                let lsn = batch.lsn;
+                let whole = u64::from(n) == EXTENT_BLOCKS;
+                batch.push(Record {
+                    vdisk_id: vdisk,
+                    extent,
+                    alloc_id,
+                    slot,
+                    first_block: start,
+                    blocks: n,
+                    generation,
+                    kind: if whole {
+                        RecordKind::Unmap
+                    } else {
+                        RecordKind::Zero
+                    },
+                });
+                batch.fua |= fua;
+                let (tx, rx) = oneshot::channel();
+                batch.waiters.push(tx);
+                waits.push(rx);
+                if whole {
+                    st_ref.release_extent(key, lsn);
+                } else if let Some(e) = st_ref.extents.get_mut(&key) {
+                    for b in start..start + n {
+                        let entry = OverlayEntry {
+                            lsn,
+                            generation,
+                            content: Content::Zero,
+                        };
+                        overlay_insert(
+                            &mut e.overlay,
+                            &mut st_ref.disks[disk].undrained_bytes,
+                            b,
+                            entry,
+                        );
+                    }
+                }
+                self.inner.log_wake[disk].notify_one();
+            }
+        }
+        for rx in waits {
+            wait_log(rx).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let targets: Vec<(usize, u64, Arc<dyn DiskEngine>)> = {
+            let st = self.lock();
+            st.disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.failed.is_none())
+                .map(|(i, d)| (i, d.log.completed_lsn, d.engine.clone()))
+                .collect()
+        };
+        let syncs = targets.into_iter().map(|(i, lsn, engine)| async move {
+            engine.sync().await?;
+            let mut st = self.lock();
+            let log = &mut st.disks[i].log;
+            log.durable_lsn = log.durable_lsn.max(lsn);
+            Ok::<(), StoreError>(())
+        });
+        futures::future::try_join_all(syncs).await?;
+        Ok(())
+    }
+
+    /// Allocation map of a range: runs of (blocks, holds data).
+    pub async fn allocation(
+        &self,
+        vdisk: u64,
+        first: u64,
+        blocks: u64,
+    ) -> Result<Vec<(u64, bool)>, StoreError> {
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, data: bool| match runs.last_mut() {
+            Some((c, d)) if *d == data => *c += n,
+            _ => runs.push((n, data)),
+        };
+        for (extent, start, n, _) in pieces(first, blocks) {
+            let key = (vdisk, extent);
+            loop {
+                let st = self.lock();
+                Store::check_io(&st, vdisk, first, blocks)?;
+                let Some(e) = st.extents.get(&key) else {
+                    push(u64::from(n), false);
+                    break;
+                };
+                let Some(meta) = e.meta.as_ref() else {
+                    let (disk, slot, alloc) = (e.disk, e.slot, e.alloc_id);
+                    drop(st);
+                    if Store::disk_usable(&self.lock(), disk).is_err() {
+                        push(u64::from(n), true);
+                        break;
+                    }
+                    self.load_meta(key, disk, slot, alloc).await?;
+                    continue;
+                };
+                for b in start..start + n {
+                    let data = match e.overlay.get(&b) {
+                        Some(entry) => matches!(entry.content, Content::Data { .. }),
+                        None => meta.entries[usize::from(b)].has_data,
+                    };
+                    push(1, data);
+                }
+                break;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Drains everything, checkpoints as a clean shutdown and stops the
+    /// background tasks. I/O fails with `ShuttingDown` afterwards.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        // Let queued writes reach the log first.
+        for _ in 0..500 {
+            let busy = {
+                let st = self.lock();
+                st.disks.iter().any(|d| {
+                    d.failed.is_none()
+                        && (d.log.writing.is_some()
+                            || d.log.pending.iter().any(|b| !b.records.is_empty()))
+                })
+            };
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.lock().shutting_down = true;
+        let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let count = self.lock().disks.len();
+        for index in 0..count {
+            if self.lock().disks[index].failed.is_none() {
+                self.drain_disk(index, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the store abruptly, as if its process died: background tasks are
+    /// aborted, nothing is drained or checkpointed. Waits until no other
+    /// handle to the store is alive, so the catalog can be reopened. For tests.
+    #[doc(hidden)]
+    pub async fn halt(self) {
+        self.lock().shutting_down = true;
+        let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&self.inner) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Reserves generations and allocation ids ahead and checkpoints it.
+    async fn reserve_ahead(&self) -> Result<(), StoreError> {
+        let checkpoint = {
+            let st = self.lock();
+            Checkpoint {
+                gen_reserved: st
+                    .vdisks
+                    .values()
+                    .map(|v| (v.record.id, v.next_gen + RESERVE_AHEAD))
+                    .collect(),
+                alloc_reserved: Some(st.alloc_next + RESERVE_AHEAD),
+                ..Checkpoint::default()
+            }
+        };
+        self.commit_checkpoint(checkpoint).await
+    }
+
+    pub(crate) async fn commit_checkpoint(&self, checkpoint: Checkpoint) -> Result<(), StoreError> {
+        let store = self.clone();
+        let checkpoint = Arc::new(checkpoint);
+        let committed = checkpoint.clone();
+        tokio::task::spawn_blocking(move || store.inner.catalog.checkpoint(&committed))
+            .await
+            .map_err(|e| StoreError::Catalog(Box::new(e)))??;
+        let mut st = self.lock();
+        for &(id, reserved) in &checkpoint.gen_reserved {
+            if let Some(v) = st.vdisks.get_mut(&id) {
+                v.record.gen_reserved = v.record.gen_reserved.max(reserved);
+            }
+        }
+        if let Some(reserved) = checkpoint.alloc_reserved {
+            st.alloc_reserved = st.alloc_reserved.max(reserved);
+        }
+        Ok(())
+    }
+
+    /// Where the data of a vdisk block lives: (disk path, byte offset of the
+    /// block's data on that disk). For tests and diagnostics.
+    pub async fn locate(&self, vdisk: u64, block: u64) -> Option<(PathBuf, u64)> {
+        let st = self.lock();
+        let e = st.extents.get(&(vdisk, block / EXTENT_BLOCKS))?;
+        let d = st.disks.get(e.disk)?;
+        Some((
+            d.path.clone(),
+            d.slot_offset(e.slot) + SLOT_META_BYTES + (block % EXTENT_BLOCKS) * BLOCK_BYTES,
+        ))
+    }
+
+    /// Vdisk id by name.
+    pub fn vdisk_id(&self, name: &str) -> Option<u64> {
+        self.lock().names.get(name).copied()
+    }
+
+    /// The catalog path inside a data directory.
+    pub fn catalog_path(data_dir: &Path) -> PathBuf {
+        data_dir.join("meta.redb")
+    }
+}
+
+async fn wait_log(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), StoreError> {
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(StoreError::DiskFailed("oplog".into(), why)),
+        Err(_) => Err(StoreError::ShuttingDown),
+    }
+}
+
+fn vdisk_info(st: &State, record: &VdiskRecord) -> VdiskInfo {
+    let extents = st.extents.keys().filter(|k| k.0 == record.id).count() as u64;
+    VdiskInfo {
+        id: record.id,
+        name: record.name.clone(),
+        size: record.size,
+        created: record.created,
+        allocated: extents * crate::format::EXTENT_BYTES,
+    }
+}
+
+/// Reads a disk's label, formats blank disks, and registers the disk in the catalog.
+async fn claim_disk(
+    catalog: &Catalog,
+    node_id: Uuid,
+    disk: &OpenedDisk,
+    known: &HashMap<Uuid, DiskRecord>,
+    force: bool,
+) -> Result<(Label, DiskRecord), StoreError> {
+    let engine = &disk.engine;
+    let (buf, result) = engine
+        .read_at(0, IoBuf::zeroed(2 * BLOCK_BYTES as usize))
+        .await;
+    result?;
+    let bytes = buf.as_slice();
+    let label = Label::decode(&bytes[..4096]).or_else(|_| Label::decode(&bytes[4096..]));
+    let bad = |reason: String| StoreError::BadDisk {
+        path: disk.path.clone(),
+        reason,
+    };
+    match label {
+        Ok(label) if label.node_id == node_id && known.contains_key(&label.disk_id) => {
+            if label.disk_bytes > engine.size() {
+                return Err(bad(format!(
+                    "the label says {} bytes but the disk has only {}",
+                    label.disk_bytes,
+                    engine.size()
+                )));
+            }
+            let mut record = known[&label.disk_id].clone();
+            let path = disk.path.display().to_string();
+            if record.path != path {
+                record.path = path;
+                catalog.put_disk(&record)?;
+            }
+            Ok((label, record))
+        }
+        Ok(label) if !force => {
+            if label.node_id != node_id {
+                Err(StoreError::ForeignDisk {
+                    path: disk.path.clone(),
+                    owner: label.node_id,
+                    node: node_id,
+                })
+            } else {
+                Err(bad("the disk carries this node's label but is not in its catalog (was the data directory lost?); use --force-claim to reformat it".into()))
+            }
+        }
+        Err(_) if !force && bytes.iter().any(|&b| b != 0) => Err(bad(
+            "the disk holds data that is not a Basalt label; use --force-claim to overwrite it"
+                .into(),
+        )),
+        _ => format_disk(catalog, node_id, disk).await,
+    }
+}
+
+async fn format_disk(
+    catalog: &Catalog,
+    node_id: Uuid,
+    disk: &OpenedDisk,
+) -> Result<(Label, DiskRecord), StoreError> {
+    let engine = &disk.engine;
+    let label = Label::plan(Uuid::new_v4(), node_id, engine.size(), now_secs());
+    if label.slot_count == 0 {
+        return Err(StoreError::BadDisk {
+            path: disk.path.clone(),
+            reason: "too small to hold any extent".into(),
+        });
+    }
+    // Reserve the oplog's space so log writes can never fail for lack of it,
+    // and wipe its first block so no stale batch is mistaken for ours.
+    engine.allocate(label.log_offset, label.log_bytes).await?;
+    let zero = Arc::new(IoBuf::zeroed(BLOCK_BYTES as usize));
+    engine
+        .write_at(label.log_offset, vec![Segment::whole(zero)])
+        .await?;
+    let encoded = Arc::new(IoBuf::from_slice(&label.encode()));
+    engine
+        .write_at(
+            0,
+            vec![Segment::whole(encoded.clone()), Segment::whole(encoded)],
+        )
+        .await?;
+    engine.sync().await?;
+    let record = DiskRecord {
+        id: label.disk_id,
+        path: disk.path.display().to_string(),
+        bytes: label.disk_bytes,
+        added: now_secs(),
+        tail_pos: label.log_offset,
+        tail_lsn: 1,
+        clean: true,
+    };
+    catalog.put_disk(&record)?;
+    tracing::info!(path = %disk.path.display(), disk = %label.disk_id, slots = label.slot_count, "formatted disk");
+    Ok((label, record))
+}
+
+#[doc(hidden)]
+pub fn overlay_bytes_for_tests(store: &Store) -> u64 {
+    let st = store.lock();
+    st.extents
+        .values()
+        .map(|e| overlay_data_bytes(&e.overlay))
+        .sum()
+}
+
+#[doc(hidden)]
+pub fn free_slots_for_tests(store: &Store) -> BTreeSet<u64> {
+    let st = store.lock();
+    st.disks.first().map(|d| d.free.clone()).unwrap_or_default()
+}

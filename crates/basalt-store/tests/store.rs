@@ -1,0 +1,367 @@
+//! Behaviour of the store on simulated disks: data paths, restarts, model checks.
+
+mod common;
+
+use std::collections::HashMap;
+
+use basalt_disk::sim::SimDisk;
+use basalt_store::{StoreError, free_slots_for_tests};
+use common::*;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const MIB: u64 = 1 << 20;
+
+async fn read_tags(store: &basalt_store::Store, vdisk: u64, first: u64, blocks: u64) -> Vec<u64> {
+    let data = store.read(vdisk, first, blocks).await.expect("read");
+    data.as_slice()
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, b)| tag_of(b, first + i as u64))
+        .collect()
+}
+
+#[tokio::test]
+async fn small_large_and_zero_writes_survive_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(256 * MIB);
+    let store = open_sim(dir.path(), &disk).await;
+    let v = store.create_vdisk("a", 64 * MIB).await.expect("create").id;
+
+    store
+        .write(v, 3, buffer(1, 3, 1), false)
+        .await
+        .expect("small");
+    store
+        .write(v, 250, buffer(2, 250, 12), false)
+        .await
+        .expect("crossing");
+    store
+        .write(v, 512, buffer(3, 512, 256), false)
+        .await
+        .expect("whole extent");
+    store
+        .write(v, 1000, buffer(4, 1000, 10), true)
+        .await
+        .expect("fua");
+    assert!(
+        store
+            .stats()
+            .cow_writes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    let expect = |b: u64| match b {
+        3 => 1,
+        250..=261 => 2,
+        512..=767 => 3,
+        1000..=1009 => 4,
+        _ => 0,
+    };
+    let tags = read_tags(&store, v, 0, 1100).await;
+    for (b, tag) in tags.iter().enumerate() {
+        assert_eq!(*tag, expect(b as u64), "block {b}");
+    }
+
+    // Zero part of an extent, and a whole extent (which frees its slot).
+    let free_before = free_slots_for_tests(&store).len();
+    store.zero(v, 252, 2, false).await.expect("zero partial");
+    store.zero(v, 512, 256, false).await.expect("zero whole");
+    store.flush().await.expect("flush");
+    assert_eq!(read_tags(&store, v, 250, 4).await, vec![2, 2, 0, 0]);
+    assert!(read_tags(&store, v, 512, 256).await.iter().all(|&t| t == 0));
+    let runs = store.allocation(v, 512, 256).await.expect("allocation");
+    assert_eq!(runs, vec![(256, false)]);
+    let runs = store.allocation(v, 0, 8).await.expect("allocation");
+    assert_eq!(runs, vec![(3, false), (1, true), (4, false)]);
+
+    // Give the drainer a chance to release the slot.
+    for _ in 0..50 {
+        if free_slots_for_tests(&store).len() > free_before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        free_slots_for_tests(&store).len() > free_before,
+        "trimmed extent's slot was not freed"
+    );
+
+    store.shutdown().await.expect("shutdown");
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    let tags = read_tags(&store, v, 0, 1100).await;
+    for (b, tag) in tags.iter().enumerate() {
+        let b = b as u64;
+        let want = if (252..254).contains(&b) || (512..768).contains(&b) {
+            0
+        } else {
+            expect(b)
+        };
+        assert_eq!(*tag, want, "block {b} after restart");
+    }
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn management_errors_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(128 * MIB);
+    let store = open_sim(dir.path(), &disk).await;
+    let capacity = store.capacity();
+    assert!(capacity > 64 * MIB);
+
+    assert!(matches!(
+        store.create_vdisk("", MIB).await,
+        Err(StoreError::BadName(_))
+    ));
+    assert!(matches!(
+        store.create_vdisk("a/b", MIB).await,
+        Err(StoreError::BadName(_))
+    ));
+    assert!(matches!(
+        store.create_vdisk("-x", MIB).await,
+        Err(StoreError::BadName(_))
+    ));
+    assert!(matches!(
+        store.create_vdisk("a", 0).await,
+        Err(StoreError::BadSize(_))
+    ));
+    assert!(matches!(
+        store.create_vdisk("a", 1000).await,
+        Err(StoreError::BadSize(_))
+    ));
+    assert!(matches!(
+        store.create_vdisk("a", capacity + 4096).await,
+        Err(StoreError::BadSize(_))
+    ));
+    assert!(store.list_vdisks().is_empty());
+
+    let a = store.create_vdisk("a", 8 * MIB).await.expect("create");
+    assert!(matches!(
+        store.create_vdisk("a", MIB).await,
+        Err(StoreError::VdiskExists(_))
+    ));
+    assert!(matches!(
+        store.resize_vdisk("a", 4 * MIB).await,
+        Err(StoreError::BadSize(_))
+    ));
+    assert!(matches!(
+        store.resize_vdisk("nope", 4 * MIB).await,
+        Err(StoreError::NoSuchVdisk(_))
+    ));
+    assert!(matches!(
+        store.delete_vdisk("nope").await,
+        Err(StoreError::NoSuchVdisk(_))
+    ));
+    assert_eq!(store.vdisk("a").expect("a").size, 8 * MIB);
+
+    // I/O past the end is refused and writes nothing.
+    let end = 8 * MIB / 4096;
+    assert!(matches!(
+        store.write(a.id, end, buffer(1, end, 1), false).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        store.read(a.id, end - 1, 2).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        store.zero(a.id, u64::MAX - 1, 4, false).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+
+    let grown = store.resize_vdisk("a", 16 * MIB).await.expect("grow");
+    assert_eq!(grown.size, 16 * MIB);
+    store
+        .write(a.id, end, buffer(1, end, 1), false)
+        .await
+        .expect("write in grown part");
+    assert_eq!(store.vdisk("a").expect("a").allocated, MIB);
+
+    store.delete_vdisk("a").await.expect("delete");
+    assert!(matches!(
+        store.read(a.id, 0, 1).await,
+        Err(StoreError::NoSuchVdisk(_))
+    ));
+    let again = store.create_vdisk("a", MIB).await.expect("recreate");
+    assert_ne!(again.id, a.id, "ids are never reused");
+    assert_eq!(read_tags(&store, again.id, 0, 256).await, vec![0; 256]);
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn full_disk_is_enospc_and_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 * MIB);
+    let store = open_sim(dir.path(), &disk).await;
+    let capacity = store.capacity();
+    // Thin provisioning: two vdisks that together exceed the capacity.
+    let a = store.create_vdisk("a", capacity).await.expect("a").id;
+    let b = store.create_vdisk("b", capacity).await.expect("b").id;
+    let slots = capacity / MIB;
+    for e in 0..slots {
+        store
+            .write(a, e * 256, buffer(e + 1, e * 256, 1), false)
+            .await
+            .expect("fill");
+    }
+    let err = store.write(b, 0, buffer(99, 0, 1), false).await;
+    assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
+    let err = store.write(b, 0, buffer(99, 0, 256), false).await;
+    assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
+    // Allocated space keeps working, old data intact.
+    store
+        .write(a, 1, buffer(500, 1, 1), false)
+        .await
+        .expect("overwrite in place");
+    assert_eq!(read_tags(&store, a, 0, 2).await, vec![1, 500]);
+    assert_eq!(read_tags(&store, b, 0, 1).await, vec![0]);
+
+    // A full filesystem under the disk file: new extents fail cleanly.
+    store.zero(a, 0, 256, false).await.expect("free one extent");
+    store.flush().await.expect("flush");
+    disk.set_full(true);
+    let err = store.write(b, 0, buffer(7, 0, 1), false).await;
+    assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
+    disk.set_full(false);
+    store.shutdown().await.expect("shutdown");
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    Clean,
+    ProcessCrash,
+}
+
+/// Random operations against a model, with restarts. A process crash keeps
+/// everything the OS accepted (the simulated disk keeps its volatile state),
+/// so every completed operation must survive it.
+async fn model_run(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(96 * MIB);
+    let mut store = open_sim(dir.path(), &disk).await;
+    let blocks = 8 * 256u64;
+    let v = store
+        .create_vdisk("m", blocks * 4096)
+        .await
+        .expect("create")
+        .id;
+    let mut model: HashMap<u64, u64> = HashMap::new();
+    let mut tag = 1u64;
+    for step in 0..400 {
+        match rng.gen_range(0..100) {
+            0..=49 => {
+                let n = rng.gen_range(1..=24u64);
+                let first = rng.gen_range(0..blocks - n);
+                store
+                    .write(v, first, buffer(tag, first, n), rng.gen_bool(0.1))
+                    .await
+                    .expect("write");
+                for b in first..first + n {
+                    model.insert(b, tag);
+                }
+            }
+            50..=59 => {
+                let e = rng.gen_range(0..blocks / 256);
+                store
+                    .write(v, e * 256, buffer(tag, e * 256, 256), false)
+                    .await
+                    .expect("cow");
+                for b in e * 256..(e + 1) * 256 {
+                    model.insert(b, tag);
+                }
+            }
+            60..=69 => {
+                let n = rng.gen_range(1..=300u64);
+                let first = rng.gen_range(0..blocks - n);
+                store.zero(v, first, n, false).await.expect("zero");
+                for b in first..first + n {
+                    model.remove(&b);
+                }
+            }
+            70..=74 => store.flush().await.expect("flush"),
+            75..=94 => {
+                let n = rng.gen_range(1..=300u64);
+                let first = rng.gen_range(0..blocks - n);
+                let tags = read_tags(&store, v, first, n).await;
+                for (i, t) in tags.iter().enumerate() {
+                    let b = first + i as u64;
+                    assert_eq!(
+                        *t,
+                        model.get(&b).copied().unwrap_or(0),
+                        "seed {seed} step {step} block {b}"
+                    );
+                }
+            }
+            _ => {
+                let how = if rng.gen_bool(0.5) {
+                    Restart::Clean
+                } else {
+                    Restart::ProcessCrash
+                };
+                match how {
+                    Restart::Clean => {
+                        store.shutdown().await.expect("shutdown");
+                        store.halt().await;
+                    }
+                    Restart::ProcessCrash => store.halt().await,
+                }
+                store = open_sim(dir.path(), &disk).await;
+            }
+        }
+        tag += 1;
+    }
+    let tags = read_tags(&store, v, 0, blocks).await;
+    for (b, t) in tags.iter().enumerate() {
+        assert_eq!(
+            *t,
+            model.get(&(b as u64)).copied().unwrap_or(0),
+            "seed {seed} final block {b}"
+        );
+    }
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_check_with_restarts() {
+    let seeds: u64 = std::env::var("BASALT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    for seed in 0..seeds {
+        model_run(seed).await;
+    }
+}
+
+#[tokio::test]
+async fn oplog_wraps_many_times() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 * MIB);
+    let store = open_sim(dir.path(), &disk).await;
+    let v = store.create_vdisk("w", 16 * MIB).await.expect("create").id;
+    // 16 MiB ring; write ~48 MiB in small writes over a 4 MiB working set.
+    let mut last = HashMap::new();
+    for i in 0..(12 * 1024u64) {
+        let b = (i * 37) % 1024;
+        store
+            .write(v, b, buffer(i + 1, b, 1), false)
+            .await
+            .expect("write");
+        last.insert(b, i + 1);
+    }
+    for (b, t) in read_tags(&store, v, 0, 1024).await.iter().enumerate() {
+        assert_eq!(*t, last.get(&(b as u64)).copied().unwrap_or(0));
+    }
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    for (b, t) in read_tags(&store, v, 0, 1024).await.iter().enumerate() {
+        assert_eq!(
+            *t,
+            last.get(&(b as u64)).copied().unwrap_or(0),
+            "after crash, block {b}"
+        );
+    }
+    store.shutdown().await.expect("shutdown");
+}
