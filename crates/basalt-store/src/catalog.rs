@@ -381,7 +381,7 @@ mod tests {
                         ((a.id, 1), None),
                         ((b.id, 3), Some(row)),
                     ],
-                    gen_reserved: vec![(a.id, 1000)],
+                    gen_reserved: vec![(a.id, INITIAL_GEN_RESERVATION + 1000)],
                     alloc_reserved: Some(77),
                 })
                 .expect("checkpoint");
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(snap.node.node_id, node_id);
         assert_eq!(snap.node.alloc_reserved, 77);
         assert_eq!(snap.vdisks.len(), 1);
-        assert_eq!(snap.vdisks[0].gen_reserved, 1000);
+        assert_eq!(snap.vdisks[0].gen_reserved, INITIAL_GEN_RESERVATION + 1000);
         assert_eq!(snap.extents.len(), 1);
         assert_eq!(snap.extents[0].0, (snap.vdisks[0].id, 0));
         assert_eq!(snap.disks[0].tail_pos, 8192);

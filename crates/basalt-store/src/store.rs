@@ -734,7 +734,7 @@ impl Store {
         let mut last_failure = 0u64;
         for _attempt in 0..8 {
             // Plan under the lock: copy overlay blocks, list the blocks to fetch.
-            let (mut out, runs, engine, base, fingerprint) = {
+            let planned = 'plan: {
                 let st = self.lock();
                 Store::check_io(
                     &st,
@@ -747,10 +747,7 @@ impl Store {
                 };
                 Store::disk_usable(&st, e.disk)?;
                 let Some(meta) = e.meta.as_ref() else {
-                    let (disk, slot, alloc) = (e.disk, e.slot, e.alloc_id);
-                    drop(st);
-                    self.load_meta(key, disk, slot, alloc).await?;
-                    continue;
+                    break 'plan Err((e.disk, e.slot, e.alloc_id));
                 };
                 let mut out = IoBuf::zeroed(len);
                 // Runs of consecutive blocks to read from the slot: (first, count).
@@ -786,13 +783,20 @@ impl Store {
                     }
                 }
                 let d = &st.disks[e.disk];
-                (
+                Ok((
                     out,
                     runs,
                     d.engine.clone(),
                     d.slot_offset(e.slot) + SLOT_META_BYTES,
                     (e.alloc_id, fingerprint),
-                )
+                ))
+            };
+            let (mut out, runs, engine, base, fingerprint) = match planned {
+                Ok(plan) => plan,
+                Err((disk, slot, alloc)) => {
+                    self.load_meta(key, disk, slot, alloc).await?;
+                    continue;
+                }
             };
             if runs.is_empty() {
                 return Ok(out);
@@ -1002,79 +1006,74 @@ impl Store {
             }
         }
         loop {
-            let rx = {
-                let mut st = self.lock();
-                Store::check_io(
-                    &st,
-                    vdisk,
-                    extent * EXTENT_BLOCKS + u64::from(start),
-                    u64::from(n),
-                )?;
-                if !st.extents.contains_key(&key) {
-                    drop(st);
-                    self.allocate_extent(key).await?;
-                    continue;
-                }
-                let Some(generation) = st.next_generation(vdisk) else {
-                    drop(st);
-                    self.wait_for_checkpoint().await;
-                    continue;
-                };
-                let st = &mut *st;
-                let Some(e) = st.extents.get_mut(&key) else {
-                    continue;
-                };
-                Store::disk_usable_ref(&st.disks, e.disk)?;
-                let d = &mut st.disks[e.disk];
-                let extra = u64::from(n) * BLOCK_BYTES + 56 + 4 * u64::from(n);
-                let batch = d.log.open_batch(extra);
-                let lsn = batch.lsn;
-                let data_index = batch.data_blocks;
-                batch.push(Record {
-                    vdisk_id: vdisk,
-                    extent,
-                    alloc_id: e.alloc_id,
-                    slot: e.slot,
-                    first_block: start,
-                    blocks: n,
-                    generation,
-                    kind: RecordKind::Write {
-                        data_index,
-                        crcs: crcs.to_vec(),
-                    },
-                });
-                let at = buf_block * BLOCK_BYTES as usize;
-                batch.data.push(Segment {
-                    buf: buf.clone(),
-                    start: at,
-                    len: usize::from(n) * BLOCK_BYTES as usize,
-                });
-                batch.data_blocks += u32::from(n);
-                batch.fua |= fua;
-                let (tx, rx) = oneshot::channel();
-                batch.waiters.push(tx);
-                for i in 0..n {
-                    let seg = Segment {
-                        buf: buf.clone(),
-                        start: at + usize::from(i) * BLOCK_BYTES as usize,
-                        len: BLOCK_BYTES as usize,
-                    };
-                    let entry = OverlayEntry {
-                        lsn,
-                        generation,
-                        content: Content::Data {
-                            seg,
-                            crc: crcs[usize::from(i)],
-                        },
-                    };
-                    overlay_insert(&mut e.overlay, &mut d.undrained_bytes, start + i, entry);
-                }
-                let disk = e.disk;
-                self.inner.log_wake[disk].notify_one();
-                rx
-            };
-            return wait_log(rx).await;
+            match self.queue_write(vdisk, extent, start, n, buf, buf_block, crcs, fua)? {
+                Queued::Waiting(rx) => return wait_log(rx).await,
+                Queued::NeedsSlot => self.allocate_extent(key).await?,
+                Queued::NeedsReservation => self.wait_for_checkpoint().await,
+            }
         }
+    }
+
+    /// Queues a partial-extent write in the oplog batch of its disk and
+    /// makes it visible in the overlay.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_write(
+        &self,
+        vdisk: u64,
+        extent: u64,
+        start: u16,
+        n: u16,
+        buf: &Arc<IoBuf>,
+        buf_block: usize,
+        crcs: &[u32],
+        fua: bool,
+    ) -> Result<Queued, StoreError> {
+        let key = (vdisk, extent);
+        let mut guard = self.lock();
+        Store::check_io(&guard, vdisk, extent * EXTENT_BLOCKS + u64::from(start), u64::from(n))?;
+        if !guard.extents.contains_key(&key) {
+            return Ok(Queued::NeedsSlot);
+        }
+        let Some(generation) = guard.next_generation(vdisk) else {
+            return Ok(Queued::NeedsReservation);
+        };
+        let st = &mut *guard;
+        let Some(e) = st.extents.get_mut(&key) else {
+            return Ok(Queued::NeedsSlot);
+        };
+        Store::disk_usable_ref(&st.disks, e.disk)?;
+        let d = &mut st.disks[e.disk];
+        let extra = u64::from(n) * BLOCK_BYTES + 56 + 4 * u64::from(n);
+        let batch = d.log.open_batch(extra);
+        let lsn = batch.lsn;
+        let data_index = batch.data_blocks;
+        batch.push(Record {
+            vdisk_id: vdisk,
+            extent,
+            alloc_id: e.alloc_id,
+            slot: e.slot,
+            first_block: start,
+            blocks: n,
+            generation,
+            kind: RecordKind::Write { data_index, crcs: crcs.to_vec() },
+        });
+        let at = buf_block * BLOCK_BYTES as usize;
+        batch.data.push(Segment { buf: buf.clone(), start: at, len: usize::from(n) * BLOCK_BYTES as usize });
+        batch.data_blocks += u32::from(n);
+        batch.fua |= fua;
+        let (tx, rx) = oneshot::channel();
+        batch.waiters.push(tx);
+        for i in 0..n {
+            let seg = Segment {
+                buf: buf.clone(),
+                start: at + usize::from(i) * BLOCK_BYTES as usize,
+                len: BLOCK_BYTES as usize,
+            };
+            let entry = OverlayEntry { lsn, generation, content: Content::Data { seg, crc: crcs[usize::from(i)] } };
+            overlay_insert(&mut e.overlay, &mut d.undrained_bytes, start + i, entry);
+        }
+        self.inner.log_wake[e.disk].notify_one();
+        Ok(Queued::Waiting(rx))
     }
 
     fn disk_usable_ref(disks: &[DiskState], disk: usize) -> Result<(), StoreError> {
@@ -1118,6 +1117,22 @@ impl Store {
             (disk, slot, d.engine.clone(), d.slot_offset(slot))
         };
         let reserved = engine.allocate(offset, SLOT_BYTES).await;
+        if self.install_extent(key, disk, slot, reserved)? {
+            self.wait_for_checkpoint().await;
+        }
+        Ok(())
+    }
+
+    /// Maps `key` to a slot whose space was just reserved (or gives the slot
+    /// back). Returns true when allocation ids ran out and the caller should
+    /// wait for a checkpoint.
+    fn install_extent(
+        &self,
+        key: ExtentKey,
+        disk: usize,
+        slot: u64,
+        reserved: Result<(), DiskError>,
+    ) -> Result<bool, StoreError> {
         let mut st = self.lock();
         let give_back = |st: &mut State| {
             if let Some(d) = st.disks.get_mut(disk) {
@@ -1133,13 +1148,11 @@ impl Store {
         }
         if st.extents.contains_key(&key) || !st.vdisks.contains_key(&key.0) {
             give_back(&mut st);
-            return Ok(());
+            return Ok(false);
         }
         let Some(alloc_id) = st.next_alloc_id() else {
             give_back(&mut st);
-            drop(st);
-            self.wait_for_checkpoint().await;
-            return Ok(());
+            return Ok(true);
         };
         let d = &mut st.disks[disk];
         let lsn = d.log.open_batch(0).lsn;
@@ -1164,7 +1177,7 @@ impl Store {
                 overlay: BTreeMap::new(),
             },
         );
-        Ok(())
+        Ok(false)
     }
 
     /// Writes a whole extent copy-on-write into a fresh slot. `None` means no
@@ -1413,30 +1426,37 @@ impl Store {
         for (extent, start, n, _) in pieces(first, blocks) {
             let key = (vdisk, extent);
             loop {
-                let st = self.lock();
-                Store::check_io(&st, vdisk, first, blocks)?;
-                let Some(e) = st.extents.get(&key) else {
-                    push(u64::from(n), false);
-                    break;
-                };
-                let Some(meta) = e.meta.as_ref() else {
-                    let (disk, slot, alloc) = (e.disk, e.slot, e.alloc_id);
-                    drop(st);
-                    if Store::disk_usable(&self.lock(), disk).is_err() {
-                        push(u64::from(n), true);
-                        break;
+                let needs_meta = {
+                    let st = self.lock();
+                    Store::check_io(&st, vdisk, first, blocks)?;
+                    match st.extents.get(&key) {
+                        None => {
+                            push(u64::from(n), false);
+                            None
+                        }
+                        Some(e) if Store::disk_usable(&st, e.disk).is_err() => {
+                            push(u64::from(n), true);
+                            None
+                        }
+                        Some(e) => match e.meta.as_ref() {
+                            None => Some((e.disk, e.slot, e.alloc_id)),
+                            Some(meta) => {
+                                for b in start..start + n {
+                                    let data = match e.overlay.get(&b) {
+                                        Some(entry) => matches!(entry.content, Content::Data { .. }),
+                                        None => meta.entries[usize::from(b)].has_data,
+                                    };
+                                    push(1, data);
+                                }
+                                None
+                            }
+                        },
                     }
-                    self.load_meta(key, disk, slot, alloc).await?;
-                    continue;
                 };
-                for b in start..start + n {
-                    let data = match e.overlay.get(&b) {
-                        Some(entry) => matches!(entry.content, Content::Data { .. }),
-                        None => meta.entries[usize::from(b)].has_data,
-                    };
-                    push(1, data);
+                match needs_meta {
+                    Some((disk, slot, alloc)) => self.load_meta(key, disk, slot, alloc).await?,
+                    None => break,
                 }
-                break;
             }
         }
         Ok(runs)
@@ -1553,6 +1573,16 @@ impl Store {
     pub fn catalog_path(data_dir: &Path) -> PathBuf {
         data_dir.join("meta.redb")
     }
+}
+
+/// What queueing a write led to.
+enum Queued {
+    /// Queued; completes with the batch.
+    Waiting(oneshot::Receiver<Result<(), String>>),
+    /// The extent has no slot yet.
+    NeedsSlot,
+    /// The vdisk's generation reservation is used up until the next checkpoint.
+    NeedsReservation,
 }
 
 async fn wait_log(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), StoreError> {
@@ -1684,4 +1714,28 @@ pub fn overlay_bytes_for_tests(store: &Store) -> u64 {
 pub fn free_slots_for_tests(store: &Store) -> BTreeSet<u64> {
     let st = store.lock();
     st.disks.first().map(|d| d.free.clone()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod send_tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// Frontends run store calls on tokio's multi-threaded runtime, so every
+    /// future must be `Send` (no lock guard may live across an await).
+    #[allow(dead_code)]
+    fn store_futures_are_send(store: Store) {
+        assert_send(&store.read(1, 0, 1));
+        assert_send(&store.write(1, 0, IoBuf::zeroed(4096), false));
+        assert_send(&store.zero(1, 0, 1, false));
+        assert_send(&store.flush());
+        assert_send(&store.allocation(1, 0, 1));
+        assert_send(&store.create_vdisk("a", 4096));
+        assert_send(&store.resize_vdisk("a", 4096));
+        assert_send(&store.delete_vdisk("a"));
+        assert_send(&store.shutdown());
+        assert_send(&store.clone().halt());
+        assert_send(&Store::open(StoreConfig::new("/nonexistent")));
+    }
 }
