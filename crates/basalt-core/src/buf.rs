@@ -142,7 +142,7 @@ mod tests {
             let buf = IoBuf::zeroed(len);
             assert_eq!(buf.as_ptr() as usize % IO_ALIGN, 0);
             assert_eq!(buf.len(), len);
-            assert!(buf.capacity() >= len && buf.capacity() % IO_ALIGN == 0);
+            assert!(buf.capacity() >= len && buf.capacity().is_multiple_of(IO_ALIGN));
             assert!(buf.as_slice().iter().all(|&b| b == 0));
         }
     }

@@ -132,7 +132,7 @@ pub(crate) fn check_aligned(
     parts: impl IntoIterator<Item = (usize, usize, usize)>,
 ) -> Result<(), DiskError> {
     let align = basalt_core::IO_ALIGN;
-    if offset % align as u64 != 0 {
+    if !offset.is_multiple_of(align as u64) {
         return Err(DiskError::Unaligned { offset, len: 0 });
     }
     for (start, len, capacity) in parts {

@@ -169,7 +169,11 @@ pub(crate) async fn fallocate(file: Arc<File>, offset: u64, len: u64) -> Result<
             return Ok(());
         }
         let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(DiskError::OutOfRange { offset, len, size: u64::MAX });
+            return Err(DiskError::OutOfRange {
+                offset,
+                len,
+                size: u64::MAX,
+            });
         };
         // SAFETY: fallocate only reads its integer arguments; the fd is valid for the call.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, at, n) };
@@ -184,7 +188,12 @@ pub(crate) async fn fallocate(file: Arc<File>, offset: u64, len: u64) -> Result<
         Ok(())
     })
     .await
-    .unwrap_or_else(|e| Err(DiskError::Io { offset, source: std::io::Error::other(e.to_string()) }))
+    .unwrap_or_else(|e| {
+        Err(DiskError::Io {
+            offset,
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
 }
 
 fn block_device_size(file: &File) -> std::io::Result<u64> {

@@ -451,10 +451,10 @@ impl Drop for UringEngine {
             let _guard = self.shared.ops.lock();
             self.shared.push_and_enter(&nop)
         };
-        if pushed.is_ok() {
-            if let Some(reaper) = self.reaper.take() {
-                let _ = reaper.join();
-            }
+        if pushed.is_ok()
+            && let Some(reaper) = self.reaper.take()
+        {
+            let _ = reaper.join();
         }
     }
 }

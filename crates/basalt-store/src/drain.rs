@@ -2,7 +2,8 @@
 //!
 //! A cycle on one disk:
 //!
-//! 1. note `L`, the newest batch written to the oplog;
+//! 1. note `L`, the newest batch written to the oplog, and sync the disk so
+//!    every record up to `L` is durable before anything is written in place;
 //! 2. for every extent with overlay blocks from batches `<= L`, write those
 //!    blocks into the slot and a new metadata block (sequence + 1) into the
 //!    metadata copy *not* holding the current version;
@@ -26,7 +27,7 @@ use futures::StreamExt;
 use crate::StoreError;
 use crate::catalog::{Checkpoint, ExtentRow};
 use crate::format::{BLOCK_BYTES, BlockEntry, ExtentMeta, SLOT_META_BYTES};
-use crate::state::{Content, ExtentKey};
+use crate::state::{Content, ExtentKey, overlay_prune};
 use crate::store::Store;
 
 /// Half of this is the headroom below which reservations are renewed.
@@ -73,6 +74,18 @@ impl Store {
         }
     }
 
+    /// Marks a disk failed: everything on it fails from now on, and writers
+    /// waiting for memory it held are released.
+    pub(crate) fn fail_disk(&self, index: usize, why: String) {
+        {
+            let mut st = self.lock();
+            let d = &mut st.disks[index];
+            tracing::error!(disk = %d.path.display(), reason = %why, "disk marked failed");
+            d.failed = Some(why);
+        }
+        self.inner.progress.notify_waiters();
+    }
+
     fn needs_drain(&self, index: usize) -> bool {
         let st = self.lock();
         let d = &st.disks[index];
@@ -80,6 +93,7 @@ impl Store {
             && (!d.log.batches.is_empty()
                 || !d.map_changes.is_empty()
                 || !d.quarantine.is_empty()
+                || !d.retired.is_empty()
                 || d.undrained_bytes > 0)
     }
 
@@ -105,15 +119,37 @@ impl Store {
             }
             (d.log.completed_lsn, d.engine.clone())
         };
+        // Only durable records may be written home: an in-place write of a
+        // record the crash then loses would destroy the old contents.
+        if let Err(e) = engine.sync().await {
+            self.fail_disk(index, format!("sync failed: {e}"));
+            return Err(StoreError::Disk(e));
+        }
+        {
+            let mut st = self.lock();
+            let log = &mut st.disks[index].log;
+            log.durable_lsn = log.durable_lsn.max(limit);
+        }
 
         // Metadata of every extent to drain must be in memory first.
         let jobs = loop {
             let missing: Vec<(ExtentKey, usize, u64, u64)> = {
                 let st = self.lock();
+                let retired = st.disks[index]
+                    .retired
+                    .iter()
+                    .filter(|(lsn, _, _)| *lsn > limit)
+                    .map(|(_, k, e)| (k, e));
                 st.extents
                     .iter()
-                    .filter(|(_, e)| e.disk == index && e.meta.is_none())
-                    .filter(|(_, e)| e.overlay.values().any(|o| o.lsn <= limit))
+                    .filter(|(_, e)| e.disk == index)
+                    .chain(retired)
+                    .filter(|(_, e)| e.meta.is_none())
+                    .filter(|(_, e)| {
+                        e.overlay
+                            .values()
+                            .any(|o| o.newest_at_or_before(limit).is_some())
+                    })
                     .map(|(k, e)| (*k, e.disk, e.slot, e.alloc_id))
                     .collect()
             };
@@ -164,10 +200,7 @@ impl Store {
             }
         }
         if let Err(e) = synced {
-            let mut st = self.lock();
-            let d = &mut st.disks[index];
-            tracing::error!(disk = %d.path.display(), error = %e, "drain write failed; disk marked failed");
-            d.failed = Some(format!("writing home failed: {e}"));
+            self.fail_disk(index, format!("writing home failed: {e}"));
             return Err(StoreError::Disk(e));
         }
 
@@ -194,16 +227,12 @@ impl Store {
                     };
                     now_persisted.push((job.key, Some(row)));
                 }
+                let mut released = 0;
                 for (block, lsn) in job.taken {
-                    if e.overlay.get(&block).is_some_and(|o| o.lsn == lsn) {
-                        if let Some(old) = e.overlay.remove(&block) {
-                            if matches!(old.content, Content::Data { .. }) {
-                                st.disks[index].undrained_bytes -= BLOCK_BYTES;
-                            }
-                        }
-                    }
+                    released += overlay_prune(&mut e.overlay, block, lsn);
                 }
                 e.meta = Some(Box::new(job.meta));
+                st.disks[index].undrained_bytes -= released;
             }
             let d = &mut st.disks[index];
             d.log.durable_lsn = d.log.durable_lsn.max(limit);
@@ -216,6 +245,7 @@ impl Store {
             let changes_taken = changes.len();
             changes.extend(now_persisted);
             let (tail_pos, tail_lsn) = d.log.tail_after(limit);
+            tracing::debug!(limit, tail_pos, tail_lsn, ?changes, "checkpoint");
             let gen_reserved = st
                 .vdisks
                 .values()
@@ -260,6 +290,17 @@ impl Store {
                 }
             });
             d.free.extend(released);
+            // Retired extents covered by the checkpoint are gone for good.
+            let mut dropped = 0;
+            d.retired.retain(|(lsn, _, e)| {
+                if *lsn <= limit {
+                    dropped += crate::state::overlay_data_bytes(&e.overlay);
+                    false
+                } else {
+                    true
+                }
+            });
+            d.undrained_bytes -= dropped;
         }
         self.inner.stats.drains.fetch_add(1, Ordering::Relaxed);
         self.inner
@@ -275,18 +316,36 @@ impl Store {
         let st = self.lock();
         let d = &st.disks[index];
         let mut jobs = Vec::new();
-        for (key, e) in st.extents.iter().filter(|(_, e)| e.disk == index) {
+        let retired = d
+            .retired
+            .iter()
+            .filter(|(lsn, _, _)| *lsn > limit)
+            .map(|(_, k, e)| (k, e));
+        for (key, e) in st
+            .extents
+            .iter()
+            .filter(|(_, e)| e.disk == index)
+            .chain(retired)
+        {
             let Some(meta) = e.meta.as_ref() else {
                 continue;
             };
-            if !e.overlay.values().any(|o| o.lsn <= limit) {
+            if !e
+                .overlay
+                .values()
+                .any(|o| o.newest_at_or_before(limit).is_some())
+            {
                 continue;
             }
             let mut meta = (**meta).clone();
             meta.seq += 1;
             let mut runs: Vec<(u16, Vec<Segment>)> = Vec::new();
             let mut taken = Vec::new();
-            for (&block, entry) in e.overlay.iter().filter(|(_, o)| o.lsn <= limit) {
+            let durable = e
+                .overlay
+                .iter()
+                .filter_map(|(b, o)| Some((b, o.newest_at_or_before(limit)?)));
+            for (&block, entry) in durable {
                 taken.push((block, entry.lsn));
                 match &entry.content {
                     Content::Data { seg, crc } => {
@@ -313,6 +372,7 @@ impl Store {
                     }
                 }
             }
+            tracing::debug!(?key, alloc = e.alloc_id, seq = meta.seq, blocks = ?taken.iter().map(|t| t.0).collect::<Vec<_>>(), "drain job");
             jobs.push(DrainJob {
                 key: *key,
                 alloc_id: e.alloc_id,

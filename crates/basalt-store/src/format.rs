@@ -246,10 +246,10 @@ impl Label {
             .slot_count
             .checked_mul(SLOT_BYTES)
             .and_then(|s| s.checked_add(label.slot_offset));
-        if label.log_offset % BLOCK_BYTES != 0
-            || label.log_bytes % BLOCK_BYTES != 0
+        if !label.log_offset.is_multiple_of(BLOCK_BYTES)
+            || !label.log_bytes.is_multiple_of(BLOCK_BYTES)
             || label.log_bytes == 0
-            || label.slot_offset % BLOCK_BYTES != 0
+            || !label.slot_offset.is_multiple_of(BLOCK_BYTES)
             || label
                 .log_offset
                 .checked_add(label.log_bytes)
@@ -452,8 +452,12 @@ pub enum RecordKind {
     /// Blocks set to read as zeros (trim, write-zeroes).
     Zero,
     /// The extent now lives in a freshly written slot (copy-on-write of a
-    /// full-extent write); the slot's metadata block A holds the checksums.
-    Remap,
+    /// full-extent write). Carries the crc of every block so replay can tell
+    /// whether the slot's data reached the disk.
+    Remap {
+        /// crc32c of each of the extent's blocks.
+        crcs: Vec<u32>,
+    },
     /// The extent no longer has a slot (discarded whole).
     Unmap,
 }
@@ -474,7 +478,7 @@ pub enum RecordKind {
 /// | 40..48 | generation of the change |
 /// | 48..52 | write: index of the first data block in the batch |
 /// | 52..56 | zero |
-/// | 56.. | write: one u32 crc32c per block |
+/// | 56.. | write and remap: one u32 crc32c per block |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Vdisk the change belongs to.
@@ -503,7 +507,7 @@ impl Record {
     pub fn encoded_len(&self) -> usize {
         RECORD_FIXED_BYTES
             + match &self.kind {
-                RecordKind::Write { crcs, .. } => 4 * crcs.len(),
+                RecordKind::Write { crcs, .. } | RecordKind::Remap { crcs } => 4 * crcs.len(),
                 _ => 0,
             }
     }
@@ -512,7 +516,7 @@ impl Record {
         let (kind, data_index) = match &self.kind {
             RecordKind::Write { data_index, .. } => (1u8, *data_index),
             RecordKind::Zero => (2, 0),
-            RecordKind::Remap => (3, 0),
+            RecordKind::Remap { .. } => (3, 0),
             RecordKind::Unmap => (4, 0),
         };
         b[0] = kind;
@@ -524,7 +528,7 @@ impl Record {
         put_u64(b, 32, self.slot);
         put_u64(b, 40, self.generation);
         put_u32(b, 48, data_index);
-        if let RecordKind::Write { crcs, .. } = &self.kind {
+        if let RecordKind::Write { crcs, .. } | RecordKind::Remap { crcs } = &self.kind {
             for (i, crc) in crcs.iter().enumerate() {
                 put_u32(b, RECORD_FIXED_BYTES + 4 * i, *crc);
             }
@@ -542,23 +546,30 @@ impl Record {
             return Err(FormatError::Invalid("record block range"));
         }
         let mut len = RECORD_FIXED_BYTES;
+        let crcs = |len: &mut usize| {
+            let n = usize::from(blocks);
+            *len += 4 * n;
+            if b.len() < *len {
+                return Err(FormatError::Invalid("truncated record checksums"));
+            }
+            Ok((0..n)
+                .map(|i| get_u32(b, RECORD_FIXED_BYTES + 4 * i))
+                .collect::<Vec<u32>>())
+        };
         let kind = match b[0] {
-            1 => {
-                let n = usize::from(blocks);
-                len += 4 * n;
-                if b.len() < len {
-                    return Err(FormatError::Invalid("truncated write record"));
+            1 => RecordKind::Write {
+                data_index: get_u32(b, 48),
+                crcs: crcs(&mut len)?,
+            },
+            2 => RecordKind::Zero,
+            3 => {
+                if u64::from(blocks) != EXTENT_BLOCKS {
+                    return Err(FormatError::Invalid("remap record must cover the extent"));
                 }
-                let crcs = (0..n)
-                    .map(|i| get_u32(b, RECORD_FIXED_BYTES + 4 * i))
-                    .collect();
-                RecordKind::Write {
-                    data_index: get_u32(b, 48),
-                    crcs,
+                RecordKind::Remap {
+                    crcs: crcs(&mut len)?,
                 }
             }
-            2 => RecordKind::Zero,
-            3 => RecordKind::Remap,
             4 => RecordKind::Unmap,
             _ => return Err(FormatError::Invalid("record kind")),
         };
@@ -677,10 +688,10 @@ impl BatchHeader {
         let mut at = LOG_HEADER_FIXED_BYTES;
         for _ in 0..count {
             let (record, len) = Record::decode(&b[at..])?;
-            if let RecordKind::Write { data_index, .. } = &record.kind {
-                if u64::from(*data_index) + u64::from(record.blocks) > u64::from(data_blocks) {
-                    return Err(FormatError::Invalid("write record data range"));
-                }
+            if let RecordKind::Write { data_index, .. } = &record.kind
+                && u64::from(*data_index) + u64::from(record.blocks) > u64::from(data_blocks)
+            {
+                return Err(FormatError::Invalid("write record data range"));
             }
             records.push(record);
             at += len;
@@ -799,7 +810,7 @@ mod tests {
                     first_block: 0,
                     blocks: 256,
                     generation: 78,
-                    kind: RecordKind::Remap,
+                    kind: RecordKind::Remap { crcs: vec![9; 256] },
                 },
             ],
         };

@@ -90,6 +90,7 @@ impl Store {
                         let why = format!("oplog write failed: {e}");
                         tracing::error!(disk = %d.path.display(), error = %e, "oplog write failed; disk marked failed");
                         d.failed = Some(why.clone());
+                        self.inner.progress.notify_waiters();
                         Err(why)
                     }
                 }
@@ -133,6 +134,13 @@ impl Store {
         debug_assert_eq!(header.total_bytes(), bytes);
         d.log.head_pos = pos + bytes;
         d.log.writing = Some((batch.lsn, pos));
+        tracing::debug!(
+            lsn = batch.lsn,
+            pos,
+            bytes,
+            records = header.records.len(),
+            "writing batch"
+        );
         let mut segments = Vec::with_capacity(batch.data.len() + 1);
         segments.push(Segment::whole(Arc::new(IoBuf::from_slice(
             &header.encode(),
@@ -213,10 +221,11 @@ async fn find_durable_claim(
                 continue;
             }
             let pos = at + i as u64 * BLOCK_BYTES;
-            if let Some(h) = header_at(engine, disk_id, pos, ring_end).await? {
-                if h.lsn >= missing && h.durable_lsn >= missing {
-                    return Ok(Some(h.lsn));
-                }
+            if let Some(h) = header_at(engine, disk_id, pos, ring_end).await?
+                && h.lsn >= missing
+                && h.durable_lsn >= missing
+            {
+                return Ok(Some(h.lsn));
             }
         }
         at += len;
@@ -224,7 +233,12 @@ async fn find_durable_claim(
     Ok(None)
 }
 
-/// Checks that a slot written copy-on-write holds what its metadata says.
+/// Checks that a slot written copy-on-write reached the disk: a metadata
+/// block of the tenancy is valid, and every block not rewritten by a later
+/// record of the replayed log holds the data the remap record describes.
+/// (Blocks rewritten later may have been torn by an unsynced drain; replay
+/// writes them again from the log.)
+#[allow(clippy::too_many_arguments)]
 async fn slot_is_intact(
     engine: &Arc<dyn DiskEngine>,
     label: &Label,
@@ -232,6 +246,8 @@ async fn slot_is_intact(
     vdisk: u64,
     extent: u64,
     alloc: u64,
+    crcs: &[u32],
+    covered: &[bool],
 ) -> Result<bool, StoreError> {
     let offset = label.slot_at(slot);
     let (buf, result) = engine
@@ -242,17 +258,47 @@ async fn slot_is_intact(
         .await;
     result?;
     let bytes = buf.as_slice();
-    let crate::format::MetaChoice::Valid(meta) =
-        ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc)
-    else {
+    if !matches!(
+        ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc),
+        crate::format::MetaChoice::Valid(_)
+    ) {
         return Ok(false);
-    };
+    }
     let data = &bytes[SLOT_META_BYTES as usize..];
-    Ok(meta
-        .entries
-        .iter()
-        .zip(data.chunks(BLOCK_BYTES as usize))
-        .all(|(e, block)| !e.has_data || block_crc(block) == e.crc))
+    Ok(data
+        .chunks(BLOCK_BYTES as usize)
+        .zip(crcs)
+        .zip(covered)
+        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc))
+}
+
+/// Blocks of `key` (tenancy `alloc`) that records after position
+/// (`batch`, `record`) of the replayed log rewrite.
+fn covered_later(
+    replayed: &[Replayed],
+    batch: usize,
+    record: usize,
+    key: (u64, u64),
+    alloc: u64,
+) -> Vec<bool> {
+    let mut covered = vec![false; crate::format::EXTENT_BLOCKS as usize];
+    for (bi, b) in replayed.iter().enumerate().skip(batch) {
+        for (ri, r) in b.header.records.iter().enumerate() {
+            if (bi == batch && ri <= record) || (r.vdisk_id, r.extent) != key {
+                continue;
+            }
+            match r.kind {
+                RecordKind::Remap { .. } | RecordKind::Unmap => covered.fill(true),
+                RecordKind::Write { .. } | RecordKind::Zero if r.alloc_id == alloc => {
+                    let first = usize::from(r.first_block);
+                    let end = (first + usize::from(r.blocks)).min(covered.len());
+                    covered[first..end].fill(true);
+                }
+                _ => {}
+            }
+        }
+    }
+    covered
 }
 
 /// Replays the oplog of disk `index` into `st`.
@@ -275,11 +321,11 @@ pub(crate) async fn replay_disk(
     loop {
         let mut found = None;
         for candidate in [pos, ring_start] {
-            if let Some(h) = header_at(&engine, disk_id, candidate, ring_end).await? {
-                if h.lsn == expect {
-                    found = Some((candidate, h));
-                    break;
-                }
+            if let Some(h) = header_at(&engine, disk_id, candidate, ring_end).await?
+                && h.lsn == expect
+            {
+                found = Some((candidate, h));
+                break;
             }
             if candidate == ring_start {
                 break;
@@ -315,17 +361,16 @@ pub(crate) async fn replay_disk(
         pos = at + bytes;
         expect += 1;
     }
-    if !clean {
-        if let Some(claim) =
+    if !clean
+        && let Some(claim) =
             find_durable_claim(&engine, disk_id, ring_start, ring_end, expect).await?
-        {
-            return Err(StoreError::LogCorrupt {
-                path,
-                reason: format!(
-                    "batch {expect} cannot be read back, but batch {claim} records it as durable"
-                ),
-            });
-        }
+    {
+        return Err(StoreError::LogCorrupt {
+            path,
+            reason: format!(
+                "batch {expect} cannot be read back, but batch {claim} records it as durable"
+            ),
+        });
     }
     let max_durable = replayed
         .iter()
@@ -336,12 +381,13 @@ pub(crate) async fn replay_disk(
         tracing::info!(disk = %path.display(), batches = replayed.len(), "replaying oplog");
     }
 
-    for batch in &replayed {
-        for r in &batch.header.records {
+    for (batch_index, batch) in replayed.iter().enumerate() {
+        for (record_index, r) in batch.header.records.iter().enumerate() {
             if !st.vdisks.contains_key(&r.vdisk_id) {
                 continue;
             }
             let key = (r.vdisk_id, r.extent);
+            tracing::debug!(lsn = batch.lsn, ?key, alloc = r.alloc_id, slot = r.slot, first = r.first_block, blocks = r.blocks, kind = ?std::mem::discriminant(&r.kind), "replay record");
             match &r.kind {
                 RecordKind::Write { data_index, crcs } => {
                     if !st.extents.contains_key(&key) {
@@ -385,11 +431,8 @@ pub(crate) async fn replay_disk(
                             start: (*data_index as usize + i) * BLOCK_BYTES as usize,
                             len: BLOCK_BYTES as usize,
                         };
-                        let entry = OverlayEntry {
-                            lsn: batch.lsn,
-                            generation: r.generation,
-                            content: Content::Data { seg, crc },
-                        };
+                        let entry =
+                            OverlayEntry::new(batch.lsn, r.generation, Content::Data { seg, crc });
                         overlay_insert(
                             &mut e.overlay,
                             &mut st.disks[index].undrained_bytes,
@@ -406,11 +449,7 @@ pub(crate) async fn replay_disk(
                         continue;
                     }
                     for b in r.first_block..r.first_block + r.blocks {
-                        let entry = OverlayEntry {
-                            lsn: batch.lsn,
-                            generation: r.generation,
-                            content: Content::Zero,
-                        };
+                        let entry = OverlayEntry::new(batch.lsn, r.generation, Content::Zero);
                         overlay_insert(
                             &mut e.overlay,
                             &mut st.disks[index].undrained_bytes,
@@ -419,10 +458,13 @@ pub(crate) async fn replay_disk(
                         );
                     }
                 }
-                RecordKind::Remap => {
-                    let intact =
-                        slot_is_intact(&engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id)
-                            .await?;
+                RecordKind::Remap { crcs } => {
+                    let covered =
+                        covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
+                    let intact = slot_is_intact(
+                        &engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id, crcs, &covered,
+                    )
+                    .await?;
                     if !intact && batch.lsn > max_durable {
                         tracing::info!(
                             lsn = batch.lsn,

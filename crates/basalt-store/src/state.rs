@@ -37,6 +37,11 @@ pub(crate) enum Content {
 }
 
 /// A block changed since the extent's metadata was last persisted.
+///
+/// Older versions not yet written home stay chained behind the newest: a
+/// drain writes the newest version whose batch it knows durable, and the
+/// newer one may still be in flight. Dropping the older version early would
+/// let a checkpoint move the oplog tail past the only durable copy of it.
 #[derive(Clone)]
 pub(crate) struct OverlayEntry {
     /// LSN of the batch carrying the change.
@@ -45,6 +50,73 @@ pub(crate) struct OverlayEntry {
     pub generation: u64,
     /// New contents.
     pub content: Content,
+    /// The previous version, if it is not home yet.
+    pub older: Option<Box<OverlayEntry>>,
+}
+
+impl OverlayEntry {
+    /// A new version with no older one.
+    pub fn new(lsn: u64, generation: u64, content: Content) -> OverlayEntry {
+        OverlayEntry {
+            lsn,
+            generation,
+            content,
+            older: None,
+        }
+    }
+
+    /// The newest version in the chain with an LSN at or below `limit`.
+    pub fn newest_at_or_before(&self, limit: u64) -> Option<&OverlayEntry> {
+        let mut at = Some(self);
+        while let Some(e) = at {
+            if e.lsn <= limit {
+                return Some(e);
+            }
+            at = e.older.as_deref();
+        }
+        None
+    }
+
+    /// Bytes of data held by the chain.
+    pub fn data_bytes(&self) -> u64 {
+        let mut bytes = 0;
+        let mut at = Some(self);
+        while let Some(e) = at {
+            if matches!(e.content, Content::Data { .. }) {
+                bytes += BLOCK_BYTES;
+            }
+            at = e.older.as_deref();
+        }
+        bytes
+    }
+}
+
+/// Drops every version of `block` at or below `lsn` (now home); returns the
+/// data bytes released.
+pub(crate) fn overlay_prune(
+    overlay: &mut BTreeMap<u16, OverlayEntry>,
+    block: u16,
+    lsn: u64,
+) -> u64 {
+    let Some(head) = overlay.get_mut(&block) else {
+        return 0;
+    };
+    if head.lsn <= lsn {
+        let bytes = head.data_bytes();
+        overlay.remove(&block);
+        return bytes;
+    }
+    let mut at = head;
+    loop {
+        let cut = at.older.as_ref().is_some_and(|o| o.lsn <= lsn);
+        if cut {
+            return at.older.take().map_or(0, |o| o.data_bytes());
+        }
+        match at.older.as_deref_mut() {
+            Some(next) => at = next,
+            None => return 0,
+        }
+    }
 }
 
 /// Where an extent lives and what is known of it.
@@ -187,10 +259,10 @@ impl LogState {
         if let Some(&(l, pos, _)) = self.batches.iter().find(|(l, _, _)| *l > lsn) {
             return (pos, l);
         }
-        if let Some((l, pos)) = self.writing {
-            if l > lsn {
-                return (pos, l);
-            }
+        if let Some((l, pos)) = self.writing
+            && l > lsn
+        {
+            return (pos, l);
         }
         let next = self.pending.front().map_or(self.next_lsn, |b| b.lsn);
         (self.head_pos, next.max(lsn + 1))
@@ -209,6 +281,10 @@ pub(crate) struct DiskState {
     pub log: LogState,
     /// Bytes of overlay data held in memory for this disk.
     pub undrained_bytes: u64,
+    /// Extents replaced or discarded at an LSN (first) that a checkpoint has
+    /// not yet covered. Their overlay blocks up to the checkpoint's LSN must
+    /// still be written to their old slot, which the checkpoint keeps mapped.
+    pub retired: Vec<(u64, ExtentKey, ExtentState)>,
     /// Extent map changes not yet checkpointed, in LSN order.
     pub map_changes: Vec<(u64, ExtentKey, Option<ExtentRow>)>,
     /// Set when the disk failed an I/O; everything on it then fails.
@@ -275,48 +351,76 @@ impl State {
             .map(|(i, _)| i)
     }
 
-    /// Frees an extent's slot at `lsn` (quarantined until checkpointed) and
-    /// drops its overlay, returning the overlay bytes released.
-    pub fn release_extent(&mut self, key: ExtentKey, lsn: u64) -> Option<ExtentState> {
-        let extent = self.extents.remove(&key)?;
+    /// Unmaps an extent at `lsn`. Its slot is quarantined and the extent
+    /// retired (still drained) until a checkpoint covers `lsn`.
+    pub fn release_extent(&mut self, key: ExtentKey, lsn: u64) {
+        let Some(extent) = self.extents.remove(&key) else {
+            return;
+        };
+        tracing::debug!(
+            ?key,
+            slot = extent.slot,
+            alloc = extent.alloc_id,
+            lsn,
+            "release extent"
+        );
         if let Some(disk) = self.disks.get_mut(extent.disk) {
             disk.quarantine.push((extent.slot, lsn));
-            disk.undrained_bytes -= overlay_data_bytes(&extent.overlay);
             disk.map_changes.push((lsn, key, None));
+            disk.retired.push((lsn, key, extent));
         }
-        Some(extent)
     }
 
-    /// Total overlay bytes held in memory.
+    /// The extent `key` with tenancy `alloc`, current or retired.
+    pub fn tenancy_mut(
+        &mut self,
+        disk: usize,
+        key: ExtentKey,
+        alloc: u64,
+    ) -> Option<&mut ExtentState> {
+        if let Some(e) = self.extents.get_mut(&key)
+            && e.alloc_id == alloc
+            && e.disk == disk
+        {
+            return Some(e);
+        }
+        self.disks
+            .get_mut(disk)?
+            .retired
+            .iter_mut()
+            .find(|(_, k, e)| *k == key && e.alloc_id == alloc)
+            .map(|(_, _, e)| e)
+    }
+
+    /// Total overlay bytes held in memory on disks that still work (a failed
+    /// disk's bytes never drain and must not hold writers to other disks).
     pub fn undrained_total(&self) -> u64 {
-        self.disks.iter().map(|d| d.undrained_bytes).sum()
+        self.disks
+            .iter()
+            .filter(|d| d.failed.is_none())
+            .map(|d| d.undrained_bytes)
+            .sum()
     }
 }
 
-/// Bytes of data blocks in an overlay.
+/// Bytes of data blocks in an overlay, older versions included.
 pub(crate) fn overlay_data_bytes(overlay: &BTreeMap<u16, OverlayEntry>) -> u64 {
-    overlay
-        .values()
-        .filter(|e| matches!(e.content, Content::Data { .. }))
-        .count() as u64
-        * BLOCK_BYTES
+    overlay.values().map(OverlayEntry::data_bytes).sum()
 }
 
-/// Inserts an overlay entry, keeping the per-disk byte count right.
+/// Inserts a new version of a block, chaining the previous one behind it and
+/// keeping the per-disk byte count right.
 pub(crate) fn overlay_insert(
     overlay: &mut BTreeMap<u16, OverlayEntry>,
     undrained: &mut u64,
     block: u16,
-    entry: OverlayEntry,
+    mut entry: OverlayEntry,
 ) {
     if matches!(entry.content, Content::Data { .. }) {
         *undrained += BLOCK_BYTES;
     }
-    if let Some(old) = overlay.insert(block, entry) {
-        if matches!(old.content, Content::Data { .. }) {
-            *undrained -= BLOCK_BYTES;
-        }
-    }
+    entry.older = overlay.remove(&block).map(Box::new);
+    overlay.insert(block, entry);
 }
 
 #[cfg(test)]
@@ -390,25 +494,36 @@ mod tests {
         let mut overlay = BTreeMap::new();
         let mut bytes = 0;
         let seg = Segment::whole(Arc::new(basalt_core::IoBuf::zeroed(4096)));
-        let data = OverlayEntry {
-            lsn: 1,
-            generation: 1,
-            content: Content::Data { seg, crc: 0 },
+        let data = |lsn| {
+            OverlayEntry::new(
+                lsn,
+                lsn,
+                Content::Data {
+                    seg: seg.clone(),
+                    crc: 0,
+                },
+            )
         };
-        overlay_insert(&mut overlay, &mut bytes, 3, data.clone());
-        overlay_insert(&mut overlay, &mut bytes, 3, data);
-        assert_eq!(bytes, 4096);
+        overlay_insert(&mut overlay, &mut bytes, 3, data(1));
+        overlay_insert(&mut overlay, &mut bytes, 3, data(2));
         overlay_insert(
             &mut overlay,
             &mut bytes,
             3,
-            OverlayEntry {
-                lsn: 2,
-                generation: 2,
-                content: Content::Zero,
-            },
+            OverlayEntry::new(3, 3, Content::Zero),
         );
-        assert_eq!(bytes, 0);
-        assert_eq!(overlay_data_bytes(&overlay), 0);
+        overlay_insert(&mut overlay, &mut bytes, 3, data(4));
+        assert_eq!(bytes, 3 * 4096);
+        assert_eq!(overlay_data_bytes(&overlay), bytes);
+        let head = &overlay[&3];
+        assert_eq!(head.newest_at_or_before(3).map(|e| e.lsn), Some(3));
+        assert_eq!(head.newest_at_or_before(2).map(|e| e.lsn), Some(2));
+        assert!(head.newest_at_or_before(0).is_none());
+        // Draining version 2 drops versions 1 and 2, keeps 3 and 4.
+        assert_eq!(overlay_prune(&mut overlay, 3, 2), 2 * 4096);
+        assert_eq!(overlay[&3].newest_at_or_before(2).map(|e| e.lsn), None);
+        assert_eq!(overlay_data_bytes(&overlay), 4096);
+        assert_eq!(overlay_prune(&mut overlay, 3, 4), 4096);
+        assert!(overlay.is_empty());
     }
 }

@@ -250,15 +250,16 @@ impl Store {
             let file = tokio::task::spawn_blocking(move || open_disk(&path, size, engine))
                 .await
                 .map_err(|e| StoreError::Catalog(Box::new(e)))??;
-            if let Some(size) = spec.size {
-                if !file.created && file.size != size & !4095 {
-                    tracing::warn!(
-                        path = %spec.path.display(),
-                        existing = file.size,
-                        requested = size,
-                        "disk exists with another size; using its current size"
-                    );
-                }
+            if let Some(size) = spec.size
+                && !file.created
+                && file.size != size & !4095
+            {
+                tracing::warn!(
+                    path = %spec.path.display(),
+                    existing = file.size,
+                    requested = size,
+                    "disk exists with another size; using its current size"
+                );
             }
             opened.push(OpenedDisk {
                 path: file.path,
@@ -329,6 +330,7 @@ impl Store {
                 engine: disk.engine,
                 undrained_bytes: 0,
                 map_changes: Vec::new(),
+                retired: Vec::new(),
                 failed: None,
             });
         }
@@ -499,7 +501,7 @@ impl Store {
         if size == 0 {
             return Err(StoreError::BadSize("a vdisk needs a size above 0".into()));
         }
-        if size % BLOCK_BYTES != 0 {
+        if !size.is_multiple_of(BLOCK_BYTES) {
             return Err(StoreError::BadSize(format!(
                 "{size} bytes is not a multiple of 4 KiB"
             )));
@@ -681,13 +683,19 @@ impl Store {
     }
 
     /// Waits while too much written data is waiting to be drained.
-    async fn admit(&self) {
+    async fn admit(&self) -> Result<(), StoreError> {
         loop {
             let notified = self.inner.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.lock().undrained_total() <= self.inner.config.memory_budget {
-                return;
+            {
+                let st = self.lock();
+                if st.shutting_down {
+                    return Err(StoreError::ShuttingDown);
+                }
+                if st.undrained_total() <= self.inner.config.memory_budget {
+                    return Ok(());
+                }
             }
             self.inner.drain_wake.notify_one();
             notified.await;
@@ -834,10 +842,11 @@ impl Store {
             match bad {
                 None => {
                     let mut fetched = fetched;
-                    if whole && fetched.len() == 1 {
-                        if let Some((_, buf)) = fetched.pop() {
-                            return Ok(buf);
-                        }
+                    if whole
+                        && fetched.len() == 1
+                        && let Some((_, buf)) = fetched.pop()
+                    {
+                        return Ok(buf);
                     }
                     for (f, buf) in fetched {
                         let at = usize::from(f - start) * BLOCK_BYTES as usize;
@@ -909,26 +918,29 @@ impl Store {
         let bytes = buf.as_slice();
         let choice = ExtentMeta::choose(&bytes[..4096], &bytes[4096..], key.0, key.1, alloc);
         let mut st = self.lock();
-        if let Some(e) = st.extents.get_mut(&key) {
-            if e.alloc_id == alloc && e.meta.is_none() {
-                let meta = match choice {
-                    MetaChoice::Valid(m) => m,
-                    MetaChoice::Fresh if !e.persisted => ExtentMeta::empty(key.0, key.1, alloc),
-                    MetaChoice::Fresh | MetaChoice::Damaged => {
-                        tracing::error!(
-                            vdisk = key.0,
-                            extent = key.1,
-                            "extent metadata is damaged on disk; its blocks fail reads until rewritten"
-                        );
-                        self.inner
-                            .stats
-                            .checksum_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        ExtentMeta::lost(key.0, key.1, alloc)
-                    }
-                };
-                e.meta = Some(Box::new(meta));
-            }
+        let stats = &self.inner.stats;
+        if let Some(e) = st.tenancy_mut(disk, key, alloc)
+            && e.meta.is_none()
+        {
+            let meta = match choice {
+                MetaChoice::Valid(m) => m,
+                // Metadata never durably written for this tenancy: a torn
+                // first write is as good as none (the oplog still holds
+                // everything it was to describe).
+                MetaChoice::Fresh | MetaChoice::Damaged if !e.persisted => {
+                    ExtentMeta::empty(key.0, key.1, alloc)
+                }
+                MetaChoice::Fresh | MetaChoice::Damaged => {
+                    tracing::error!(
+                        vdisk = key.0,
+                        extent = key.1,
+                        "extent metadata is damaged on disk; its blocks fail reads until rewritten"
+                    );
+                    stats.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    ExtentMeta::lost(key.0, key.1, alloc)
+                }
+            };
+            e.meta = Some(Box::new(meta));
         }
         Ok(())
     }
@@ -941,7 +953,7 @@ impl Store {
         data: IoBuf,
         fua: bool,
     ) -> Result<(), StoreError> {
-        if data.len() as u64 % BLOCK_BYTES != 0 || data.is_empty() {
+        if !(data.len() as u64).is_multiple_of(BLOCK_BYTES) || data.is_empty() {
             return Err(StoreError::BadSize(format!(
                 "write of {} bytes is not whole blocks",
                 data.len()
@@ -952,7 +964,7 @@ impl Store {
             let st = self.lock();
             Store::check_io(&st, vdisk, first, blocks)?;
         }
-        self.admit().await;
+        self.admit().await?;
         self.inner.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.inner
             .stats
@@ -1000,10 +1012,10 @@ impl Store {
         fua: bool,
     ) -> Result<(), StoreError> {
         let key = (vdisk, extent);
-        if u64::from(n) == EXTENT_BLOCKS {
-            if let Some(result) = self.write_cow(key, buf, buf_block, crcs, fua).await {
-                return result;
-            }
+        if u64::from(n) == EXTENT_BLOCKS
+            && let Some(result) = self.write_cow(key, buf, buf_block, crcs, fua).await
+        {
+            return result;
         }
         loop {
             match self.queue_write(vdisk, extent, start, n, buf, buf_block, crcs, fua)? {
@@ -1030,7 +1042,12 @@ impl Store {
     ) -> Result<Queued, StoreError> {
         let key = (vdisk, extent);
         let mut guard = self.lock();
-        Store::check_io(&guard, vdisk, extent * EXTENT_BLOCKS + u64::from(start), u64::from(n))?;
+        Store::check_io(
+            &guard,
+            vdisk,
+            extent * EXTENT_BLOCKS + u64::from(start),
+            u64::from(n),
+        )?;
         if !guard.extents.contains_key(&key) {
             return Ok(Queued::NeedsSlot);
         }
@@ -1055,10 +1072,17 @@ impl Store {
             first_block: start,
             blocks: n,
             generation,
-            kind: RecordKind::Write { data_index, crcs: crcs.to_vec() },
+            kind: RecordKind::Write {
+                data_index,
+                crcs: crcs.to_vec(),
+            },
         });
         let at = buf_block * BLOCK_BYTES as usize;
-        batch.data.push(Segment { buf: buf.clone(), start: at, len: usize::from(n) * BLOCK_BYTES as usize });
+        batch.data.push(Segment {
+            buf: buf.clone(),
+            start: at,
+            len: usize::from(n) * BLOCK_BYTES as usize,
+        });
         batch.data_blocks += u32::from(n);
         batch.fua |= fua;
         let (tx, rx) = oneshot::channel();
@@ -1069,9 +1093,25 @@ impl Store {
                 start: at + usize::from(i) * BLOCK_BYTES as usize,
                 len: BLOCK_BYTES as usize,
             };
-            let entry = OverlayEntry { lsn, generation, content: Content::Data { seg, crc: crcs[usize::from(i)] } };
+            let entry = OverlayEntry::new(
+                lsn,
+                generation,
+                Content::Data {
+                    seg,
+                    crc: crcs[usize::from(i)],
+                },
+            );
             overlay_insert(&mut e.overlay, &mut d.undrained_bytes, start + i, entry);
         }
+        tracing::debug!(
+            ?key,
+            alloc = e.alloc_id,
+            lsn,
+            start,
+            n,
+            generation,
+            "queued write"
+        );
         self.inner.log_wake[e.disk].notify_one();
         Ok(Queued::Waiting(rx))
     }
@@ -1156,6 +1196,7 @@ impl Store {
         };
         let d = &mut st.disks[disk];
         let lsn = d.log.open_batch(0).lsn;
+        tracing::debug!(?key, slot, alloc_id, lsn, "allocate extent");
         d.map_changes.push((
             lsn,
             key,
@@ -1266,7 +1307,7 @@ impl Store {
                 return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
             }
             let d = &mut st.disks[disk];
-            let batch = d.log.open_batch(0);
+            let batch = d.log.open_batch(56 + 4 * EXTENT_BLOCKS);
             let lsn = batch.lsn;
             batch.push(Record {
                 vdisk_id: key.0,
@@ -1276,12 +1317,15 @@ impl Store {
                 first_block: 0,
                 blocks: EXTENT_BLOCKS as u16,
                 generation,
-                kind: RecordKind::Remap,
+                kind: RecordKind::Remap {
+                    crcs: crcs.to_vec(),
+                },
             });
             batch.fua |= fua;
             let (tx, rx) = oneshot::channel();
             batch.waiters.push(tx);
             let disk_id = d.id;
+            tracing::debug!(?key, slot, alloc_id, lsn, "copy-on-write remap");
             st.release_extent(key, lsn);
             let d = &mut st.disks[disk];
             d.map_changes.push((
@@ -1366,11 +1410,7 @@ impl Store {
                     st_ref.release_extent(key, lsn);
                 } else if let Some(e) = st_ref.extents.get_mut(&key) {
                     for b in start..start + n {
-                        let entry = OverlayEntry {
-                            lsn,
-                            generation,
-                            content: Content::Zero,
-                        };
+                        let entry = OverlayEntry::new(lsn, generation, Content::Zero);
                         overlay_insert(
                             &mut e.overlay,
                             &mut st_ref.disks[disk].undrained_bytes,
@@ -1379,6 +1419,7 @@ impl Store {
                         );
                     }
                 }
+
                 self.inner.log_wake[disk].notify_one();
             }
         }
@@ -1391,16 +1432,25 @@ impl Store {
     /// Makes every completed write durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        // A failed disk may hold completed writes that can no longer be made
+        // durable: the flush must fail rather than vouch for them.
         let targets: Vec<(usize, u64, Arc<dyn DiskEngine>)> = {
             let st = self.lock();
+            if st.shutting_down {
+                return Err(StoreError::ShuttingDown);
+            }
+            if let Some(d) = st.disks.iter().find(|d| d.failed.is_some()) {
+                let why = d.failed.clone().unwrap_or_default();
+                return Err(StoreError::DiskFailed(d.path.display().to_string(), why));
+            }
             st.disks
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.failed.is_none())
                 .map(|(i, d)| (i, d.log.completed_lsn, d.engine.clone()))
                 .collect()
         };
         let syncs = targets.into_iter().map(|(i, lsn, engine)| async move {
+            tracing::debug!(lsn, "flush");
             engine.sync().await?;
             let mut st = self.lock();
             let log = &mut st.disks[i].log;
@@ -1443,7 +1493,9 @@ impl Store {
                             Some(meta) => {
                                 for b in start..start + n {
                                     let data = match e.overlay.get(&b) {
-                                        Some(entry) => matches!(entry.content, Content::Data { .. }),
+                                        Some(entry) => {
+                                            matches!(entry.content, Content::Data { .. })
+                                        }
                                         None => meta.entries[usize::from(b)].has_data,
                                     };
                                     push(1, data);
@@ -1481,6 +1533,7 @@ impl Store {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.lock().shutting_down = true;
+        self.inner.progress.notify_waiters();
         let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
         for task in &tasks {
             task.abort();
@@ -1489,6 +1542,7 @@ impl Store {
             let _ = task.await;
         }
         let count = self.lock().disks.len();
+
         for index in 0..count {
             if self.lock().disks[index].failed.is_none() {
                 self.drain_disk(index, true).await?;
@@ -1503,6 +1557,7 @@ impl Store {
     #[doc(hidden)]
     pub async fn halt(self) {
         self.lock().shutting_down = true;
+        self.inner.progress.notify_waiters();
         let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
         for task in &tasks {
             task.abort();

@@ -90,7 +90,10 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
                 let n = rng.gen_range(1..=16u64);
                 let first = base + rng.gen_range(0..256 - n);
                 let slots = shared.issue(first, n, tag);
-                let r = store.write(v, first, buffer(tag, first, n), rng.gen_bool(0.05)).await;
+                tracing::debug!(me, tag, first, n, "small write");
+                let r = store
+                    .write(v, first, buffer(tag, first, n), rng.gen_bool(0.05))
+                    .await;
                 if r.is_ok() {
                     shared.complete(&slots);
                 }
@@ -98,6 +101,7 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
             }
             60..=74 => {
                 let slots = shared.issue(base, 256, tag);
+                tracing::debug!(me, tag, base, "full write");
                 let r = store.write(v, base, buffer(tag, base, 256), false).await;
                 if r.is_ok() {
                     shared.complete(&slots);
@@ -105,9 +109,14 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
                 r
             }
             75..=84 => {
-                let n = if rng.gen_bool(0.3) { 256 } else { rng.gen_range(1..=32u64) };
+                let n = if rng.gen_bool(0.3) {
+                    256
+                } else {
+                    rng.gen_range(1..=32u64)
+                };
                 let first = base + rng.gen_range(0..=256 - n);
                 let slots = shared.issue(first, n, 0);
+                tracing::debug!(me, tag, first, n, "zero");
                 let r = store.zero(v, first, n, false).await;
                 if r.is_ok() {
                     shared.complete(&slots);
@@ -116,6 +125,7 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
             }
             _ => {
                 let started = shared.tick();
+                tracing::debug!(me, tag, started, "flush");
                 let r = store.flush().await;
                 if r.is_ok() {
                     shared.flushed(started);
@@ -123,6 +133,7 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
                 r
             }
         };
+        tracing::debug!(me, tag, ok = result.is_ok(), "op done");
         if result.is_err() {
             return;
         }
@@ -130,14 +141,32 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
 }
 
 async fn cut_run(seed: u64) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(96 << 20);
     let store = open_sim(dir.path(), &disk).await;
-    let v = store.create_vdisk("p", BLOCKS * 4096).await.expect("create").id;
-    let shared = Arc::new(Shared { history: Mutex::new(History::default()), clock: AtomicU64::new(1), tags: AtomicU64::new(1) });
+    let v = store
+        .create_vdisk("p", BLOCKS * 4096)
+        .await
+        .expect("create")
+        .id;
+    let shared = Arc::new(Shared {
+        history: Mutex::new(History::default()),
+        clock: AtomicU64::new(1),
+        tags: AtomicU64::new(1),
+    });
     let mut tasks = Vec::new();
     for me in 0..EXTENTS / 2 {
-        tasks.push(tokio::spawn(worker(store.clone(), v, shared.clone(), me, seed * 100 + me)));
+        tasks.push(tokio::spawn(worker(
+            store.clone(),
+            v,
+            shared.clone(),
+            me,
+            seed * 100 + me,
+        )));
     }
     let mut rng = StdRng::seed_from_u64(seed);
     tokio::time::sleep(Duration::from_millis(rng.gen_range(20..400))).await;
@@ -148,28 +177,75 @@ async fn cut_run(seed: u64) {
     store.halt().await;
 
     let store = open_sim(dir.path(), &disk).await;
-    let data = store.read(v, 0, BLOCKS).await.unwrap_or_else(|e| panic!("seed {seed}: read after cut failed: {e}"));
-    let h = shared.history.lock();
+    let data = store
+        .read(v, 0, BLOCKS)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: read after cut failed: {e}"));
+    let h = {
+        let guard = shared.history.lock();
+        History {
+            writes: guard.writes.clone(),
+            durable: guard.durable.clone(),
+        }
+    };
+
     for b in 0..BLOCKS {
-        let got = tag_of(&data.as_slice()[b as usize * BLOCK..(b as usize + 1) * BLOCK], b);
+        let got = tag_of(
+            &data.as_slice()[b as usize * BLOCK..(b as usize + 1) * BLOCK],
+            b,
+        );
         let list = h.writes.get(&b).cloned().unwrap_or_default();
         let allowed: Vec<u64> = match h.durable.get(&b) {
             Some(&d) => list[d..].iter().map(|w| w.0).collect(),
             None => std::iter::once(0).chain(list.iter().map(|w| w.0)).collect(),
         };
+        if !allowed.contains(&got)
+            && let Some((_, at)) = store.locate(v, b).await
+        {
+            let slot_at = at - 8192 - (b % 256) * 4096;
+            let mut meta = vec![0u8; 8192];
+            disk.peek(slot_at, &mut meta);
+            for copy in 0..2 {
+                let m =
+                    basalt_store::format::ExtentMeta::decode(&meta[copy * 4096..(copy + 1) * 4096]);
+                eprintln!(
+                    "copy {copy}: {:?}",
+                    m.map(|m| (
+                        m.vdisk_id,
+                        m.extent,
+                        m.alloc_id,
+                        m.seq,
+                        m.entries[(b % 256) as usize]
+                    ))
+                );
+            }
+            let mut data = vec![0u8; 4096];
+            disk.peek(at, &mut data);
+            eprintln!(
+                "slot {} data tag {}",
+                slot_at,
+                u64::from_le_bytes(data[..8].try_into().unwrap_or([0; 8]))
+            );
+        }
         assert!(
             allowed.contains(&got),
             "seed {seed}: block {b} reads tag {got}; allowed {allowed:?} (history {list:?})"
         );
     }
-    drop(h);
+
     store.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cut_keeps_every_durable_write() {
-    let seeds: u64 = std::env::var("BASALT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
-    let base: u64 = std::env::var("BASALT_SEED_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let seeds: u64 = std::env::var("BASALT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    let base: u64 = std::env::var("BASALT_SEED_BASE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     for seed in base..base + seeds {
         cut_run(seed).await;
     }

@@ -249,8 +249,9 @@ async fn model_run(seed: u64) {
         .expect("create")
         .id;
     let mut model: HashMap<u64, u64> = HashMap::new();
-    let mut tag = 1u64;
-    for step in 0..400 {
+    for step in 0..400u64 {
+        let tag = step + 1;
+
         match rng.gen_range(0..100) {
             0..=49 => {
                 let n = rng.gen_range(1..=24u64);
@@ -311,7 +312,6 @@ async fn model_run(seed: u64) {
                 store = open_sim(dir.path(), &disk).await;
             }
         }
-        tag += 1;
     }
     let tags = read_tags(&store, v, 0, blocks).await;
     for (b, t) in tags.iter().enumerate() {
