@@ -128,7 +128,7 @@ impl Vdisk {
         if len == 0 {
             return Ok(());
         }
-        if offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
             let _shared = self.rmw.read().await;
             return self
                 .store
