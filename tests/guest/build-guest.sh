@@ -1,0 +1,323 @@
+#!/bin/sh
+# Builds Basalt's tiny test guest: a Debian cloud kernel and a busybox initramfs
+# whose /init runs the block-device checks named on the kernel command line.
+#
+#   tests/guest/build-guest.sh OUTDIR
+#
+# Output (in OUTDIR):
+#   vmlinuz         the kernel (Debian linux-image-<ver>-cloud-amd64)
+#   initrd          gzip'd cpio (newc) initramfs: busybox, virtio modules, /init
+#   kernel-version  the kernel release string, e.g. 6.1.0-56-cloud-amd64
+#   stamp           kernel release + hash of this script: the cache key
+#
+# The output is cached: when OUTDIR already holds vmlinuz and initrd built by
+# this same script for the same kernel version, nothing is done. Override the
+# kernel with BASALT_GUEST_KERNEL=6.1.0-56-cloud-amd64.
+#
+# Needs (fresh Debian 12, as root): apt-get install -y busybox-static qemu-system-x86
+# Uses only Debian packages: apt-get download + dpkg-deb -x, busybox for the rest.
+#
+# Boot it with:
+#   qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot \
+#     -kernel OUTDIR/vmlinuz -initrd OUTDIR/initrd \
+#     -append "console=ttyS0 quiet panic=-1 basalt.test=info,write-pattern"
+#
+# Commands (basalt.test=a,b,c — run in order, each prints one result line):
+#   info           prints BASALT-INFO: lines (sizes, block sizes, serial, queues)
+#   write-pattern  writes the pattern to /dev/vda (O_DIRECT, 64 KiB writes), fsyncs
+#   verify-pattern reads the pattern back from /dev/vda and compares
+#   verify         reads the host pattern (written by the test into the backend)
+#   discard        blkdiscard of the discard range, then reads it back as zeros
+#   flush          a small write followed by fsync (a FLUSH request)
+#   soak           SOAK_ROUNDS rounds of: write a fresh pattern, read it back,
+#                  compare; prints "BASALT-SOAK: round N" (a live-migration load)
+# Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
+# the guest ends with "BASALT-DONE" and powers off.
+#
+# Pattern layout (kept in sync with crates/basalt-vhost/tests/qemu_guest.rs):
+#   guest pattern: PATTERN_BLOCKS blocks of 4096 bytes from byte PATTERN_OFFSET;
+#     block i holds "basalt guest block <i>" padded with spaces to 4095 bytes + "\n".
+#   host pattern: the same blocks with "basalt host block <i>", written by the test
+#     from byte HOST_OFFSET.
+#   discard range: DISCARD_LEN bytes from DISCARD_OFFSET.
+#   soak pattern: SOAK_BLOCKS blocks from SOAK_OFFSET, word "soak<round>".
+set -eu
+
+OUTDIR=${1:?usage: build-guest.sh OUTDIR}
+SCRIPT_PATH=$(readlink -f "$0")
+
+log() { echo "build-guest: $*" >&2; }
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { log "missing tool: $1 ($2)"; exit 1; }
+}
+need apt-get "Debian apt"
+need dpkg-deb "dpkg"
+need sha256sum "coreutils"
+
+# A static busybox: the installed busybox-static, else the package's binary.
+BUSYBOX=""
+if dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed"; then
+    BUSYBOX=/bin/busybox
+fi
+
+# --- which kernel -----------------------------------------------------------
+kernel_release() {
+    if [ -n "${BASALT_GUEST_KERNEL:-}" ]; then
+        echo "$BASALT_GUEST_KERNEL"
+        return
+    fi
+    # The cloud meta-package depends on exactly the current kernel image.
+    rel=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: linux-image-\(.*-cloud-amd64\)$/\1/p' | head -n 1)
+    if [ -z "$rel" ]; then
+        # Fall back to the newest signed image apt knows about.
+        rel=$(apt-cache search --names-only '^linux-image-[0-9].*-cloud-amd64$' 2>/dev/null |
+            sed -n 's/^linux-image-\([0-9][^ ]*-cloud-amd64\) .*/\1/p' | sort -V | tail -n 1)
+    fi
+    echo "$rel"
+}
+
+KREL=$(kernel_release)
+if [ -z "$KREL" ]; then
+    log "apt knows no cloud kernel; running apt-get update"
+    apt-get update -qq >&2 || true
+    KREL=$(kernel_release)
+fi
+if [ -z "$KREL" ] && [ -f "$OUTDIR/kernel-version" ]; then
+    # Offline and no package lists: reuse what was built before.
+    KREL=$(cat "$OUTDIR/kernel-version")
+fi
+[ -n "$KREL" ] || { log "cannot find a linux-image-*-cloud-amd64 package"; exit 1; }
+
+SCRIPT_HASH=$(sha256sum "$SCRIPT_PATH" | cut -c1-16)
+STAMP="$KREL $SCRIPT_HASH"
+if [ -f "$OUTDIR/vmlinuz" ] && [ -f "$OUTDIR/initrd" ] && [ -f "$OUTDIR/stamp" ] &&
+    [ "$(cat "$OUTDIR/stamp")" = "$STAMP" ]; then
+    log "up to date in $OUTDIR ($KREL)"
+    exit 0
+fi
+
+log "building guest for $KREL in $OUTDIR"
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/basalt-guest.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+download() {
+    # apt-get download writes into the current directory.
+    (cd "$WORK" && apt-get download "$1" >/dev/null 2>&1) && return 0
+    log "apt-get download $1 failed; running apt-get update and retrying"
+    apt-get update -qq >&2 || true
+    (cd "$WORK" && apt-get download "$1" >&2)
+}
+
+download "linux-image-$KREL"
+mkdir "$WORK/kernel"
+dpkg-deb -x "$WORK"/linux-image-"$KREL"_*.deb "$WORK/kernel"
+
+if [ -z "$BUSYBOX" ]; then
+    download busybox-static
+    mkdir "$WORK/bb"
+    dpkg-deb -x "$WORK"/busybox-static_*.deb "$WORK/bb"
+    BUSYBOX="$WORK/bb/bin/busybox"
+fi
+[ -x "$BUSYBOX" ] || { log "no busybox binary"; exit 1; }
+BB="$BUSYBOX"
+
+KVMLINUZ="$WORK/kernel/boot/vmlinuz-$KREL"
+MODDIR="$WORK/kernel/lib/modules/$KREL"
+[ -f "$KVMLINUZ" ] || { log "kernel package has no $KVMLINUZ"; exit 1; }
+
+# --- modules, dependencies first ----------------------------------------------
+ROOT="$WORK/root"
+mkdir -p "$ROOT/bin" "$ROOT/lib/modules" "$ROOT/dev" "$ROOT/proc" "$ROOT/sys" "$ROOT/tmp"
+: >"$ROOT/lib/modules/order"
+
+module_file() {
+    find "$MODDIR/kernel" -name "$1.ko" -o -name "$1.ko.xz" -o -name "$1.ko.zst" | head -n 1
+}
+
+add_module() {
+    # dash and busybox sh both support `local`; recursion needs it.
+    local name file deps dep
+    name=$1
+    grep -qx "$name" "$ROOT/lib/modules/order" && return 0
+    file=$(module_file "$name")
+    if [ -z "$file" ]; then
+        # Built into the kernel: nothing to load.
+        if grep -q "/$name.ko\$" "$MODDIR/modules.builtin" 2>/dev/null; then
+            return 0
+        fi
+        log "module $name not found in $KREL"
+        exit 1
+    fi
+    case "$file" in
+    *.xz) "$BB" xz -dc "$file" >"$WORK/$name.ko" ;;
+    *.zst) log "zstd-compressed module $file is not supported"; exit 1 ;;
+    *) cp "$file" "$WORK/$name.ko" ;;
+    esac
+    deps=$("$BB" strings "$WORK/$name.ko" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' ')
+    for dep in $deps; do
+        # Module names in depends= may use '-' or '_'; files use either.
+        add_module "$dep"
+    done
+    cp "$WORK/$name.ko" "$ROOT/lib/modules/$name.ko"
+    echo "$name" >>"$ROOT/lib/modules/order"
+}
+
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    add_module "$m"
+done
+log "modules: $(tr '\n' ' ' <"$ROOT/lib/modules/order")"
+
+cp "$BB" "$ROOT/bin/busybox"
+
+# --- /init ----------------------------------------------------------------------
+cat >"$ROOT/init" <<'INIT'
+#!/bin/busybox sh
+# Basalt test guest init. See tests/guest/build-guest.sh.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+PATTERN_OFFSET=1048576
+PATTERN_BLOCKS=256
+HOST_OFFSET=4194304
+DISCARD_OFFSET=8388608
+DISCARD_LEN=1048576
+SOAK_OFFSET=16777216
+SOAK_BLOCKS=64
+SOAK_ROUNDS=100
+
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m.ko" || echo "BASALT-GUEST: insmod $m failed"
+done
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+
+result() { echo "BASALT-TEST: $*"; }
+
+# pattern WORD [N]: N (default PATTERN_BLOCKS) blocks of 4096 bytes,
+# block i = "basalt WORD block i" padded with spaces, ending in a newline.
+pattern() {
+    awk -v word="$1" -v n="${2:-$PATTERN_BLOCKS}" 'BEGIN {
+        for (i = 0; i < n; i++) printf "%-4095s\n", "basalt " word " block " i
+    }'
+}
+
+cmd_info() {
+    echo "BASALT-INFO: size_sectors=$(cat /sys/block/vda/size)"
+    echo "BASALT-INFO: logical_block_size=$(cat /sys/block/vda/queue/logical_block_size)"
+    echo "BASALT-INFO: physical_block_size=$(cat /sys/block/vda/queue/physical_block_size)"
+    echo "BASALT-INFO: discard_granularity=$(cat /sys/block/vda/queue/discard_granularity)"
+    echo "BASALT-INFO: write_zeroes_max_bytes=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+    echo "BASALT-INFO: write_cache=$(cat /sys/block/vda/queue/write_cache)"
+    echo "BASALT-INFO: serial=$(cat /sys/block/vda/serial)"
+    echo "BASALT-INFO: queues=$(ls /sys/block/vda/mq | wc -l)"
+    result info PASS
+}
+
+cmd_write_pattern() {
+    pattern guest >/tmp/pattern
+    if dd if=/tmp/pattern of=/dev/vda bs=65536 seek=$((PATTERN_OFFSET / 65536)) \
+        oflag=direct conv=fsync 2>/tmp/dd.err; then
+        result write-pattern PASS
+    else
+        result write-pattern FAIL "dd: $(cat /tmp/dd.err)"
+    fi
+}
+
+compare() { # name word offset
+    pattern "$2" >/tmp/expect
+    dd if=/dev/vda of=/tmp/got bs=4096 skip=$(($3 / 4096)) count="$PATTERN_BLOCKS" \
+        iflag=direct 2>/tmp/dd.err || { result "$1" FAIL "dd: $(cat /tmp/dd.err)"; return; }
+    if cmp /tmp/expect /tmp/got >/tmp/cmp.out 2>&1; then
+        result "$1" PASS
+    else
+        result "$1" FAIL "$(cat /tmp/cmp.out)"
+    fi
+}
+
+cmd_discard() {
+    if ! blkdiscard -o "$DISCARD_OFFSET" -l "$DISCARD_LEN" /dev/vda 2>/tmp/bd.err; then
+        result discard FAIL "blkdiscard: $(cat /tmp/bd.err)"
+        return
+    fi
+    dd if=/dev/zero of=/tmp/zero bs=4096 count=$((DISCARD_LEN / 4096)) 2>/dev/null
+    dd if=/dev/vda of=/tmp/got bs=4096 skip=$((DISCARD_OFFSET / 4096)) \
+        count=$((DISCARD_LEN / 4096)) iflag=direct 2>/dev/null
+    if cmp /tmp/zero /tmp/got >/tmp/cmp.out 2>&1; then
+        result discard PASS
+    else
+        result discard FAIL "not zero after discard: $(cat /tmp/cmp.out)"
+    fi
+}
+
+cmd_flush() {
+    echo "basalt flush" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/tmp/dd.err &&
+        result flush PASS || result flush FAIL "dd: $(cat /tmp/dd.err)"
+}
+
+cmd_soak() {
+    fails=0
+    r=0
+    while [ $r -lt "$SOAK_ROUNDS" ]; do
+        pattern "soak$r" "$SOAK_BLOCKS" >/tmp/soak.expect
+        dd if=/tmp/soak.expect of=/dev/vda bs=65536 seek=$((SOAK_OFFSET / 65536)) \
+            oflag=direct 2>/dev/null || fails=$((fails + 1))
+        dd if=/dev/vda of=/tmp/soak.got bs=65536 skip=$((SOAK_OFFSET / 65536)) \
+            count=$((SOAK_BLOCKS / 16)) iflag=direct 2>/dev/null || fails=$((fails + 1))
+        if ! cmp /tmp/soak.expect /tmp/soak.got >/tmp/cmp.out 2>&1; then
+            fails=$((fails + 1))
+            echo "BASALT-SOAK: round $r mismatch: $(cat /tmp/cmp.out)"
+        fi
+        echo "BASALT-SOAK: round $r"
+        r=$((r + 1))
+    done
+    if [ "$fails" = 0 ]; then
+        result soak PASS
+    else
+        result soak FAIL "$fails failures"
+    fi
+}
+
+cmds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.test=//p' | tr ',' ' ')
+if [ ! -b /dev/vda ]; then
+    echo "BASALT-TEST: boot FAIL no /dev/vda"
+    cmds=""
+fi
+for c in $cmds; do
+    case "$c" in
+    info) cmd_info ;;
+    write-pattern) cmd_write_pattern ;;
+    verify-pattern) compare verify-pattern guest "$PATTERN_OFFSET" ;;
+    verify) compare verify host "$HOST_OFFSET" ;;
+    discard) cmd_discard ;;
+    flush) cmd_flush ;;
+    soak) cmd_soak ;;
+    shell) setsid cttyhack sh ;;
+    *) result "$c" FAIL unknown command ;;
+    esac
+done
+sync
+echo "BASALT-DONE"
+poweroff -f
+INIT
+chmod 755 "$ROOT/init"
+
+# --- pack ---------------------------------------------------------------------
+(cd "$ROOT" && find . | "$BB" cpio -o -H newc 2>/dev/null | "$BB" gzip -9) >"$WORK/initrd"
+cp "$KVMLINUZ" "$WORK/vmlinuz"
+# Replace the outputs atomically enough for concurrent readers.
+mv "$WORK/vmlinuz" "$OUTDIR/vmlinuz"
+mv "$WORK/initrd" "$OUTDIR/initrd"
+echo "$KREL" >"$OUTDIR/kernel-version"
+echo "$STAMP" >"$OUTDIR/stamp"
+log "done: $OUTDIR/vmlinuz $OUTDIR/initrd ($KREL)"
