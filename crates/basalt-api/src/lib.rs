@@ -1,1 +1,151 @@
-//! placeholder
+//! The REST API's wire types, shared by the daemon (which serves them) and the
+//! CLI (which reads them). Every type derives an OpenAPI schema, so the
+//! document at `/api/openapi.json` is generated from the same definitions the
+//! code uses and cannot drift from them.
+//!
+//! Sizes are integers in bytes; times are unix seconds.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The API version prefix.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// An error answer: one line for a person to read.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// What went wrong and, where it helps, what to do.
+    pub error: String,
+}
+
+/// Answer of `GET /api/v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Health {
+    /// Always `ok` when the daemon answers.
+    pub status: String,
+}
+
+/// I/O counters of the node since it started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Read requests served by the store.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests served by the store.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Flushes served.
+    pub flushes: u64,
+    /// Blocks that failed their checksum (each one an I/O error to a client).
+    pub checksum_errors: u64,
+    /// Oplog batches written.
+    pub log_batches: u64,
+    /// Drain cycles completed.
+    pub drains: u64,
+}
+
+/// Answer of `GET /api/v1/status`: the node at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Identity of this node.
+    pub node_id: String,
+    /// Software version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// `healthy`, or `degraded` when a disk failed or is missing.
+    pub health: String,
+    /// Data directory.
+    pub data_dir: String,
+    /// Where the NBD server listens.
+    pub nbd_address: String,
+    /// Where vhost-user sockets are created.
+    pub vhost_dir: String,
+    /// Disks in use (failed and missing included).
+    pub disks: u64,
+    /// Bytes of vdisk data the disks can hold.
+    pub capacity: u64,
+    /// Bytes allocated to vdisks.
+    pub allocated: u64,
+    /// Number of vdisks.
+    pub vdisks: u64,
+    /// Counters since start.
+    pub io: IoCounters,
+}
+
+/// A disk owned by the node.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Disk {
+    /// Disk id (also in its on-disk label).
+    pub id: String,
+    /// Path of the file or block device.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `online`, `failed` or `missing`.
+    pub state: String,
+    /// Why the disk failed, if it did.
+    pub error: Option<String>,
+    /// Engine in use (`io_uring+O_DIRECT`, `pread/pwrite`).
+    pub engine: String,
+    /// Extent slots in total (1 MiB of vdisk data each).
+    pub slots_total: u64,
+    /// Extent slots free.
+    pub slots_free: u64,
+    /// Oplog size in bytes.
+    pub log_bytes: u64,
+    /// Oplog bytes in use.
+    pub log_used: u64,
+}
+
+/// A virtual disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Vdisk {
+    /// Name (also the NBD export name).
+    pub name: String,
+    /// Numeric id.
+    pub id: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes of disk space allocated to it.
+    pub allocated: u64,
+    /// Replication factor (1 until clusters exist).
+    pub rf: u32,
+    /// `healthy`, or `unavailable` when a disk holding its data failed.
+    pub state: String,
+    /// Creation time, unix seconds.
+    pub created: u64,
+    /// NBD URI for clients.
+    pub nbd_uri: String,
+    /// vhost-user socket, when exported that way.
+    pub vhost_socket: Option<String>,
+}
+
+/// Body of `POST /api/v1/vdisks`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVdisk {
+    /// Name: 1 to 64 letters, digits, `-`, `_`, `.`; starting with a letter or digit.
+    pub name: String,
+    /// Size in bytes (a multiple of 4096).
+    pub size: u64,
+}
+
+/// Body of `POST /api/v1/vdisks/{name}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVdisk {
+    /// New size in bytes (not smaller than the current one).
+    pub size: u64,
+}
+
+/// Answer of `POST /api/v1/vdisks/{name}/vhost`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VhostExport {
+    /// Vdisk name.
+    pub name: String,
+    /// Unix socket QEMU connects to (`-chardev socket,path=...`).
+    pub socket: String,
+}

@@ -1619,8 +1619,18 @@ impl Store {
         ))
     }
 
+    /// True when some data of the vdisk sits on a failed or missing disk.
+    pub fn vdisk_unavailable(&self, id: u64) -> bool {
+        let st = self.lock();
+        st.extents
+            .iter()
+            .filter(|(k, _)| k.0 == id)
+            .any(|(_, e)| st.disks.get(e.disk).is_none_or(|d| d.failed.is_some()))
+    }
+
     /// Vdisk id by name.
     pub fn vdisk_id(&self, name: &str) -> Option<u64> {
+
         self.lock().names.get(name).copied()
     }
 

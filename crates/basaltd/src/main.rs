@@ -1,1 +1,226 @@
-fn main() {}
+//! `basaltd`: the Basalt node daemon.
+//!
+//! Composition root: parses flags, opens the store on the node's disks, and
+//! starts the NBD server, the REST API (with metrics and console) and the
+//! vhost-user exports. SIGTERM or SIGINT drains everything and exits cleanly.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use basalt_control::{Node, NodeConfig};
+use basalt_core::size::parse_size;
+use basalt_disk::EngineChoice;
+
+use basalt_store::{DiskSpec, Store, StoreConfig};
+use clap::{Parser, ValueEnum};
+use tokio::sync::watch;
+
+/// The Basalt node daemon: owns this node's disks and serves vdisks over NBD
+/// and vhost-user-blk, with a REST API and web console.
+#[derive(Debug, Parser)]
+#[command(name = "basaltd", version, about)]
+struct Args {
+    /// Directory for node metadata (and the default disk).
+    #[arg(long, default_value = "./basalt-data", value_name = "DIR")]
+    data_dir: PathBuf,
+
+    /// A disk to claim: a block device or a file, created sparse at SIZE
+    /// (e.g. 64G) when missing. Repeat for more disks. Without any, the disks
+    /// already known to the node are used, or one 16 GiB file disk is created
+    /// under the data directory.
+    #[arg(long = "disk", value_name = "PATH[:SIZE]")]
+    disks: Vec<String>,
+
+    /// Address of the REST API and web console.
+    #[arg(long, default_value = "127.0.0.1:7480", value_name = "HOST:PORT")]
+    api: SocketAddr,
+
+    /// Address of the NBD server.
+    #[arg(long, default_value = "127.0.0.1:10809", value_name = "HOST:PORT")]
+    nbd: SocketAddr,
+
+    /// Directory for vhost-user sockets [default: DATA_DIR/vhost].
+    #[arg(long, value_name = "DIR")]
+    vhost_dir: Option<PathBuf>,
+
+    /// Address for node-to-node traffic. Reserved for clustering, which this
+    /// release does not have yet: the flag is accepted and nothing listens.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+
+    /// Claim disks labelled for another node or holding other data,
+    /// destroying their contents.
+    #[arg(long)]
+    force_claim: bool,
+
+    /// Disk engine.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+
+    /// Written data held in memory before writers wait for it to drain.
+    #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = parse_size_arg)]
+    memory_budget: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Engine {
+    /// io_uring with O_DIRECT where the filesystem allows it, else pread/pwrite.
+    Auto,
+    /// io_uring with O_DIRECT only.
+    Uring,
+    /// pread/pwrite through the page cache.
+    Sync,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
+}
+
+/// Splits `PATH[:SIZE]`; a suffix that is not a size belongs to the path.
+fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
+    if spec.is_empty() {
+        bail!("--disk needs a path");
+    }
+    if let Some((path, size)) = spec.rsplit_once(':')
+        && let Ok(bytes) = parse_size(size)
+    {
+        if path.is_empty() {
+            bail!("--disk {spec:?} has a size but no path");
+        }
+        return Ok(DiskSpec {
+            path: PathBuf::from(path),
+            size: Some(bytes),
+        });
+    }
+    Ok(DiskSpec {
+        path: PathBuf::from(spec),
+        size: None,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("basaltd")
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run(args));
+    if let Err(error) = &result {
+        tracing::error!("{error:#}");
+    }
+    result
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let disks = args
+        .disks
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut config = StoreConfig::new(&args.data_dir);
+    config.disks = disks;
+    config.force_claim = args.force_claim;
+    config.memory_budget = args.memory_budget;
+    config.engine = match args.engine {
+        Engine::Auto => EngineChoice::Auto,
+        Engine::Uring => EngineChoice::Uring,
+        Engine::Sync => EngineChoice::Sync,
+    };
+    if let Some(listen) = args.listen {
+        tracing::warn!(%listen, "--listen is reserved for clustering, which this release does not have yet; nothing listens there");
+    }
+
+    // Bind the frontends before opening the store so a taken port fails fast.
+    let nbd_listener = tokio::net::TcpListener::bind(args.nbd)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", args.nbd))?;
+    let api_listener = tokio::net::TcpListener::bind(args.api)
+        .await
+        .with_context(|| format!("cannot listen for the API on {}", args.api))?;
+
+    let store = Store::open(config).await.context("opening the store")?;
+    let vhost_dir = args
+        .vhost_dir
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("vhost"));
+    let node = Node::new(
+        store.clone(),
+        NodeConfig {
+            data_dir: args.data_dir.clone(),
+            nbd_address: args.nbd.to_string(),
+            vhost_dir,
+        },
+    )?;
+
+    let (stop, stopped) = watch::channel(false);
+    let registry: Arc<dyn basalt_core::ExportRegistry> = Arc::new(node.registry().clone());
+    let nbd = basalt_nbd::NbdServer::new(registry);
+    let nbd_stop = stopped.clone();
+    let nbd_task = tokio::spawn(async move { nbd.serve(nbd_listener, nbd_stop).await });
+
+    let app = basalt_control::api::router(node.clone());
+    let mut api_stop = stopped.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(api = %args.api, nbd = %args.nbd, data_dir = %args.data_dir.display(), "basaltd serving");
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    match nbd_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "NBD server stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "NBD server task failed"),
+        Ok(Ok(())) => {}
+    }
+    if let Ok(Err(e)) = api_task.await {
+        tracing::warn!(error = %e, "API server stopped with an error");
+    }
+    node.shutdown().await.context("shutting the store down")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("/a/b.img:10G").expect("spec");
+        assert_eq!(d.path, PathBuf::from("/a/b.img"));
+        assert_eq!(d.size, Some(10 << 30));
+        let d = parse_disk("/dev/sdb").expect("spec");
+        assert_eq!(d.size, None);
+        let d = parse_disk("/weird:name").expect("spec");
+        assert_eq!(d.path, PathBuf::from("/weird:name"));
+        assert!(parse_disk("").is_err());
+        assert!(parse_disk(":5G").is_err());
+    }
+}

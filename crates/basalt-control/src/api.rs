@@ -1,0 +1,281 @@
+//! The REST API (axum) and its OpenAPI document (utoipa).
+//!
+//! Handlers are thin: decode, call [`Node`], encode. Every error is a JSON
+//! [`ErrorBody`] with one human line and a fitting status code; a bad body or
+//! an unknown name never changes anything.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use basalt_api::{
+    CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus, ResizeVdisk, Vdisk, VhostExport,
+};
+use utoipa::OpenApi;
+
+use crate::node::Node;
+use crate::{ControlError, metrics};
+
+/// The OpenAPI document of the API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Basalt API",
+        description = "Manage a Basalt node: disks, vdisks and their exports."
+    ),
+    paths(
+        health,
+        status,
+        list_disks,
+        list_vdisks,
+        create_vdisk,
+        get_vdisk,
+        resize_vdisk,
+        delete_vdisk,
+        export_vhost,
+        unexport_vhost
+    ),
+    components(schemas(
+        ErrorBody,
+        Health,
+        NodeStatus,
+        IoCounters,
+        Disk,
+        Vdisk,
+        CreateVdisk,
+        ResizeVdisk,
+        VhostExport
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what `/api/openapi.json` serves and
+/// what is checked into `docs/openapi.json`).
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ControlError::Store(e) => match e {
+                basalt_store::StoreError::NoSuchVdisk(_) => StatusCode::NOT_FOUND,
+                basalt_store::StoreError::VdiskExists(_) => StatusCode::CONFLICT,
+                basalt_store::StoreError::BadName(_) | basalt_store::StoreError::BadSize(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                basalt_store::StoreError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+                basalt_store::StoreError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Busy(_) => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ControlError> {
+    payload
+        .map(|Json(v)| v)
+        .map_err(|e| ControlError::BadRequest(e.body_text()))
+}
+
+/// The router of the API, the metrics endpoint and the console.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/", get(console))
+        .route("/api/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/disks", get(list_disks))
+        .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
+        .route("/api/v1/vdisks/{name}", get(get_vdisk).delete(delete_vdisk))
+        .route("/api/v1/vdisks/{name}/resize", post(resize_vdisk))
+        .route(
+            "/api/v1/vdisks/{name}/vhost",
+            post(export_vhost).delete(unexport_vhost),
+        )
+        .fallback(not_found)
+        .with_state(node)
+}
+
+async fn not_found() -> Response {
+    ControlError::NotFound("no such API path".into()).into_response()
+}
+
+async fn console() -> Html<&'static str> {
+    Html(include_str!("console.html"))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+async fn metrics_endpoint(State(node): State<Arc<Node>>) -> Response {
+    match metrics::render(&node) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ControlError::Internal(e.to_string()).into_response(),
+    }
+}
+
+/// Liveness: 200 once the daemon serves.
+#[utoipa::path(get, path = "/api/v1/health", responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// The node at a glance.
+#[utoipa::path(get, path = "/api/v1/status", responses((status = 200, body = NodeStatus)))]
+async fn status(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
+    Json(node.status())
+}
+
+/// The node's disks.
+#[utoipa::path(get, path = "/api/v1/disks", responses((status = 200, body = [Disk])))]
+async fn list_disks(State(node): State<Arc<Node>>) -> Json<Vec<Disk>> {
+    Json(node.disks())
+}
+
+/// All vdisks.
+#[utoipa::path(get, path = "/api/v1/vdisks", responses((status = 200, body = [Vdisk])))]
+async fn list_vdisks(State(node): State<Arc<Node>>) -> Json<Vec<Vdisk>> {
+    Json(node.vdisks())
+}
+
+/// Creates a thin-provisioned vdisk, reachable over NBD as soon as this returns.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vdisks",
+    request_body = CreateVdisk,
+    responses(
+        (status = 201, body = Vdisk),
+        (status = 400, body = ErrorBody, description = "bad name or size"),
+        (status = 409, body = ErrorBody, description = "name taken")
+    )
+)]
+async fn create_vdisk(
+    State(node): State<Arc<Node>>,
+    payload: Result<Json<CreateVdisk>, JsonRejection>,
+) -> Result<(StatusCode, Json<Vdisk>), ControlError> {
+    let request = body(payload)?;
+    let vdisk = node.create_vdisk(&request.name, request.size).await?;
+    Ok((StatusCode::CREATED, Json(vdisk)))
+}
+
+/// One vdisk.
+#[utoipa::path(
+    get,
+    path = "/api/v1/vdisks/{name}",
+    params(("name" = String, Path, description = "vdisk name")),
+    responses((status = 200, body = Vdisk), (status = 404, body = ErrorBody))
+)]
+async fn get_vdisk(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vdisk>, ControlError> {
+    Ok(Json(node.vdisk(&name)?))
+}
+
+/// Grows a vdisk.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vdisks/{name}/resize",
+    params(("name" = String, Path, description = "vdisk name")),
+    request_body = ResizeVdisk,
+    responses(
+        (status = 200, body = Vdisk),
+        (status = 400, body = ErrorBody, description = "smaller than now, zero or beyond capacity"),
+        (status = 404, body = ErrorBody)
+    )
+)]
+async fn resize_vdisk(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    payload: Result<Json<ResizeVdisk>, JsonRejection>,
+) -> Result<Json<Vdisk>, ControlError> {
+    let request = body(payload)?;
+    Ok(Json(node.resize_vdisk(&name, request.size).await?))
+}
+
+/// Deletes a vdisk and frees its space.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/vdisks/{name}",
+    params(("name" = String, Path, description = "vdisk name")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "exported over vhost-user")
+    )
+)]
+async fn delete_vdisk(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ControlError> {
+    node.delete_vdisk(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Exports a vdisk over vhost-user-blk and returns the socket path.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vdisks/{name}/vhost",
+    params(("name" = String, Path, description = "vdisk name")),
+    responses((status = 200, body = VhostExport), (status = 404, body = ErrorBody))
+)]
+async fn export_vhost(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<VhostExport>, ControlError> {
+    let node = node.clone();
+    let export = tokio::task::spawn_blocking(move || node.export_vhost(&name))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(Json(export))
+}
+
+/// Stops the vhost-user export of a vdisk.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/vdisks/{name}/vhost",
+    params(("name" = String, Path, description = "vdisk name")),
+    responses((status = 204, description = "export stopped"), (status = 404, body = ErrorBody))
+)]
+async fn unexport_vhost(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ControlError> {
+    tokio::task::spawn_blocking(move || node.unexport_vhost(&name))
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT)
+}
