@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages Basalt's tests and benchmarks use (Debian 12, as root).
+# Safe to run again: it only installs what is missing unless --force is given.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-x86)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+command -v fio >/dev/null || need+=(fio)
+[ -x /bin/busybox ] || command -v busybox >/dev/null || need+=(busybox-static)
+if [ "${1:-}" != "--force" ] && [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+if [ "${BASALT_SKIP_APT_UPDATE:-}" != 1 ]; then
+  apt-get update -q
+fi
+# qemu-system-x86 in Debian 12 is QEMU 7.2; its qemu-utils must match, so an
+# installed newer qemu-utils (bookworm-backports) is replaced by bookworm's.
+apt-get install -y -q --allow-downgrades \
+  qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm \
+  libnbd-bin fio busybox-static
