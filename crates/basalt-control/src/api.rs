@@ -116,11 +116,19 @@ pub fn router(node: Arc<Node>) -> Router {
             post(export_vhost).delete(unexport_vhost),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(node)
 }
 
 async fn not_found() -> Response {
     ControlError::NotFound("no such API path".into()).into_response()
+}
+
+async fn method_not_allowed(method: axum::http::Method) -> Response {
+    let body = ErrorBody {
+        error: format!("method {method} is not allowed on this path"),
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
 }
 
 async fn console() -> Html<&'static str> {

@@ -115,6 +115,20 @@ pub trait DiskEngine: Send + Sync + 'static {
         segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>>;
 
+    /// Writes many independent ranges; the results come back in order. An
+    /// engine may hand them to the kernel together (one submission, one
+    /// device notification) instead of one by one.
+    fn write_batch(
+        &self,
+        writes: Vec<(u64, Vec<Segment>)>,
+    ) -> BoxFuture<'static, Vec<Result<(), DiskError>>> {
+        let futures: Vec<_> = writes
+            .into_iter()
+            .map(|(offset, segments)| self.write_at(offset, segments))
+            .collect();
+        Box::pin(futures::future::join_all(futures))
+    }
+
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>>;
 

@@ -94,6 +94,13 @@ fn read_pages(pages: &HashMap<u64, Box<[u8; PAGE]>>, offset: u64, out: &mut [u8]
     }
 }
 
+/// True when every page of the range was written before (has backing space).
+fn written_before(pages: &HashMap<u64, Box<[u8; PAGE]>>, offset: u64, len: u64) -> bool {
+    let first = offset / PAGE as u64;
+    let end = (offset + len).div_ceil(PAGE as u64);
+    (first..end).all(|p| pages.contains_key(&p))
+}
+
 fn overlaps(ranges: &[Range<u64>], offset: u64, len: u64) -> bool {
     ranges
         .iter()
@@ -185,7 +192,9 @@ impl SimDisk {
         m.full = false;
     }
 
-    /// Makes every write fail with ENOSPC (a full filesystem under a file disk).
+    /// Models a full filesystem under a sparse file disk: reserving space
+    /// and writing where nothing was ever written fail with ENOSPC;
+    /// overwriting written bytes still works.
     pub fn set_full(&self, full: bool) {
         self.medium.lock().full = full;
     }
@@ -266,7 +275,9 @@ impl DiskEngine for SimEngine {
             let mut m = self.disk.medium.lock();
             match self.check(&m, offset, &parts) {
                 Err(e) => Err(e),
-                Ok(_) if m.full => Err(DiskError::NoSpace { offset }),
+                Ok(len) if m.full && !written_before(&m.volatile, offset, len) => {
+                    Err(DiskError::NoSpace { offset })
+                }
                 Ok(len) if overlaps(&m.write_faults, offset, len) => Err(DiskError::Io {
                     offset,
                     source: std::io::Error::from_raw_os_error(libc::EIO),
@@ -381,11 +392,21 @@ mod tests {
         disk.fail_reads(0..1);
         let (_, result) = engine.read_at(0, IoBuf::zeroed(PAGE)).await;
         assert!(matches!(result, Err(DiskError::Io { .. })));
+        engine.write_at(0, page(2)).await.expect("write");
         disk.set_full(true);
         assert!(matches!(
             engine.write_at(PAGE as u64, page(1)).await,
             Err(DiskError::NoSpace { .. })
         ));
+        engine
+            .write_at(0, page(3))
+            .await
+            .expect("overwrite keeps working when full");
+        assert!(matches!(
+            engine.allocate(PAGE as u64, PAGE as u64).await,
+            Err(DiskError::NoSpace { .. })
+        ));
+
         disk.clear_faults();
         assert!(matches!(
             engine.write_at(100, page(1)).await,

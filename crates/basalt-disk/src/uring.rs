@@ -1,15 +1,16 @@
 //! io_uring engine with `O_DIRECT`.
 //!
 //! Submitters push SQEs under a mutex and call `io_uring_enter` themselves, so
-//! a submission costs one syscall and no thread hop. One reaper thread per
-//! disk blocks in `io_uring_enter(GETEVENTS)` and completes the waiting
-//! futures. Short transfers (rare on regular files) are resubmitted for the
-//! remainder by the reaper.
+//! a submission costs one syscall and no thread hop. Completions are reaped
+//! by a task on the tokio runtime: the ring signals an eventfd, the runtime's
+//! reactor wakes the task, and the task completes the waiting futures on the
+//! same worker thread — no extra thread and no extra wake-up per I/O. Short
+//! transfers (rare on regular files) are resubmitted for the remainder.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use basalt_core::{BoxFuture, IoBuf};
 use io_uring::{IoUring, opcode, squeue, types};
@@ -21,8 +22,6 @@ use crate::{DiskEngine, DiskError, EngineKind, ReadResult, Segment, check_aligne
 const RING_ENTRIES: u32 = 256;
 /// `user_data` of the no-op that tells the reaper to exit.
 const SHUTDOWN_TOKEN: u64 = u64::MAX;
-/// `IORING_ENTER_GETEVENTS` from the kernel ABI.
-const ENTER_GETEVENTS: u32 = 1;
 
 enum OpKind {
     Read {
@@ -92,34 +91,80 @@ impl Slab {
 pub struct UringEngine {
     shared: Arc<Shared>,
     size: u64,
-    reaper: Option<JoinHandle<()>>,
     /// The buffered descriptor: keeps the flock alive and serves fallocate.
     buffered: Option<Arc<File>>,
 }
 
 impl UringEngine {
     /// Starts an engine on `file`, which should be opened with `O_DIRECT`.
+    /// Must be called within a tokio runtime, which will reap completions.
     pub fn new(file: File, size: u64, lock_holder: Option<File>) -> Result<UringEngine, DiskError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| DiskError::Uring(std::io::Error::other(e.to_string())))?;
         let ring = IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 4)
+            .setup_cqsize(RING_ENTRIES * 16)
             .build(RING_ENTRIES)
             .map_err(DiskError::Uring)?;
+        // SAFETY: eventfd has no memory effects; the result is checked.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(DiskError::Uring(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        ring.submitter()
+            .register_eventfd(raw)
+            .map_err(DiskError::Uring)?;
+        let notifier = {
+            let _entered = runtime.enter();
+            // SAFETY: EventFd owns the descriptor and always returns it from
+            // as_raw_fd; it stays open until the AsyncFd (which owns the
+            // EventFd) is dropped.
+            unsafe { tokio::io::unix::AsyncFd::register(EventFd(eventfd)) }
+                .map_err(|e| DiskError::Uring(std::io::Error::other(e.to_string())))?
+        };
+
         let shared = Arc::new(Shared {
             ring,
             ops: Mutex::new(Slab::default()),
             file,
         });
-        let reaper_shared = shared.clone();
-        let reaper = std::thread::Builder::new()
-            .name("basalt-uring".into())
-            .spawn(move || reap(&reaper_shared))
-            .map_err(DiskError::Uring)?;
+        runtime.spawn(reap(shared.clone(), notifier));
         Ok(UringEngine {
             shared,
             size,
-            reaper: Some(reaper),
             buffered: lock_holder.map(Arc::new),
         })
+    }
+
+    /// Validates a write and builds its op and completion channel.
+    fn write_op(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> Result<(Op, oneshot::Receiver<Result<(), DiskError>>), DiskError> {
+        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
+        check_aligned(offset, segment_parts(&segments))?;
+        self.check_range(offset, total)?;
+        let (done, wait) = oneshot::channel();
+        let iovecs = segments
+            .iter()
+            .map(|s| libc::iovec {
+                // SAFETY: start + len <= buffer length was checked above, so the
+                // pointer stays inside the buffer.
+                iov_base: unsafe { s.buf.as_ptr().add(s.start) } as *mut libc::c_void,
+                iov_len: s.len,
+            })
+            .collect();
+        let op = Op {
+            kind: OpKind::Write {
+                _segments: segments,
+                done,
+            },
+            offset,
+            iovecs,
+        };
+        Ok((op, wait))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -178,6 +223,60 @@ impl Shared {
         Ok(())
     }
 
+    /// Queues many ops and enters the kernel once (more often only when the
+    /// submission queue fills up), so the block layer sees them together.
+    fn submit_many(&self, ops: Vec<Op>) -> Vec<Result<(), (Op, std::io::Error)>> {
+        let mut slab = self.ops.lock();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut queued = 0usize;
+        for op in ops {
+            let token = slab.insert(op);
+            let Some(entry) = slab.entries[token]
+                .as_ref()
+                .map(|op| self.sqe_for(op, token as u64))
+            else {
+                unreachable!("slab entry was just inserted")
+            };
+            match self.push(&entry) {
+                Ok(()) => {
+                    queued += 1;
+                    results.push(Ok(()));
+                }
+                Err(error) => match slab.take(token) {
+                    Some(op) => results.push(Err((op, error))),
+                    None => unreachable!("slab entry vanished under the lock"),
+                },
+            }
+        }
+        if queued > 0
+            && let Err(error) = self.enter_submit()
+        {
+            // The entries stay queued in the ring (their buffers stay
+            // alive in the slab) and go out with the next submission.
+            tracing::error!(%error, "io_uring submission failed; will retry with the next one");
+        }
+        results
+    }
+
+    /// Pushes one SQE, entering the kernel first if the queue is full.
+    /// Caller holds the `ops` lock.
+    fn push(&self, entry: &squeue::Entry) -> std::io::Result<()> {
+        loop {
+            // SAFETY: the `ops` mutex (held by the caller) serialises every
+            // producer of the submission queue; the reaper never touches it.
+            let pushed = unsafe {
+                let mut sq = self.ring.submission_shared();
+                // SAFETY: the SQE's pointers (iovecs and buffers) live in the Op
+                // stored in the slab until its completion is reaped.
+                sq.push(entry).is_ok()
+            };
+            if pushed {
+                return Ok(());
+            }
+            self.enter_submit()?;
+        }
+    }
+
     /// Pushes one SQE and submits. Caller holds the `ops` lock.
     fn push_and_enter(&self, entry: &squeue::Entry) -> std::io::Result<()> {
         loop {
@@ -216,49 +315,95 @@ impl Shared {
     }
 }
 
-/// The reaper thread: waits for completions and finishes operations. After
-/// the shutdown token it keeps reaping until no operation is in flight, so no
-/// buffer is freed while the kernel may still touch it.
-fn reap(shared: &Shared) {
+/// The eventfd the ring signals on every completion.
+struct EventFd(OwnedFd);
+
+impl std::os::fd::AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl EventFd {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// Resets the counter (the descriptor is non-blocking).
+    fn drain(&self) {
+        let mut counter = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid local buffer.
+        let _ = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd()),
+                counter.as_mut_ptr().cast(),
+                8,
+            )
+        };
+    }
+}
+
+/// The reaper task: waits for the ring's eventfd and finishes operations.
+/// After the shutdown token it keeps reaping until no operation is in flight,
+/// so no buffer is freed while the kernel may still touch it.
+async fn reap(shared: Arc<Shared>, notifier: tokio::io::unix::AsyncFd<EventFd>) {
     let mut shutting_down = false;
     loop {
         if shutting_down && shared.ops.lock().in_flight() == 0 {
             return;
         }
-        // SAFETY: a plain GETEVENTS wait with no argument; to_submit is 0 so
-        // the submission queue (owned by submitters) is not touched.
-        let waited = unsafe {
-            shared
-                .ring
-                .submitter()
-                .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+        let mut ready = match notifier.readable().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring completion wait failed; disk engine stops");
+                abandon_all(&shared);
+                return;
+            }
         };
-        if let Err(e) = waited {
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+        // Reset the counter before draining the queue: a completion posted
+        // after this point signals the eventfd again.
+        notifier.get_ref().drain();
+        ready.clear_ready();
+        loop {
+            let mut completions = Vec::new();
+            {
+                // SAFETY: only this task reads the completion queue.
+                let cq = unsafe { shared.ring.completion_shared() };
+                for cqe in cq {
+                    completions.push((cqe.user_data(), cqe.result()));
+                }
             }
-            tracing::error!(error = %e, "io_uring wait failed; disk engine stops");
-            abandon_all(shared);
-            return;
-        }
-        let mut completions = Vec::new();
-        {
-            // SAFETY: only this thread reads the completion queue.
-            let cq = unsafe { shared.ring.completion_shared() };
-            for cqe in cq {
-                completions.push((cqe.user_data(), cqe.result()));
+            if completions.is_empty() {
+                // Completions that found the queue full wait in the kernel's
+                // overflow list and signal nothing; an enter with GETEVENTS
+                // (which `submit` adds when the overflow flag is set) moves
+                // them into the queue.
+                let overflowed = {
+                    let _guard = shared.ops.lock();
+                    // SAFETY: the `ops` lock serialises access to the
+                    // submission queue, which is only read here.
+                    let overflow = unsafe { shared.ring.submission_shared() }.cq_overflow();
+                    if overflow && let Err(e) = shared.enter_submit() {
+                        tracing::warn!(error = %e, "flushing io_uring completion overflow failed");
+                    }
+                    overflow
+                };
+                if overflowed {
+                    continue;
+                }
+                break;
             }
-        }
-        for (token, result) in completions {
-            if token == SHUTDOWN_TOKEN {
-                shutting_down = true;
-                continue;
+            for (token, result) in completions {
+                if token == SHUTDOWN_TOKEN {
+                    shutting_down = true;
+                    continue;
+                }
+                let Some(op) = shared.ops.lock().take(token as usize) else {
+                    tracing::error!(token, "completion for an unknown io_uring operation");
+                    continue;
+                };
+                complete(&shared, op, result);
             }
-            let Some(op) = shared.ops.lock().take(token as usize) else {
-                tracing::error!(token, "completion for an unknown io_uring operation");
-                continue;
-            };
-            complete(shared, op, result);
         }
     }
 }
@@ -387,29 +532,9 @@ impl DiskEngine for UringEngine {
         offset: u64,
         segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let total: u64 = segments.iter().map(|s| s.len as u64).sum();
-        if let Err(e) = check_aligned(offset, segment_parts(&segments))
-            .and_then(|_| self.check_range(offset, total))
-        {
-            return Box::pin(async move { Err(e) });
-        }
-        let (done, wait) = oneshot::channel();
-        let iovecs = segments
-            .iter()
-            .map(|s| libc::iovec {
-                // SAFETY: start + len <= buffer length was checked above, so the
-                // pointer stays inside the buffer.
-                iov_base: unsafe { s.buf.as_ptr().add(s.start) } as *mut libc::c_void,
-                iov_len: s.len,
-            })
-            .collect();
-        let op = Op {
-            kind: OpKind::Write {
-                _segments: segments,
-                done,
-            },
-            offset,
-            iovecs,
+        let (op, wait) = match self.write_op(offset, segments) {
+            Ok(prepared) => prepared,
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
         let shared = self.shared.clone();
         Box::pin(async move {
@@ -417,6 +542,38 @@ impl DiskEngine for UringEngine {
                 return Err(DiskError::from_io(offset, error));
             }
             wait.await.unwrap_or(Err(DiskError::EngineGone))
+        })
+    }
+
+    fn write_batch(
+        &self,
+        writes: Vec<(u64, Vec<Segment>)>,
+    ) -> BoxFuture<'static, Vec<Result<(), DiskError>>> {
+        let mut waits = Vec::with_capacity(writes.len());
+        let mut ops = Vec::with_capacity(writes.len());
+        for (offset, segments) in writes {
+            match self.write_op(offset, segments) {
+                Ok((op, wait)) => {
+                    ops.push(op);
+                    waits.push(Ok((offset, wait)));
+                }
+                Err(e) => waits.push(Err(e)),
+            }
+        }
+        let submitted = self.shared.submit_many(ops);
+        Box::pin(async move {
+            let mut submitted = submitted.into_iter();
+            let mut out = Vec::with_capacity(waits.len());
+            for wait in waits {
+                out.push(match wait {
+                    Err(e) => Err(e),
+                    Ok((offset, wait)) => match submitted.next() {
+                        Some(Err((_, error))) => Err(DiskError::from_io(offset, error)),
+                        _ => wait.await.unwrap_or(Err(DiskError::EngineGone)),
+                    },
+                });
+            }
+            out
         })
     }
 
@@ -446,15 +603,24 @@ impl DiskEngine for UringEngine {
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
+        // Tell the reaper to finish once nothing is in flight; it owns the
+        // ring (through `Shared`) until then.
         let nop = opcode::Nop::new().build().user_data(SHUTDOWN_TOKEN);
-        let pushed = {
-            let _guard = self.shared.ops.lock();
-            self.shared.push_and_enter(&nop)
-        };
-        if pushed.is_ok()
-            && let Some(reaper) = self.reaper.take()
-        {
-            let _ = reaper.join();
+        let _guard = self.shared.ops.lock();
+        if let Err(e) = self.shared.push_and_enter(&nop) {
+            tracing::warn!(error = %e, "could not signal the io_uring reaper to stop");
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Only reached when the reaper is gone. If the runtime stopped with
+        // operations in flight, the kernel may still write into their
+        // buffers while the ring is torn down: leak them rather than free.
+        let slab = std::mem::take(self.ops.get_mut());
+        for op in slab.entries.into_iter().flatten() {
+            std::mem::forget(op);
         }
     }
 }

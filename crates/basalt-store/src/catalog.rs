@@ -136,7 +136,15 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 impl Catalog {
     /// Opens (or creates) the database at `path`; a new database gets a fresh node id.
     pub fn open(path: &Path) -> Result<Catalog, StoreError> {
-        let db = Database::create(path)?;
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                let dir = path.parent().unwrap_or(path).to_path_buf();
+                return Err(StoreError::DataDirInUse(dir));
+            }
+            Err(e) => return Err(e.into()),
+        };
+
         let txn = db.begin_write()?;
         {
             let mut node = txn.open_table(NODE)?;

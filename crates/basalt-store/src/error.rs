@@ -83,7 +83,11 @@ pub enum StoreError {
     /// The disk holding the data has failed.
     #[error("disk {0} has failed: {1}")]
     DiskFailed(String, String),
+    /// Another process (another basaltd) has the data directory open.
+    #[error("data directory {0} is in use by another basaltd")]
+    DataDirInUse(PathBuf),
     /// The store is shutting down.
+
     #[error("the store is shutting down")]
     ShuttingDown,
 }

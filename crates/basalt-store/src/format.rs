@@ -144,7 +144,7 @@ pub struct Label {
 }
 
 /// Why a label, metadata block or log header was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
     /// The magic bytes are not Basalt's.
     #[error("not a Basalt structure (bad magic)")]

@@ -275,7 +275,11 @@ pub(crate) struct DiskState {
     pub path: PathBuf,
     pub label: Label,
     pub engine: Arc<dyn DiskEngine>,
+    /// Slots never used since the node started (space may need reserving).
     pub free: BTreeSet<u64>,
+    /// Slots freed while running: their space is known to be allocated and
+    /// written, so they are reused first (last freed, first reused).
+    pub reuse: Vec<u64>,
     /// Slots freed at an LSN, reusable once a checkpoint covers that LSN.
     pub quarantine: Vec<(u64, u64)>,
     pub log: LogState,
@@ -292,6 +296,29 @@ pub(crate) struct DiskState {
 }
 
 impl DiskState {
+    /// Slots available for new extents.
+    pub fn free_slots(&self) -> usize {
+        self.free.len() + self.reuse.len()
+    }
+
+    /// Takes a slot for a new tenancy: a recently freed one if any (no
+    /// space to reserve), else a never-used one (`true`: reserve its space).
+    pub fn take_slot(&mut self) -> Option<(u64, bool)> {
+        if let Some(slot) = self.reuse.pop() {
+            return Some((slot, false));
+        }
+        self.free.pop_first().map(|slot| (slot, true))
+    }
+
+    /// Gives back a slot taken with [`DiskState::take_slot`] and not used.
+    pub fn give_back(&mut self, slot: u64, fresh: bool) {
+        if fresh {
+            self.free.insert(slot);
+        } else {
+            self.reuse.push(slot);
+        }
+    }
+
     pub fn slot_offset(&self, slot: u64) -> u64 {
         self.label.slot_at(slot)
     }
@@ -346,8 +373,8 @@ impl State {
         self.disks
             .iter()
             .enumerate()
-            .filter(|(_, d)| d.failed.is_none() && !d.free.is_empty())
-            .max_by_key(|(_, d)| d.free.len())
+            .filter(|(_, d)| d.failed.is_none() && d.free_slots() > 0)
+            .max_by_key(|(_, d)| d.free_slots())
             .map(|(i, _)| i)
     }
 

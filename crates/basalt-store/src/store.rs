@@ -242,8 +242,20 @@ impl Store {
                 size: Some(config.default_disk_bytes),
             });
         }
+        let known_paths: Vec<PathBuf> = snapshot
+            .disks
+            .iter()
+            .map(|d| PathBuf::from(&d.path))
+            .collect();
         let mut opened = Vec::new();
         for spec in &specs {
+            if !spec.path.exists() && known_paths.contains(&spec.path) {
+                // Never create a fresh disk where one of ours should be (a
+                // mount that is not up yet, a replaced device): the node
+                // starts degraded and reports the disk missing.
+                tracing::error!(path = %spec.path.display(), "a disk of this node is missing; its data is unavailable");
+                continue;
+            }
             let path = spec.path.clone();
             let size = spec.size;
             let engine = config.engine;
@@ -313,6 +325,8 @@ impl Store {
                 id: label.disk_id,
                 path: disk.path,
                 free: (0..label.slot_count).collect(),
+                reuse: Vec::new(),
+
                 quarantine: Vec::new(),
                 log: LogState {
                     ring_start,
@@ -519,8 +533,8 @@ impl Store {
 
     /// Grows a vdisk (shrinking is refused).
     pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<VdiskInfo, StoreError> {
-        self.check_size(size)?;
         let mut record = self.vdisk_record(name)?;
+        self.check_size(size)?;
         if size < record.size {
             return Err(StoreError::BadSize(format!(
                 "cannot shrink {name} from {} to {}; vdisks only grow",
@@ -618,7 +632,7 @@ impl Store {
                 .into(),
                 error: d.failed.clone(),
                 slots_total: d.label.slot_count,
-                slots_free: (d.free.len() + d.quarantine.len()) as u64,
+                slots_free: (d.free_slots() + d.quarantine.len()) as u64,
                 log_bytes: d.label.log_bytes,
                 log_used: d.log.used_bytes(),
             })
@@ -1142,7 +1156,7 @@ impl Store {
 
     /// Gives an unmapped extent a slot (space reserved on the disk first).
     async fn allocate_extent(&self, key: ExtentKey) -> Result<(), StoreError> {
-        let (disk, slot, engine, offset) = {
+        let (disk, slot, fresh, engine, offset) = {
             let mut st = self.lock();
             if st.extents.contains_key(&key) {
                 return Ok(());
@@ -1151,13 +1165,17 @@ impl Store {
                 return Err(StoreError::NoSpace);
             };
             let d = &mut st.disks[disk];
-            let Some(slot) = d.free.pop_first() else {
+            let Some((slot, fresh)) = d.take_slot() else {
                 return Err(StoreError::NoSpace);
             };
-            (disk, slot, d.engine.clone(), d.slot_offset(slot))
+            (disk, slot, fresh, d.engine.clone(), d.slot_offset(slot))
         };
-        let reserved = engine.allocate(offset, SLOT_BYTES).await;
-        if self.install_extent(key, disk, slot, reserved)? {
+        let reserved = if fresh {
+            engine.allocate(offset, SLOT_BYTES).await
+        } else {
+            Ok(())
+        };
+        if self.install_extent(key, disk, slot, fresh, reserved)? {
             self.wait_for_checkpoint().await;
         }
         Ok(())
@@ -1171,12 +1189,13 @@ impl Store {
         key: ExtentKey,
         disk: usize,
         slot: u64,
+        fresh: bool,
         reserved: Result<(), DiskError>,
     ) -> Result<bool, StoreError> {
         let mut st = self.lock();
         let give_back = |st: &mut State| {
             if let Some(d) = st.disks.get_mut(disk) {
-                d.free.insert(slot);
+                d.give_back(slot, fresh);
             }
         };
         if let Err(e) = reserved {
@@ -1231,7 +1250,7 @@ impl Store {
         crcs: &[u32],
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
-        let (disk, slot, alloc_id, generation, engine, offset) = {
+        let (disk, slot, fresh, alloc_id, generation, engine, offset) = {
             let mut st = self.lock();
             let disk = match st.extents.get(&key) {
                 Some(e) => e.disk,
@@ -1240,16 +1259,17 @@ impl Store {
             if let Err(e) = Store::disk_usable(&st, disk) {
                 return Some(Err(e));
             }
-            if st.disks[disk].free.is_empty() {
+            if st.disks[disk].free_slots() == 0 {
                 return None;
             }
             let alloc_id = st.next_alloc_id()?;
             let generation = st.next_generation(key.0)?;
             let d = &mut st.disks[disk];
-            let slot = d.free.pop_first()?;
+            let (slot, fresh) = d.take_slot()?;
             (
                 disk,
                 slot,
+                fresh,
                 alloc_id,
                 generation,
                 d.engine.clone(),
@@ -1258,10 +1278,10 @@ impl Store {
         };
         let give_back = |store: &Store| {
             if let Some(d) = store.lock().disks.get_mut(disk) {
-                d.free.insert(slot);
+                d.give_back(slot, fresh);
             }
         };
-        if engine.allocate(offset, SLOT_BYTES).await.is_err() {
+        if fresh && engine.allocate(offset, SLOT_BYTES).await.is_err() {
             give_back(self);
             return None;
         }
@@ -1302,7 +1322,7 @@ impl Store {
             let mut st = self.lock();
             if !st.vdisks.contains_key(&key.0) {
                 if let Some(d) = st.disks.get_mut(disk) {
-                    d.free.insert(slot);
+                    d.give_back(slot, fresh);
                 }
                 return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
             }
@@ -1630,7 +1650,6 @@ impl Store {
 
     /// Vdisk id by name.
     pub fn vdisk_id(&self, name: &str) -> Option<u64> {
-
         self.lock().names.get(name).copied()
     }
 
@@ -1683,11 +1702,14 @@ async fn claim_disk(
         .await;
     result?;
     let bytes = buf.as_slice();
-    let label = Label::decode(&bytes[..4096]).or_else(|_| Label::decode(&bytes[4096..]));
+    let copy_a = Label::decode(&bytes[..4096]);
+    let copy_b = Label::decode(&bytes[4096..]);
+    let label = copy_a.clone().or_else(|_| copy_b.clone());
     let bad = |reason: String| StoreError::BadDisk {
         path: disk.path.clone(),
         reason,
     };
+    let path = disk.path.display().to_string();
     match label {
         Ok(label) if label.node_id == node_id && known.contains_key(&label.disk_id) => {
             if label.disk_bytes > engine.size() {
@@ -1697,8 +1719,11 @@ async fn claim_disk(
                     engine.size()
                 )));
             }
+            if copy_a.as_ref().ok() != Some(&label) || copy_b.as_ref().ok() != Some(&label) {
+                tracing::warn!(path = %disk.path.display(), "one label copy is damaged; rewriting it from the other");
+                write_label(engine, &label).await?;
+            }
             let mut record = known[&label.disk_id].clone();
-            let path = disk.path.display().to_string();
             if record.path != path {
                 record.path = path;
                 catalog.put_disk(&record)?;
@@ -1716,12 +1741,44 @@ async fn claim_disk(
                 Err(bad("the disk carries this node's label but is not in its catalog (was the data directory lost?); use --force-claim to reformat it".into()))
             }
         }
+        Err(_) if !force && known.values().any(|r| r.path == path) => {
+            // A disk this node formatted whose two labels are both unreadable:
+            // the catalog knows its identity and the layout follows from its
+            // size, so rebuild the labels instead of formatting over the data.
+            let Some(record) = known.values().find(|r| r.path == path).cloned() else {
+                return Err(bad("catalog entry vanished".into()));
+            };
+            if record.bytes != engine.size() {
+                return Err(bad(format!(
+                    "both labels are unreadable and the disk's size ({}) differs from the catalog's ({}); refusing to guess (use --force-claim to reformat it)",
+                    engine.size(),
+                    record.bytes
+                )));
+            }
+            let label = Label::plan(record.id, node_id, record.bytes, record.added);
+            tracing::warn!(path = %disk.path.display(), disk = %record.id, "both labels are damaged; rebuilt them from the node catalog");
+            write_label(engine, &label).await?;
+            Ok((label, record))
+        }
         Err(_) if !force && bytes.iter().any(|&b| b != 0) => Err(bad(
             "the disk holds data that is not a Basalt label; use --force-claim to overwrite it"
                 .into(),
         )),
         _ => format_disk(catalog, node_id, disk).await,
     }
+}
+
+/// Writes both label copies and syncs.
+async fn write_label(engine: &Arc<dyn DiskEngine>, label: &Label) -> Result<(), StoreError> {
+    let encoded = Arc::new(IoBuf::from_slice(&label.encode()));
+    engine
+        .write_at(
+            0,
+            vec![Segment::whole(encoded.clone()), Segment::whole(encoded)],
+        )
+        .await?;
+    engine.sync().await?;
+    Ok(())
 }
 
 async fn format_disk(
@@ -1737,13 +1794,26 @@ async fn format_disk(
             reason: "too small to hold any extent".into(),
         });
     }
-    // Reserve the oplog's space so log writes can never fail for lack of it,
-    // and wipe its first block so no stale batch is mistaken for ours.
-    engine.allocate(label.log_offset, label.log_bytes).await?;
-    let zero = Arc::new(IoBuf::zeroed(BLOCK_BYTES as usize));
-    engine
-        .write_at(label.log_offset, vec![Segment::whole(zero)])
-        .await?;
+    // Write the whole oplog area once: its space is then reserved (log
+    // writes can never fail for lack of it), no stale batch of an earlier
+    // owner can be mistaken for ours, and on file disks the filesystem holds
+    // real written extents, so log writes never pay for converting
+    // preallocated (unwritten) extents.
+    const ZERO_CHUNK: u64 = 4 << 20;
+    let zeros = Arc::new(IoBuf::zeroed(ZERO_CHUNK as usize));
+    let mut at = label.log_offset;
+    let end = label.log_offset + label.log_bytes;
+    while at < end {
+        let len = ZERO_CHUNK.min(end - at) as usize;
+        let segment = Segment {
+            buf: zeros.clone(),
+            start: 0,
+            len,
+        };
+        engine.write_at(at, vec![segment]).await?;
+        at += len as u64;
+    }
+
     let encoded = Arc::new(IoBuf::from_slice(&label.encode()));
     engine
         .write_at(
@@ -1778,7 +1848,10 @@ pub fn overlay_bytes_for_tests(store: &Store) -> u64 {
 #[doc(hidden)]
 pub fn free_slots_for_tests(store: &Store) -> BTreeSet<u64> {
     let st = store.lock();
-    st.disks.first().map(|d| d.free.clone()).unwrap_or_default()
+    st.disks
+        .first()
+        .map(|d| d.free.iter().chain(d.reuse.iter()).copied().collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

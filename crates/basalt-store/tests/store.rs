@@ -199,6 +199,15 @@ async fn full_disk_is_enospc_and_keeps_serving() {
     // Thin provisioning: two vdisks that together exceed the capacity.
     let a = store.create_vdisk("a", capacity).await.expect("a").id;
     let b = store.create_vdisk("b", capacity).await.expect("b").id;
+    // A full filesystem under the disk file: a never-used slot cannot get
+    // space, so the write that needs it fails cleanly, and nothing changes.
+    disk.set_full(true);
+    let err = store.write(a, 0, buffer(1, 0, 1), false).await;
+    assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
+    let err = store.write(a, 0, buffer(1, 0, 256), false).await;
+    assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
+    disk.set_full(false);
+    assert_eq!(read_tags(&store, a, 0, 1).await, vec![0]);
     let slots = capacity / MIB;
     for e in 0..slots {
         store
@@ -218,13 +227,25 @@ async fn full_disk_is_enospc_and_keeps_serving() {
     assert_eq!(read_tags(&store, a, 0, 2).await, vec![1, 500]);
     assert_eq!(read_tags(&store, b, 0, 1).await, vec![0]);
 
-    // A full filesystem under the disk file: new extents fail cleanly.
+    // A freed slot is reused, and its space is already reserved: it takes a
+    // write even when the filesystem under the disk is full.
     store.zero(a, 0, 256, false).await.expect("free one extent");
-    store.flush().await.expect("flush");
+    for _ in 0..100 {
+        if !free_slots_for_tests(&store).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     disk.set_full(true);
-    let err = store.write(b, 0, buffer(7, 0, 1), false).await;
+    store
+        .write(b, 0, buffer(7, 0, 1), false)
+        .await
+        .expect("reuses the freed slot");
+    let err = store.write(b, 256, buffer(8, 256, 1), false).await;
     assert!(matches!(err, Err(StoreError::NoSpace)), "{err:?}");
     disk.set_full(false);
+    assert_eq!(read_tags(&store, b, 0, 1).await, vec![7]);
+
     store.shutdown().await.expect("shutdown");
 }
 

@@ -1,0 +1,348 @@
+//! A real Linux guest on a vdisk exported by the daemon over vhost-user-blk:
+//! `basalt vdisk export NAME --vhost`, QEMU (TCG) boots the tiny test guest
+//! (`tests/guest/build-guest.sh`) with the socket as its disk, the guest
+//! writes a known pattern, checks one the test wrote over NBD, flushes and
+//! powers off; the test then reads the guest's pattern back over NBD, also
+//! after a restart of the daemon.
+//!
+//! Needs `qemu-system-x86_64` and what build-guest.sh needs (apt-get,
+//! dpkg-deb); the guest is cached in `/var/tmp/basalt-guest` (or
+//! `$BASALT_GUEST_DIR`), built under a lock so concurrent runs share it.
+//! `BASALT_QEMU_ACCEL` picks the accelerator (default `tcg`).
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, run_command, tool, workspace_root};
+use serde_json::Value;
+
+// Kept in sync with the guest's /init (tests/guest/build-guest.sh).
+const PATTERN_OFFSET: u64 = 1 << 20;
+const PATTERN_BLOCKS: u64 = 256;
+const HOST_OFFSET: u64 = 4 << 20;
+const VDISK_SIZE: u64 = 64 << 20;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One guest at a time: two cores do not run two TCG guests well (nextest
+/// also puts these tests in its `qemu` group).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Block `i` of the guest's patterns: "basalt WORD block i", padded with
+/// spaces to 4095 bytes, then a newline.
+fn pattern_block(word: &str, i: u64) -> Vec<u8> {
+    let mut block = format!("{:<4095}\n", format!("basalt {word} block {i}")).into_bytes();
+    block.truncate(4096);
+    block
+}
+
+/// Builds (or reuses) the guest under an exclusive lock; returns (kernel,
+/// initrd).
+fn guest_image() -> (PathBuf, PathBuf) {
+    let dir = std::env::var_os("BASALT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/basalt-guest"));
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).expect("guest cache parent directory");
+    let lock_path = dir.with_extension("lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", lock_path.display()));
+    // SAFETY: flock(2) on a descriptor this function owns; released when
+    // `lock` is closed at the end of the function.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", lock_path.display());
+    let mut cmd = Command::new(tool("sh"));
+    cmd.arg(workspace_root().join("tests/guest/build-guest.sh"))
+        .arg(&dir);
+    let out = run_command(cmd, "tests/guest/build-guest.sh", Duration::from_secs(900));
+    assert!(
+        out.status.success(),
+        "building the test guest failed ({}); it needs apt-get, dpkg-deb and busybox-static:\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lock);
+    (dir.join("vmlinuz"), dir.join("initrd"))
+}
+
+/// Boots the guest on `socket` running `commands`; returns its console once
+/// it powered off.
+fn boot(image: &(PathBuf, PathBuf), socket: &str, commands: &str) -> String {
+    let accel = std::env::var("BASALT_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let mut cmd = Command::new(tool("qemu-system-x86_64"));
+    cmd.args(["-accel", &accel, "-m", "256", "-smp", "2"])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&image.0)
+        .arg("-initrd")
+        .arg(&image.1)
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 basalt.test={commands}"),
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=vdisk,path={socket}"))
+        .args(["-device", "vhost-user-blk-pci,chardev=vdisk,num-queues=2"]);
+    let out = run_command(cmd, "qemu-system-x86_64 (test guest)", BOOT_TIMEOUT);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "QEMU failed ({}):\n{console}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console
+}
+
+fn expect_pass(console: &str, command: &str) {
+    let pass = format!("BASALT-TEST: {command} PASS");
+    assert!(
+        console.lines().any(|l| l.trim_end() == pass),
+        "no `{pass}` on the guest console:\n{console}"
+    );
+}
+
+fn info<'a>(console: &'a str, key: &str) -> &'a str {
+    let prefix = format!("BASALT-INFO: {key}=");
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(str::trim_end)
+        .unwrap_or_else(|| panic!("no {prefix} on the guest console:\n{console}"))
+}
+
+fn assert_guest_pattern(daemon: &Daemon) {
+    let mut client = daemon.nbd("vm");
+    let data = client
+        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
+        .expect("read the guest's pattern over NBD");
+    for (i, got) in data.chunks(4096).enumerate() {
+        assert!(
+            got == pattern_block("guest", i as u64),
+            "guest block {i} reads {:?} over NBD",
+            String::from_utf8_lossy(&got[..40])
+        );
+    }
+    client.disconnect();
+}
+
+#[test]
+fn linux_guest_on_a_vhost_export_writes_what_nbd_reads() {
+    tool("qemu-system-x86_64");
+    let _serial = serial();
+    let image = guest_image();
+    let mut daemon = Daemon::start();
+    daemon.create_vdisk("vm", "64M");
+
+    // The host pattern, written over NBD, for the guest to verify.
+    let mut client = daemon.nbd("vm");
+    let mut host = Vec::new();
+    for i in 0..PATTERN_BLOCKS {
+        host.extend(pattern_block("host", i));
+    }
+    client
+        .write(HOST_OFFSET, &host, false)
+        .expect("host pattern");
+    client.flush().expect("flush");
+    client.disconnect();
+
+    let export = daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
+    let socket = export["socket"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no socket in {export}"))
+        .to_string();
+    let meta = std::fs::metadata(&socket).unwrap_or_else(|e| panic!("{socket}: {e}"));
+    assert!(meta.file_type().is_socket(), "{socket} is not a socket");
+    assert_eq!(
+        daemon.cli_json(&["vdisk", "show", "vm"])["vhost_socket"],
+        Value::from(socket.clone())
+    );
+    assert_eq!(
+        daemon.cli_json(&["vdisk", "export", "vm", "--vhost"])["socket"],
+        Value::from(socket.clone()),
+        "exporting twice gives the same socket"
+    );
+
+    let console = boot(
+        &image,
+        &socket,
+        "info,write-pattern,verify-pattern,verify,flush",
+    );
+    eprintln!("--- guest console ---\n{console}");
+    for command in ["info", "write-pattern", "verify-pattern", "verify", "flush"] {
+        expect_pass(&console, command);
+    }
+    assert!(console.contains("BASALT-DONE"), "{console}");
+    assert_eq!(
+        info(&console, "size_sectors"),
+        (VDISK_SIZE / 512).to_string()
+    );
+    assert_eq!(info(&console, "write_cache"), "write back");
+
+    // What the guest wrote is on the vdisk, for any other client.
+    assert_guest_pattern(&daemon);
+    let status = daemon.status();
+    assert!(
+        status.io.flushes > 0,
+        "no flush reached the store: {status:?}"
+    );
+
+    daemon.cli_ok(&["vdisk", "unexport", "vm", "--vhost"]);
+    assert!(!Path::new(&socket).exists(), "socket left after unexport");
+    assert_eq!(
+        daemon.cli_json(&["vdisk", "show", "vm"])["vhost_socket"],
+        Value::Null
+    );
+
+    // And it survives a restart.
+    daemon.stop();
+    daemon.restart();
+    assert_guest_pattern(&daemon);
+}
+
+/// A QEMU process whose console is collected while it runs; killed (by
+/// PID) when dropped.
+struct RunningGuest {
+    guard: common::ChildGuard,
+    console: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl RunningGuest {
+    fn console(&self) -> String {
+        self.console.lock().expect("console lock").clone()
+    }
+
+    fn wait_for(&self, text: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.console().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} on the guest console within {timeout:?}:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn boot_running(image: &(PathBuf, PathBuf), socket: &str, commands: &str) -> RunningGuest {
+    use std::io::Read;
+    use std::process::Stdio;
+    let accel = std::env::var("BASALT_QEMU_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let mut cmd = Command::new(tool("qemu-system-x86_64"));
+    cmd.args(["-accel", &accel, "-m", "256", "-smp", "2"])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&image.0)
+        .arg("-initrd")
+        .arg(&image.1)
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 basalt.test={commands}"),
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=vdisk,path={socket}"))
+        .args(["-device", "vhost-user-blk-pci,chardev=vdisk,num-queues=2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start qemu-system-x86_64");
+    let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("qemu stdout");
+    let sink = console.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("console lock")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    RunningGuest {
+        guard: common::ChildGuard {
+            child,
+            name: "qemu-system-x86_64".into(),
+        },
+        console,
+    }
+}
+
+/// SIGTERM while a guest does I/O through the vhost-user export: the daemon
+/// still stops cleanly and in time, and comes back healthy.
+#[test]
+fn daemon_stops_cleanly_under_a_running_guest() {
+    tool("qemu-system-x86_64");
+    let _serial = serial();
+    let image = guest_image();
+    let mut daemon = Daemon::start();
+    daemon.create_vdisk("vm", "64M");
+    let export = daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
+    let socket = export["socket"].as_str().expect("socket").to_string();
+    let mut guest = boot_running(&image, &socket, "soak");
+    guest.wait_for("BASALT-SOAK: round 3", BOOT_TIMEOUT);
+    let started = std::time::Instant::now();
+    let status = daemon.terminate();
+    let took = started.elapsed();
+    eprintln!("basaltd stopped in {took:?} with {status}");
+    assert!(
+        status.success(),
+        "basaltd exited with {status} when stopped under a running guest:\n{}",
+        daemon.log_tail(40)
+    );
+    guest.guard.kill();
+    daemon.restart();
+    let v = daemon.cli_json(&["vdisk", "show", "vm"]);
+    assert_eq!(v["state"], Value::from("healthy"), "{v}");
+    assert_eq!(
+        v["vhost_socket"],
+        Value::Null,
+        "exports do not outlive the daemon: {v}"
+    );
+    // The data of a completed soak round is on the vdisk (some round's
+    // pattern, whole blocks).
+    let mut client = daemon.nbd("vm");
+    let data = client
+        .read_all(16 << 20, 64 * 4096)
+        .expect("read soak area");
+    for (i, block) in data.chunks(4096).enumerate() {
+        let text = String::from_utf8_lossy(&block[..40]);
+        assert!(
+            text.starts_with("basalt soak") && text.contains(&format!(" block {i} ")),
+            "soak block {i} holds {text:?}"
+        );
+    }
+    client.disconnect();
+}
