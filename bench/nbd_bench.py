@@ -6,10 +6,13 @@
   basalt -- basaltd (release build) exporting a vdisk over NBD
 
 and prints every figure plus the ratios basalt/qsd and basalt/raw. Absolute
-numbers on shared machines are noise; compare the ratios of one run.
+numbers on shared machines are noise; compare the ratios of one run. All
+targets run side by side: every job is repeated (--repeat) with the targets
+taken in turn (rotating the order), and the median of the repeats is
+reported, so a burst of noise hits every target alike.
 
 Usage: bench/nbd_bench.py [--dir /var/tmp/basalt-bench] [--size 2G] [--runtime 10]
-                          [--targets raw,qsd,basalt] [--json results.json]
+                          [--repeat 3] [--targets raw,qsd,basalt] [--json results.json]
 Needs: fio (with the nbd engine), qemu-storage-daemon, a release build
 (`cargo build --release --bins`, done by this script unless --no-build).
 """
@@ -19,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -168,6 +172,7 @@ def main():
     p.add_argument("--dir", default="/var/tmp/basalt-bench")
     p.add_argument("--size", default="2G")
     p.add_argument("--runtime", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--targets", default="raw,qsd,basalt")
     p.add_argument("--jobs", default=",".join(j[0] for j in JOBS))
     p.add_argument("--json", help="write all figures to this file")
@@ -184,27 +189,35 @@ def main():
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     wanted = [j for j in JOBS if j[0] in args.jobs.split(",")]
-    results = {}
+    makers = {"raw": lambda: Raw(args.dir, size), "qsd": lambda: Qsd(args.dir, size),
+              "basalt": lambda: Basalt(args.dir, size, binary, cli)}
+    names = args.targets.split(",")
+    targets = {}
     rss = {}
-    for name in args.targets.split(","):
-        target = {"raw": lambda: Raw(args.dir, size), "qsd": lambda: Qsd(args.dir, size),
-                  "basalt": lambda: Basalt(args.dir, size, binary, cli)}[name]()
-        try:
+    try:
+        for name in names:
+            targets[name] = makers[name]()
             print(f"== {name}: prefilling {args.size}", flush=True)
-            prefill(target.args, size)
-            results[name] = {}
+            prefill(targets[name].args, size)
+        runs = {name: {job: [] for job, _, _ in wanted} for name in names}
+        for job, job_args, _ in wanted:
+            for rep in range(args.repeat):
+                order = names[rep % len(names):] + names[:rep % len(names)]
+                for name in order:
+                    print(f"   {job} #{rep + 1} {name}", flush=True)
+                    runs[name][job].append(fio(targets[name].args, job_args, args.runtime, size, job))
+        results = {name: {job: {key: statistics.median(r[key] for r in reps) for key in reps[0]}
+                          for job, reps in jobs.items()} for name, jobs in runs.items()}
+        if "basalt" in targets:
+            proc = targets["basalt"].proc
             peak = 0
-            for job, job_args, _ in wanted:
-                print(f"   {job}", flush=True)
-                results[name][job] = fio(target.args, job_args, args.runtime, size, job)
-                if target.proc:
-                    with open(f"/proc/{target.proc.pid}/status") as f:
-                        for line in f:
-                            if line.startswith("VmHWM:"):
-                                peak = int(line.split()[1])
-            if name == "basalt":
-                rss = {"idle_mib": target.idle_rss_kib / 1024, "peak_mib": peak / 1024}
-        finally:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = int(line.split()[1])
+            rss = {"idle_mib": targets["basalt"].idle_rss_kib / 1024, "peak_mib": peak / 1024}
+    finally:
+        for target in targets.values():
             target.stop()
     print()
     header = f"{'job':28} {'metric':10}" + "".join(f"{t:>12}" for t in results) + \
@@ -233,8 +246,9 @@ def main():
     print("(ratios >1 favour Basalt; for latency the ratio is peer/basalt)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "basalt_rss": rss, "size": args.size,
-                       "runtime": args.runtime, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+            json.dump({"results": results, "runs": runs, "basalt_rss": rss, "size": args.size,
+                       "runtime": args.runtime, "repeat": args.repeat,
+                       "date": time.strftime("%Y-%m-%d")}, f, indent=2)
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

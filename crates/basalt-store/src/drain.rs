@@ -30,6 +30,11 @@ use crate::format::{BLOCK_BYTES, BlockEntry, ExtentMeta, SLOT_META_BYTES};
 use crate::state::{Content, ExtentKey, overlay_prune};
 use crate::store::Store;
 
+/// Most drain writes in the device queue at once under memory pressure.
+const DRAIN_QUEUE_DEPTH: usize = 32;
+/// Most drain writes in the device queue at once otherwise.
+const DRAIN_QUEUE_DEPTH_GENTLE: usize = 1;
+
 /// Half of this is the headroom below which reservations are renewed.
 const RESERVE_AHEAD: u64 = 1 << 24;
 
@@ -190,13 +195,39 @@ impl Store {
         }
         let mut synced = Ok(());
         for phase in [first_phase, second_phase] {
-            // One submission for the whole phase: the block layer sees the
-            // writes together (fewer device notifications, merged neighbours).
-            let results = engine.write_batch(phase).await;
-
-            synced = match results.into_iter().find(|r| r.is_err()) {
-                Some(Err(e)) => Err(e),
-                _ => engine.sync().await,
+            // Background work must not bury foreground I/O: the drain keeps
+            // at most DRAIN_QUEUE_DEPTH writes in the device queue, each
+            // group handed to the kernel in one submission (fewer device
+            // notifications, neighbours merged).
+            let mut failed = None;
+            let mut phase = phase.into_iter();
+            loop {
+                // Gentle while memory is plentiful (a foreground write waits
+                // behind at most a few drain writes); full depth under
+                // pressure, when writers are about to wait for the drain.
+                let pressure = self.lock().undrained_total() > self.inner.config.memory_budget / 2;
+                let depth = if pressure {
+                    DRAIN_QUEUE_DEPTH
+                } else {
+                    DRAIN_QUEUE_DEPTH_GENTLE
+                };
+                let group: Vec<_> = phase.by_ref().take(depth).collect();
+                if group.is_empty() {
+                    break;
+                }
+                if let Some(Err(e)) = engine
+                    .write_batch(group)
+                    .await
+                    .into_iter()
+                    .find(|r| r.is_err())
+                {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            synced = match failed {
+                Some(e) => Err(e),
+                None => engine.sync().await,
             };
             if synced.is_err() {
                 break;

@@ -87,7 +87,6 @@ pub enum StoreError {
     #[error("data directory {0} is in use by another basaltd")]
     DataDirInUse(PathBuf),
     /// The store is shutting down.
-
     #[error("the store is shutting down")]
     ShuttingDown,
 }

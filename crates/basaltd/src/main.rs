@@ -59,6 +59,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 
+    /// Threads serving I/O and the API [default: half the CPUs, at least
+    /// one: on a hyperconverged host the rest belong to the guests].
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
+
     /// Written data held in memory before writers wait for it to drain.
     #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = parse_size_arg)]
     memory_budget: u64,
@@ -118,10 +123,12 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("basaltd")
-        .build();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    builder.worker_threads(args.worker_threads.unwrap_or(cpus / 2).max(1));
+    let runtime = builder.enable_all().thread_name("basaltd").build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
