@@ -149,3 +149,39 @@ pub struct VhostExport {
     /// Unix socket QEMU connects to (`-chardev socket,path=...`).
     pub socket: String,
 }
+
+/// A member of the cluster, as `GET /api/v1/cluster` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// Node id in the cluster (assigned when it joined).
+    pub id: u64,
+    /// The node's own identity (its disks' labels carry it).
+    pub uuid: String,
+    /// Node-to-node address (`--listen`).
+    pub address: String,
+    /// REST API address.
+    pub api: String,
+    /// NBD address.
+    pub nbd: String,
+    /// `up`, or `down` once silent past `--dead-after` (decided by the cluster).
+    pub state: String,
+    /// Whether the answering node heard from it in the last few seconds.
+    pub reachable: bool,
+    /// Raft role: `voter` or `learner`.
+    pub role: String,
+    /// Whether it is the Raft leader.
+    pub leader: bool,
+}
+
+/// Answer of `GET /api/v1/cluster`: the cluster as the answering node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The cluster's identity.
+    pub cluster_id: String,
+    /// The answering node's id.
+    pub node_id: u64,
+    /// The Raft leader's id, if one is known.
+    pub leader: Option<u64>,
+    /// Every member.
+    pub nodes: Vec<ClusterNode>,
+}

@@ -6,7 +6,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
-use basalt_api::{CreateVdisk, Disk, ErrorBody, NodeStatus, ResizeVdisk, Vdisk, VhostExport};
+use basalt_api::{
+    ClusterStatus, CreateVdisk, Disk, ErrorBody, NodeStatus, ResizeVdisk, Vdisk, VhostExport,
+};
 use basalt_core::size::{format_size, parse_size};
 use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
@@ -38,12 +40,21 @@ struct Cli {
 enum Command {
     /// Show the node's health, capacity and counters.
     Status,
+    /// The cluster the node belongs to.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Disks owned by the node.
     #[command(subcommand)]
     Disk(DiskCommand),
     /// Virtual disks.
     #[command(subcommand)]
     Vdisk(VdiskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// List the members with their state and Raft role.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -249,6 +260,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ];
             for (k, v) in rows {
                 t.add_row(vec![k.to_string(), v]);
+            }
+            println!("{t}");
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let c: ClusterStatus = client.get("/cluster")?;
+            if cli.json {
+                return print_json(&c);
+            }
+            println!("cluster {} (answered by node {})", c.cluster_id, c.node_id);
+            let mut t = table(&["Id", "Address", "State", "Reachable", "Role", "API", "NBD"]);
+            for n in c.nodes {
+                let role = if n.leader {
+                    format!("{} (leader)", n.role)
+                } else {
+                    n.role
+                };
+                t.add_row(vec![
+                    n.id.to_string(),
+                    n.address,
+                    n.state,
+                    if n.reachable { "yes" } else { "no" }.to_string(),
+                    role,
+                    n.api,
+                    n.nbd,
+                ]);
             }
             println!("{t}");
         }

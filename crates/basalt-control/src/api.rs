@@ -14,7 +14,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use basalt_api::{
-    CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus, ResizeVdisk, Vdisk, VhostExport,
+    ClusterNode, ClusterStatus, CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus,
+    ResizeVdisk, Vdisk, VhostExport,
 };
 use utoipa::OpenApi;
 
@@ -31,6 +32,7 @@ use crate::{ControlError, metrics};
     paths(
         health,
         status,
+        cluster_status,
         list_disks,
         list_vdisks,
         create_vdisk,
@@ -44,6 +46,8 @@ use crate::{ControlError, metrics};
         ErrorBody,
         Health,
         NodeStatus,
+        ClusterStatus,
+        ClusterNode,
         IoCounters,
         Disk,
         Vdisk,
@@ -107,6 +111,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics_endpoint))
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/disks", get(list_disks))
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route("/api/v1/vdisks/{name}", get(get_vdisk).delete(delete_vdisk))
@@ -165,6 +170,14 @@ async fn health() -> Json<Health> {
 #[utoipa::path(get, path = "/api/v1/status", responses((status = 200, body = NodeStatus)))]
 async fn status(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
     Json(node.status())
+}
+
+/// The cluster: members, their state and Raft roles, as this node sees it.
+#[utoipa::path(get, path = "/api/v1/cluster", responses((status = 200, body = ClusterStatus)))]
+async fn cluster_status(
+    State(node): State<Arc<Node>>,
+) -> Result<Json<ClusterStatus>, ControlError> {
+    Ok(Json(node.cluster_status()?))
 }
 
 /// The node's disks.

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use basalt_api::{Disk, IoCounters, NodeStatus, Vdisk, VhostExport};
+use basalt_api::{ClusterNode, ClusterStatus, Disk, IoCounters, NodeStatus, Vdisk, VhostExport};
+use basalt_meta::{MetaNode, NodeState};
 use basalt_store::{Store, StoreError, VdiskInfo};
 use basalt_vdisk::VdiskRegistry;
 use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
@@ -37,11 +38,16 @@ pub struct Node {
     runtime: tokio::runtime::Handle,
     exports: Mutex<HashMap<String, VhostBlkExport>>,
     started: Instant,
+    cluster: MetaNode,
 }
 
 impl Node {
     /// A node over an open store. Must be called inside a tokio runtime.
-    pub fn new(store: Store, config: NodeConfig) -> Result<Arc<Node>, ControlError> {
+    pub fn new(
+        store: Store,
+        config: NodeConfig,
+        cluster: MetaNode,
+    ) -> Result<Arc<Node>, ControlError> {
         std::fs::create_dir_all(&config.vhost_dir).map_err(|source| ControlError::Io {
             path: config.vhost_dir.clone(),
             source,
@@ -53,7 +59,54 @@ impl Node {
             runtime: tokio::runtime::Handle::current(),
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            cluster,
         }))
+    }
+
+    /// This node's part of the cluster metadata group.
+    pub fn cluster(&self) -> &MetaNode {
+        &self.cluster
+    }
+
+    /// The cluster as this node sees it.
+    pub fn cluster_status(&self) -> Result<ClusterStatus, ControlError> {
+        let membership = self
+            .cluster
+            .membership()
+            .ok_or_else(|| ControlError::Internal("this node has not joined a cluster".into()))?;
+        let state = self.cluster.cluster();
+        let leader = self.cluster.leader();
+        let voters = self.cluster.voters();
+        let nodes = state
+            .nodes
+            .values()
+            .map(|n| ClusterNode {
+                id: n.id,
+                uuid: n.uuid.to_string(),
+                address: n.listen.clone(),
+                api: n.api.clone(),
+                nbd: n.nbd.clone(),
+                state: match n.state {
+                    NodeState::Up => "up",
+                    NodeState::Down => "down",
+                }
+                .to_string(),
+                reachable: self.cluster.reachable(n.id),
+                role: if voters.contains(&n.id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .to_string(),
+                leader: leader == Some(n.id),
+            })
+            .collect();
+        Ok(ClusterStatus {
+            cluster_id: membership.cluster_id.to_string(),
+            node_id: membership.node_id,
+            leader,
+            nodes,
+        })
     }
 
     /// The store.

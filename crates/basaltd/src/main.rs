@@ -9,9 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use std::time::Duration;
+
 use basalt_control::{Node, NodeConfig};
 use basalt_core::size::parse_size;
 use basalt_disk::EngineChoice;
+use basalt_meta::{MetaConfig, MetaNode, NodeAnnouncement};
+use basalt_net::{Identity, Transport, TransportConfig};
 
 use basalt_store::{DiskSpec, Store, StoreConfig};
 use clap::{Parser, ValueEnum};
@@ -45,10 +49,21 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     vhost_dir: Option<PathBuf>,
 
-    /// Address for node-to-node traffic. Reserved for clustering, which this
-    /// release does not have yet: the flag is accepted and nothing listens.
+    /// Address for node-to-node traffic (Raft, replication); other members
+    /// reach this node here, so it must be an address they can connect to.
+    #[arg(long, default_value = "127.0.0.1:7481", value_name = "HOST:PORT")]
+    listen: SocketAddr,
+
+    /// Join the cluster of the member listening at HOST:PORT (its --listen).
+    /// Ignored once the node belongs to a cluster. Without it, a node with no
+    /// cluster state bootstraps a new one-node cluster.
     #[arg(long, value_name = "HOST:PORT")]
-    listen: Option<SocketAddr>,
+    join: Option<String>,
+
+    /// Seconds a silent node or disk waits before it is declared dead (and
+    /// its replicas rebuilt elsewhere).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    dead_after: u64,
 
     /// Claim disks labelled for another node or holding other data,
     /// destroying their contents.
@@ -163,8 +178,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Engine::Uring => EngineChoice::Uring,
         Engine::Sync => EngineChoice::Sync,
     };
-    if let Some(listen) = args.listen {
-        tracing::warn!(%listen, "--listen is reserved for clustering, which this release does not have yet; nothing listens there");
+    if args.dead_after == 0 {
+        bail!("--dead-after must be at least 1 second");
     }
 
     // Bind the frontends before opening the store so a taken port fails fast.
@@ -174,8 +189,61 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let api_listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| format!("cannot listen for the API on {}", args.api))?;
+    let peer_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", args.listen))?;
 
     let store = Store::open(config).await.context("opening the store")?;
+    let transport = Transport::new(
+        Identity {
+            cluster_id: uuid::Uuid::nil(),
+            node_id: 0,
+        },
+        TransportConfig::default(),
+    );
+    let peer_task = transport.serve(peer_listener);
+    let meta_config = MetaConfig {
+        dead_after: Duration::from_secs(args.dead_after),
+        ..MetaConfig::default()
+    };
+    let cluster = MetaNode::open(
+        &args.data_dir.join("cluster"),
+        transport.clone(),
+        meta_config,
+    )
+    .await
+    .context("opening the cluster metadata")?;
+    let me = NodeAnnouncement {
+        uuid: store.node_id(),
+        listen: args.listen.to_string(),
+        api: args.api.to_string(),
+        nbd: args.nbd.to_string(),
+    };
+    match (cluster.membership(), &args.join) {
+        (Some(membership), Some(member)) => tracing::warn!(
+            cluster = %membership.cluster_id,
+            node = membership.node_id,
+            %member,
+            "this node already belongs to a cluster; --join is ignored"
+        ),
+        (Some(membership), None) => tracing::info!(
+            cluster = %membership.cluster_id,
+            node = membership.node_id,
+            "rejoining the cluster"
+        ),
+        (None, Some(member)) => {
+            cluster
+                .join(member, me)
+                .await
+                .with_context(|| format!("joining the cluster at {member}"))?;
+        }
+        (None, None) => {
+            cluster
+                .bootstrap(me)
+                .await
+                .context("bootstrapping a new cluster")?;
+        }
+    }
     let vhost_dir = args
         .vhost_dir
         .clone()
@@ -187,6 +255,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             nbd_address: args.nbd.to_string(),
             vhost_dir,
         },
+        cluster.clone(),
     )?;
 
     let (stop, stopped) = watch::channel(false);
@@ -204,7 +273,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .await
     });
-    tracing::info!(api = %args.api, nbd = %args.nbd, data_dir = %args.data_dir.display(), "basaltd serving");
+    tracing::info!(api = %args.api, nbd = %args.nbd, listen = %args.listen, data_dir = %args.data_dir.display(), "basaltd serving");
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -217,6 +286,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Ok(Err(e)) = api_task.await {
         tracing::warn!(error = %e, "API server stopped with an error");
     }
+    cluster.shutdown().await;
+    transport.shutdown();
+    let _ = peer_task.await;
     node.shutdown().await.context("shutting the store down")?;
     tracing::info!("stopped cleanly");
     Ok(())

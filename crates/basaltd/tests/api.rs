@@ -410,6 +410,11 @@ fn second_daemon_on_the_same_data_dir_or_disk_is_refused() {
         .position(|a| a == "--nbd")
         .expect("--nbd in args");
     args[nbd_at + 1] = format!("127.0.0.1:{}", common::pick_port());
+    let listen_at = args
+        .iter()
+        .position(|a| a == "--listen")
+        .expect("--listen in args");
+    args[listen_at + 1] = format!("127.0.0.1:{}", common::pick_port());
     let text = daemon_must_refuse(&args);
     assert!(
         text.contains("already open") || text.contains("in use") || text.contains("lock"),
@@ -476,6 +481,8 @@ fn disk_of_another_node_needs_force_claim() {
         format!("127.0.0.1:{}", common::pick_port()),
         "--nbd".to_string(),
         format!("127.0.0.1:{}", common::pick_port()),
+        "--listen".to_string(),
+        format!("127.0.0.1:{}", common::pick_port()),
     ];
     let head = |path: &std::path::Path| {
         let mut head = vec![0u8; 2 << 20];
@@ -515,7 +522,11 @@ fn taken_ports_are_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = listener.local_addr().expect("addr").port();
     let dir = common::test_dir("ports");
-    for (flag, what) in [("--api", "the API"), ("--nbd", "NBD")] {
+    for (flag, what) in [
+        ("--api", "the API"),
+        ("--nbd", "NBD"),
+        ("--listen", "peers"),
+    ] {
         let mut args = vec![
             "--data-dir".to_string(),
             dir.path().join("data").display().to_string(),
@@ -524,6 +535,8 @@ fn taken_ports_are_refused() {
             "--api".to_string(),
             format!("127.0.0.1:{}", common::pick_port()),
             "--nbd".to_string(),
+            format!("127.0.0.1:{}", common::pick_port()),
+            "--listen".to_string(),
             format!("127.0.0.1:{}", common::pick_port()),
         ];
         let at = args.iter().position(|a| a == flag).expect("flag in args");

@@ -483,6 +483,8 @@ pub struct Daemon {
     pub api_port: u16,
     /// Port of the NBD server.
     pub nbd_port: u16,
+    /// Port of the node-to-node listener.
+    pub listen_port: u16,
     options: DaemonOptions,
     log: PathBuf,
     starts: u32,
@@ -509,6 +511,7 @@ impl Daemon {
             disk,
             api_port: pick_port(),
             nbd_port: pick_port(),
+            listen_port: pick_port(),
             options,
             log,
             starts: 0,
@@ -541,6 +544,8 @@ impl Daemon {
             format!("127.0.0.1:{}", self.api_port),
             "--nbd".to_string(),
             format!("127.0.0.1:{}", self.nbd_port),
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", self.listen_port),
         ]);
         if let Some(engine) = self.options.engine {
             args.extend(["--engine".to_string(), engine.to_string()]);
@@ -593,6 +598,7 @@ impl Daemon {
                         eprintln!("port taken, retrying on other ports:\n{text}");
                         self.api_port = pick_port();
                         self.nbd_port = pick_port();
+                        self.listen_port = pick_port();
                         continue;
                     }
                     return Err(format!(

@@ -1,0 +1,757 @@
+//! A node's membership in the metadata group: bootstrap, join, proposals,
+//! voter management.
+//!
+//! * **Bootstrap**: the first node initialises a one-voter Raft group and
+//!   proposes the cluster's identity and its own member record.
+//! * **Join**: a new node (nil cluster id, so it may call only the open
+//!   meta service) asks any member to join; the member forwards to the
+//!   leader, which assigns the next node id, records the member through Raft
+//!   and adds it as a Raft learner. The new node then takes the cluster id
+//!   and node id as its identity and starts its Raft node, which the leader
+//!   fills in.
+//! * **Voters**: the leader promotes caught-up learners until the group has
+//!   1, 3 or 5 voters (the first three nodes, then five from five nodes).
+//! * **Proposals** go to the leader: a follower forwards them over the meta
+//!   service, so any node can change the metadata.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use basalt_net::{
+    Handler, Identity, Incoming, NetError, RemoteError, Reply, TrafficClass, Transport,
+};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, ServerState};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::network::{Network, RaftService, SERVICE_RAFT};
+use crate::state::{ClusterState, Command, CommandResult, NodeId, NodeRecord, NodeState};
+use crate::storage::{LogStore, StateMachine};
+use crate::{MetaError, Node, Raft};
+
+/// Service number of metadata requests (join, proposals).
+pub const SERVICE_META: u16 = 2;
+
+/// Error code of a meta request that failed.
+const CODE_META: u16 = 2;
+
+/// File recording which cluster this node belongs to and its node id.
+pub const MEMBERSHIP_FILE: &str = "cluster.json";
+
+/// How this node takes part, as recorded in its data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The cluster.
+    pub cluster_id: Uuid,
+    /// This node's id in it.
+    pub node_id: NodeId,
+}
+
+/// Addresses and identity a node announces when it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAnnouncement {
+    /// The node's own identity (its disks' labels carry it).
+    pub uuid: Uuid,
+    /// Node-to-node address.
+    pub listen: String,
+    /// REST API address.
+    pub api: String,
+    /// NBD address.
+    pub nbd: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MetaRequest {
+    Join(NodeAnnouncement),
+    Propose(Command),
+    Ping,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MetaReply {
+    Joined(Membership),
+    Applied(CommandResult),
+    Pong,
+}
+
+/// Timing of the metadata group.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout range (a follower waits a random time in it).
+    pub election_timeout: (Duration, Duration),
+    /// How often every node pings every other member.
+    pub ping_interval: Duration,
+    /// How long a member may stay silent before the leader declares it down.
+    pub dead_after: Duration,
+}
+
+impl Default for MetaConfig {
+    fn default() -> MetaConfig {
+        MetaConfig {
+            heartbeat: Duration::from_millis(250),
+            election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
+            ping_interval: Duration::from_secs(1),
+            dead_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// This node's part of the metadata group.
+#[derive(Clone)]
+pub struct MetaNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    raft: Arc<tokio::sync::OnceCell<Raft>>,
+    machine: StateMachine,
+    log: LogStore,
+    transport: Transport,
+    dir: PathBuf,
+    config: MetaConfig,
+    /// Serialises joins on the leader so two joiners never get the same id.
+    join_lock: tokio::sync::Mutex<()>,
+    /// When each member last answered a ping from this node.
+    last_seen: parking_lot::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>,
+    /// Since when this node has been leader (None when it is not).
+    leader_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Reads the membership file of a data directory, if the node belongs to a cluster.
+pub fn read_membership(dir: &Path) -> Result<Option<Membership>, MetaError> {
+    match std::fs::read(dir.join(MEMBERSHIP_FILE)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| MetaError::Storage(format!("{MEMBERSHIP_FILE} is unreadable: {e}"))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(MetaError::Io(error)),
+    }
+}
+
+fn write_membership(dir: &Path, membership: &Membership) -> Result<(), MetaError> {
+    let bytes =
+        serde_json::to_vec_pretty(membership).map_err(|e| MetaError::Storage(e.to_string()))?;
+    let temp = dir.join(format!("{MEMBERSHIP_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, dir.join(MEMBERSHIP_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn raft_error(error: impl std::fmt::Display) -> MetaError {
+    MetaError::Raft(error.to_string())
+}
+
+impl MetaNode {
+    /// Opens the metadata storage in `dir` and registers the Raft and meta
+    /// services on `transport`. If the directory records a membership, the
+    /// node's Raft starts at once; otherwise call [`MetaNode::bootstrap`] or
+    /// [`MetaNode::join`].
+    pub async fn open(
+        dir: &Path,
+        transport: Transport,
+        config: MetaConfig,
+    ) -> Result<MetaNode, MetaError> {
+        std::fs::create_dir_all(dir)?;
+        let log = LogStore::open(&dir.join("raft.redb"))?;
+        let machine = StateMachine::open(dir)?;
+        let raft = Arc::new(tokio::sync::OnceCell::new());
+        let node = MetaNode {
+            inner: Arc::new(Inner {
+                raft: raft.clone(),
+                machine,
+                log,
+                transport: transport.clone(),
+                dir: dir.to_path_buf(),
+                config,
+                join_lock: tokio::sync::Mutex::new(()),
+                last_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+                leader_since: parking_lot::Mutex::new(None),
+                tasks: parking_lot::Mutex::new(Vec::new()),
+            }),
+        };
+        transport.register(SERVICE_RAFT, Arc::new(RaftService::new(raft)), false);
+        transport.register(
+            SERVICE_META,
+            Arc::new(MetaService {
+                node: Arc::downgrade(&node.inner),
+            }),
+            true,
+        );
+        if let Some(membership) = read_membership(dir)? {
+            transport.set_identity(Identity {
+                cluster_id: membership.cluster_id,
+                node_id: membership.node_id,
+            });
+            node.start_raft(membership.node_id).await?;
+        }
+        Ok(node)
+    }
+
+    async fn start_raft(&self, node_id: NodeId) -> Result<Raft, MetaError> {
+        let config = &self.inner.config;
+        let raft_config = Config {
+            cluster_name: "basalt".into(),
+            heartbeat_interval: config.heartbeat.as_millis() as u64,
+            election_timeout_min: config.election_timeout.0.as_millis() as u64,
+            election_timeout_max: config.election_timeout.1.as_millis() as u64,
+            ..Config::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().map_err(raft_error)?);
+        let raft = Raft::new(
+            node_id,
+            raft_config,
+            Network::new(self.inner.transport.clone()),
+            self.inner.log.clone(),
+            self.inner.machine.clone(),
+        )
+        .await
+        .map_err(raft_error)?;
+        self.inner
+            .raft
+            .set(raft.clone())
+            .map_err(|_| MetaError::Raft("raft is already running".into()))?;
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let node = MetaNode { inner };
+                if let Err(error) = node.manage_voters().await {
+                    tracing::debug!(%error, "voter management");
+                }
+            }
+        });
+        self.inner.tasks.lock().push(task);
+        let weak = Arc::downgrade(&self.inner);
+        let interval = self.inner.config.ping_interval;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let node = MetaNode { inner };
+                node.ping_members().await;
+                if let Err(error) = node.judge_members().await {
+                    tracing::debug!(%error, "failure detection");
+                }
+            }
+        });
+        self.inner.tasks.lock().push(task);
+        Ok(raft)
+    }
+
+    /// The running Raft node, once bootstrapped or joined.
+    pub fn raft(&self) -> Option<Raft> {
+        self.inner.raft.get().cloned()
+    }
+
+    /// This node's membership, once it has one.
+    pub fn membership(&self) -> Option<Membership> {
+        let identity = self.inner.transport.identity();
+        (!identity.cluster_id.is_nil()).then_some(Membership {
+            cluster_id: identity.cluster_id,
+            node_id: identity.node_id,
+        })
+    }
+
+    /// The replicated state as this node has applied it.
+    pub fn cluster(&self) -> ClusterState {
+        self.inner.machine.cluster()
+    }
+
+    /// Notified after every change to the replicated state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<ClusterState>> {
+        self.inner.machine.subscribe()
+    }
+
+    /// Creates a new one-node cluster with this node as its first member.
+    pub async fn bootstrap(&self, me: NodeAnnouncement) -> Result<Membership, MetaError> {
+        if let Some(membership) = self.membership() {
+            return Err(MetaError::Raft(format!(
+                "this node already belongs to cluster {}",
+                membership.cluster_id
+            )));
+        }
+        let membership = Membership {
+            cluster_id: Uuid::new_v4(),
+            node_id: 1,
+        };
+        self.inner.transport.set_identity(Identity {
+            cluster_id: membership.cluster_id,
+            node_id: membership.node_id,
+        });
+        let raft = self.start_raft(membership.node_id).await?;
+        let mut voters = std::collections::BTreeMap::new();
+        voters.insert(membership.node_id, Node::new(me.listen.clone()));
+        raft.initialize(voters).await.map_err(raft_error)?;
+        raft.wait(Some(Duration::from_secs(10)))
+            .state(ServerState::Leader, "bootstrap leader")
+            .await
+            .map_err(raft_error)?;
+        self.propose_local(Command::Bootstrap {
+            cluster_id: membership.cluster_id,
+        })
+        .await?;
+        self.propose_local(Command::AddNode {
+            node: record(membership.node_id, &me),
+        })
+        .await?;
+        write_membership(&self.inner.dir, &membership)?;
+        tracing::info!(cluster = %membership.cluster_id, node = membership.node_id, "bootstrapped a new cluster");
+        Ok(membership)
+    }
+
+    /// Joins the cluster of the member listening at `member`.
+    pub async fn join(&self, member: &str, me: NodeAnnouncement) -> Result<Membership, MetaError> {
+        if let Some(membership) = self.membership() {
+            return Err(MetaError::Raft(format!(
+                "this node already belongs to cluster {}",
+                membership.cluster_id
+            )));
+        }
+        let reply = self
+            .inner
+            .transport
+            .call_timeout(
+                member,
+                TrafficClass::Control,
+                SERVICE_META,
+                encode_body(&MetaRequest::Join(me))?,
+                Bytes::new(),
+                Duration::from_secs(30),
+            )
+            .await?;
+        let MetaReply::Joined(membership) = decode_body(&reply.body)? else {
+            return Err(MetaError::Raft("unexpected reply to a join".into()));
+        };
+        // The identity must be in place before the leader's Raft messages
+        // arrive; until then they are refused and retried.
+        self.inner.transport.set_identity(Identity {
+            cluster_id: membership.cluster_id,
+            node_id: membership.node_id,
+        });
+        write_membership(&self.inner.dir, &membership)?;
+        self.start_raft(membership.node_id).await?;
+        tracing::info!(cluster = %membership.cluster_id, node = membership.node_id, via = member, "joined the cluster");
+        Ok(membership)
+    }
+
+    /// Applies a command through Raft, forwarding it to the leader if this
+    /// node is not the leader. Returns what applying it produced (which may
+    /// be a refusal).
+    pub async fn propose(&self, command: Command) -> Result<CommandResult, MetaError> {
+        let mut last_error = MetaError::Raft("no leader".into());
+        for _attempt in 0..20 {
+            let raft = self
+                .raft()
+                .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
+            match raft.client_write(command.clone()).await {
+                Ok(response) => return Ok(response.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    match forward.leader_node {
+                        Some(leader) => match self.forward(&leader.addr, &command).await {
+                            Ok(result) => return Ok(result),
+                            Err(error) => last_error = error,
+                        },
+                        None => last_error = MetaError::Raft("no leader elected yet".into()),
+                    }
+                }
+                Err(error) => last_error = raft_error(error),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(last_error)
+    }
+
+    async fn propose_local(&self, command: Command) -> Result<CommandResult, MetaError> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| MetaError::Raft("raft is not running".into()))?;
+        let response = raft.client_write(command).await.map_err(raft_error)?;
+        match response.data {
+            CommandResult::Refused(reason) => Err(MetaError::Raft(reason)),
+            other => Ok(other),
+        }
+    }
+
+    async fn forward(&self, leader: &str, command: &Command) -> Result<CommandResult, MetaError> {
+        let reply = self
+            .inner
+            .transport
+            .call_timeout(
+                leader,
+                TrafficClass::Control,
+                SERVICE_META,
+                encode_body(&MetaRequest::Propose(command.clone()))?,
+                Bytes::new(),
+                Duration::from_secs(10),
+            )
+            .await?;
+        match decode_body(&reply.body)? {
+            MetaReply::Applied(result) => Ok(result),
+            _ => Err(MetaError::Raft("unexpected reply to a proposal".into())),
+        }
+    }
+
+    /// Leader only: admits a joining node.
+    async fn admit(&self, me: NodeAnnouncement) -> Result<Membership, MetaError> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
+        let _guard = self.inner.join_lock.lock().await;
+        let state = self.cluster();
+        let node_id = match state.nodes.values().find(|n| n.uuid == me.uuid) {
+            // A retry of a join that got this far before.
+            Some(existing) if existing.listen == me.listen => existing.id,
+            Some(existing) => {
+                return Err(MetaError::Raft(format!(
+                    "node {} is already member {} at {}",
+                    me.uuid, existing.id, existing.listen
+                )));
+            }
+            None => {
+                let node_id = state.next_node_id();
+                self.propose_local(Command::AddNode {
+                    node: record(node_id, &me),
+                })
+                .await?;
+                node_id
+            }
+        };
+        raft.add_learner(node_id, Node::new(me.listen.clone()), false)
+            .await
+            .map_err(raft_error)?;
+        Ok(Membership {
+            cluster_id: state.cluster_id,
+            node_id,
+        })
+    }
+
+    /// Leader only: promotes caught-up learners until there are enough voters.
+    async fn manage_voters(&self) -> Result<(), MetaError> {
+        let Some(raft) = self.raft() else {
+            return Ok(());
+        };
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return Ok(());
+        }
+        let state = self.cluster();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let up = state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .count();
+        let target = match up {
+            0..=2 => 1,
+            3..=4 => 3,
+            _ => 5,
+        };
+        if voters.len() >= target {
+            return Ok(());
+        }
+        let last_log = metrics.last_log_index.unwrap_or(0);
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let mut promote = BTreeSet::new();
+        for learner in membership.learner_ids() {
+            let caught_up = replication
+                .get(&learner)
+                .and_then(|matched| matched.map(|log_id| log_id.index + 16 >= last_log))
+                .unwrap_or(false);
+            let is_up = state
+                .nodes
+                .get(&learner)
+                .is_some_and(|n| n.state == NodeState::Up);
+            if caught_up && is_up && voters.len() + promote.len() < target {
+                promote.insert(learner);
+            }
+        }
+        // Voter counts stay odd: promote only when the target is reachable.
+        if promote.is_empty() || voters.len() + promote.len() < target {
+            return Ok(());
+        }
+        tracing::info!(?promote, "promoting learners to voters");
+        raft.change_membership(ChangeMembers::AddVoterIds(promote), true)
+            .await
+            .map_err(raft_error)?;
+        Ok(())
+    }
+
+    /// Pings every other member once (in parallel) and notes who answered.
+    async fn ping_members(&self) {
+        let me = self.inner.transport.identity().node_id;
+        let members: Vec<(NodeId, String)> = self
+            .cluster()
+            .nodes
+            .values()
+            .filter(|n| n.id != me)
+            .map(|n| (n.id, n.listen.clone()))
+            .collect();
+        let timeout = self
+            .inner
+            .config
+            .ping_interval
+            .max(Duration::from_millis(200));
+        let pings = members.into_iter().map(|(id, addr)| {
+            let transport = self.inner.transport.clone();
+            async move {
+                let body = encode_body(&MetaRequest::Ping).ok()?;
+                transport
+                    .call_timeout(
+                        &addr,
+                        TrafficClass::Control,
+                        SERVICE_META,
+                        body,
+                        Bytes::new(),
+                        timeout,
+                    )
+                    .await
+                    .ok()
+                    .map(|_| id)
+            }
+        });
+        let answered: Vec<NodeId> = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let now = tokio::time::Instant::now();
+        let mut last_seen = self.inner.last_seen.lock();
+        last_seen.insert(me, now);
+        for id in answered {
+            last_seen.insert(id, now);
+        }
+    }
+
+    /// Whether this node heard from `node` within three ping intervals.
+    pub fn reachable(&self, node: NodeId) -> bool {
+        if node == self.inner.transport.identity().node_id {
+            return true;
+        }
+        let window = self.inner.config.ping_interval * 3;
+        self.inner
+            .last_seen
+            .lock()
+            .get(&node)
+            .is_some_and(|seen| seen.elapsed() <= window)
+    }
+
+    /// The current leader's id, as this node knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft()
+            .and_then(|raft| raft.metrics().borrow().current_leader)
+    }
+
+    /// Raft role of every member: voter or learner.
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft()
+            .map(|raft| {
+                raft.metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Leader only: declares members silent past `dead_after` down, and
+    /// members heard from again up. A new leader first gives everyone
+    /// `dead_after` from its election: it has not been pinging them before.
+    async fn judge_members(&self) -> Result<(), MetaError> {
+        let Some(raft) = self.raft() else {
+            return Ok(());
+        };
+        let is_leader = raft.metrics().borrow().state == ServerState::Leader;
+        let since = {
+            let mut leader_since = self.inner.leader_since.lock();
+            if !is_leader {
+                *leader_since = None;
+                return Ok(());
+            }
+            *leader_since.get_or_insert_with(tokio::time::Instant::now)
+        };
+        let dead_after = self.inner.config.dead_after;
+        let me = self.inner.transport.identity().node_id;
+        let mut changes = Vec::new();
+        {
+            let last_seen = self.inner.last_seen.lock();
+            for node in self.cluster().nodes.values() {
+                if node.id == me {
+                    continue;
+                }
+                let heard = last_seen
+                    .get(&node.id)
+                    .copied()
+                    .map_or(since, |t| t.max(since));
+                let silent = heard.elapsed();
+                match node.state {
+                    NodeState::Up if silent > dead_after => {
+                        changes.push((node.id, NodeState::Down))
+                    }
+                    NodeState::Down
+                        if last_seen.get(&node.id).is_some_and(|t| {
+                            t.elapsed() <= self.inner.config.ping_interval * 3
+                        }) =>
+                    {
+                        changes.push((node.id, NodeState::Up))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (node, state) in changes {
+            tracing::warn!(node, ?state, "member state changes");
+            self.propose_local(Command::SetNodeState { node, state })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Stops Raft and the background tasks (the transport is the caller's).
+    pub async fn shutdown(&self) {
+        for task in self.inner.tasks.lock().drain(..) {
+            task.abort();
+        }
+        if let Some(raft) = self.raft() {
+            let _ = raft.shutdown().await;
+        }
+    }
+}
+
+fn record(id: NodeId, me: &NodeAnnouncement) -> NodeRecord {
+    NodeRecord {
+        id,
+        uuid: me.uuid,
+        listen: me.listen.clone(),
+        api: me.api.clone(),
+        nbd: me.nbd.clone(),
+        joined: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        state: NodeState::Up,
+    }
+}
+
+fn encode_body<T: Serialize>(value: &T) -> Result<Bytes, MetaError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| MetaError::Storage(e.to_string()))
+}
+
+fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, MetaError> {
+    serde_json::from_slice(body).map_err(|e| MetaError::Net(NetError::Malformed(e.to_string())))
+}
+
+struct MetaService {
+    node: std::sync::Weak<Inner>,
+}
+
+impl Handler for MetaService {
+    fn handle(&self, request: Incoming) -> BoxFuture<'static, Result<Reply, RemoteError>> {
+        let node = self.node.upgrade().map(|inner| MetaNode { inner });
+        Box::pin(async move {
+            let node = node.ok_or_else(|| RemoteError::new(CODE_META, "node is stopping"))?;
+            let meta_request: MetaRequest = serde_json::from_slice(&request.body)
+                .map_err(|e| RemoteError::new(CODE_META, format!("malformed meta request: {e}")))?;
+            let fail = |error: MetaError| RemoteError::new(CODE_META, error.to_string());
+            let reply = match meta_request {
+                MetaRequest::Join(me) => {
+                    if !request.peer.joining {
+                        return Err(RemoteError::new(CODE_META, "this node is already a member"));
+                    }
+                    MetaReply::Joined(node.join_via_leader(me).await.map_err(fail)?)
+                }
+                MetaRequest::Ping => {
+                    if request.peer.joining {
+                        return Err(RemoteError::new(CODE_META, "join the cluster first"));
+                    }
+                    MetaReply::Pong
+                }
+                MetaRequest::Propose(command) => {
+                    if request.peer.joining {
+                        return Err(RemoteError::new(CODE_META, "join the cluster first"));
+                    }
+                    MetaReply::Applied(node.propose(command).await.map_err(fail)?)
+                }
+            };
+            serde_json::to_vec(&reply)
+                .map(Reply::body)
+                .map_err(|e| RemoteError::new(CODE_META, e.to_string()))
+        })
+    }
+}
+
+impl MetaNode {
+    /// Admits a joiner here if this node leads, else asks the leader (the
+    /// joiner reached a follower; the follower is a member, so it may call
+    /// the leader's meta service — but as a member, so it proxies the join
+    /// as an admission request of its own).
+    async fn join_via_leader(&self, me: NodeAnnouncement) -> Result<Membership, MetaError> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
+        for _attempt in 0..20 {
+            let metrics = raft.metrics().borrow().clone();
+            if metrics.state == ServerState::Leader {
+                return self.admit(me).await;
+            }
+            if let Some(leader) = metrics.current_leader
+                && let Some(node) = metrics.membership_config.membership().get_node(&leader)
+            {
+                return self.forward_join(&node.addr, &me).await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(MetaError::Raft("no leader elected".into()))
+    }
+
+    async fn forward_join(
+        &self,
+        leader: &str,
+        me: &NodeAnnouncement,
+    ) -> Result<Membership, MetaError> {
+        // Members reach the leader's admission through a proxy transport
+        // without identity, so the leader sees a joining peer.
+        let proxy = Transport::new(
+            Identity {
+                cluster_id: Uuid::nil(),
+                node_id: 0,
+            },
+            basalt_net::TransportConfig::default(),
+        );
+        let reply = proxy
+            .call_timeout(
+                leader,
+                TrafficClass::Control,
+                SERVICE_META,
+                encode_body(&MetaRequest::Join(me.clone()))?,
+                Bytes::new(),
+                Duration::from_secs(30),
+            )
+            .await;
+        proxy.shutdown();
+        match decode_body(&reply?.body)? {
+            MetaReply::Joined(membership) => Ok(membership),
+            _ => Err(MetaError::Raft("unexpected reply to a join".into())),
+        }
+    }
+}

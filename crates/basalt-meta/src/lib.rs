@@ -1,0 +1,61 @@
+//! Basalt's cluster metadata: one Raft group, through openraft.
+//!
+//! What every node must agree on — members, vdisk definitions, ownership
+//! epochs, replica placement — is a [`ClusterState`] replicated by Raft. Raft
+//! is never on the write path: the state changes when vdisks are created,
+//! acquired or resized, when nodes come and go and when placement moves, not
+//! when a guest writes.
+//!
+//! * [`state`]: the state and the commands that change it, validated
+//!   deterministically as they are applied.
+//! * [`storage`]: the Raft log and vote in redb, the state machine in memory
+//!   with snapshots in a file.
+//! * [`network`]: Raft RPCs as control-class frames of `basalt-net`.
+//!
+//! The storage implementation passes openraft's own conformance suite
+//! (`tests/conformance.rs`).
+
+pub mod cluster;
+pub mod network;
+pub mod state;
+pub mod storage;
+
+pub use cluster::{
+    Membership, MetaConfig, MetaNode, NodeAnnouncement, SERVICE_META, read_membership,
+};
+pub use state::{ClusterState, Command, CommandResult, NodeId, NodeRecord, NodeState, VdiskRecord};
+
+/// What Raft knows of a node: its node-to-node address.
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// Basalt's Raft types.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A running Raft node of Basalt's metadata group.
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Errors of the metadata layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// The Raft log or snapshot storage failed.
+    #[error("metadata storage: {0}")]
+    Storage(String),
+    /// A file operation failed.
+    #[error("metadata storage: {0}")]
+    Io(#[from] std::io::Error),
+    /// Raft itself failed.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// Talking to a peer failed.
+    #[error(transparent)]
+    Net(#[from] basalt_net::NetError),
+}
