@@ -144,13 +144,14 @@ class Basalt(Target):
     def __init__(self, workdir, size, binary, cli):
         super().__init__("basalt")
         data = os.path.join(workdir, "basalt-data")
-        api, nbd = free_port(), free_port()
+        api, nbd, listen = free_port(), free_port(), free_port()
         disk = max(size * 2 + (2 << 30), 8 << 30)
         self.log = open(os.path.join(workdir, "basaltd.log"), "w")
         self.proc = subprocess.Popen([
             binary, "--data-dir", data, "--disk", f"{data}/disk0.img:{disk}",
             "--api", f"127.0.0.1:{api}", "--nbd", f"127.0.0.1:{nbd}",
-        ], stdout=self.log, stderr=self.log)
+            "--listen", f"127.0.0.1:{listen}",
+        ] + os.environ.get("BASALTD_ARGS", "").split(), stdout=self.log, stderr=self.log)
         deadline = time.time() + 60
         while True:
             try:
