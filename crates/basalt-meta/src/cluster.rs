@@ -384,7 +384,7 @@ impl MetaNode {
             .ok_or_else(|| MetaError::Raft("raft is not running".into()))?;
         let response = raft.client_write(command).await.map_err(raft_error)?;
         match response.data {
-            CommandResult::Refused(reason) => Err(MetaError::Raft(reason)),
+            CommandResult::Refused { reason, .. } => Err(MetaError::Raft(reason)),
             other => Ok(other),
         }
     }

@@ -23,7 +23,10 @@ pub mod storage;
 pub use cluster::{
     Membership, MetaConfig, MetaNode, NodeAnnouncement, SERVICE_META, read_membership,
 };
-pub use state::{ClusterState, Command, CommandResult, NodeId, NodeRecord, NodeState, VdiskRecord};
+pub use state::{
+    ClusterState, Command, CommandResult, NodeId, NodeRecord, NodeState, Refusal, Replica,
+    ReplicaState, VdiskRecord,
+};
 
 /// What Raft knows of a node: its node-to-node address.
 pub type Node = openraft::BasicNode;

@@ -67,6 +67,43 @@ pub struct VdiskRecord {
     pub epoch: u64,
     /// The node serving the vdisk under `epoch`.
     pub owner: Option<NodeId>,
+    /// Where its data lives: `rf` nodes, each holding a full copy.
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+}
+
+/// One copy of a vdisk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// The node holding it.
+    pub node: NodeId,
+    /// Whether it holds every acknowledged write.
+    pub state: ReplicaState,
+}
+
+/// Whether a replica can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Holds every acknowledged write.
+    InSync,
+    /// Missed writes; must be resynced before it is read or counted.
+    Stale,
+}
+
+impl VdiskRecord {
+    /// Nodes of the in-sync replicas.
+    pub fn in_sync(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync)
+            .map(|r| r.node)
+    }
+
+    /// Whether `node` holds a replica (in sync or not).
+    pub fn has_replica_on(&self, node: NodeId) -> bool {
+        self.replicas.iter().any(|r| r.node == node)
+    }
 }
 
 /// A change to the cluster metadata.
@@ -90,7 +127,9 @@ pub enum Command {
         /// Its state.
         state: NodeState,
     },
-    /// Defines a vdisk.
+    /// Defines a vdisk and places its replicas: on `preferred` first (the
+    /// node it was created through, so its owner reads locally), then on the
+    /// up nodes holding the fewest replicas.
     CreateVdisk {
         /// Name.
         name: String,
@@ -100,6 +139,23 @@ pub enum Command {
         rf: u8,
         /// Creation time, unix seconds.
         created: u64,
+        /// Node to hold the first replica, if it is up.
+        #[serde(default)]
+        preferred: Option<NodeId>,
+    },
+    /// Adopts a vdisk that exists on one node already (a single node's
+    /// vdisks when it bootstraps a cluster), keeping its id.
+    ImportVdisk {
+        /// Its id on the node.
+        id: u64,
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Creation time, unix seconds.
+        created: u64,
+        /// The node holding it.
+        node: NodeId,
     },
     /// Grows a vdisk.
     ResizeVdisk {
@@ -120,6 +176,17 @@ pub enum Command {
         /// The new owner.
         node: NodeId,
     },
+    /// Records that `node`'s replica missed a write. Only the owner under
+    /// the current epoch may do so: a fenced owner's request is refused,
+    /// and with it the write it wanted to complete.
+    MarkStale {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The replica's node.
+        node: NodeId,
+        /// The epoch the requester writes under.
+        epoch: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -133,7 +200,40 @@ pub enum CommandResult {
     /// Applied; the vdisk's new epoch.
     Epoch(u64),
     /// Refused; nothing changed.
-    Refused(String),
+    Refused {
+        /// What kind of refusal.
+        kind: Refusal,
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+/// Kinds of refusal, so callers can answer with the right status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// Something named does not exist.
+    NotFound,
+    /// The name is taken.
+    Exists,
+    /// The request is invalid in itself.
+    Invalid,
+    /// The request conflicts with the current state (e.g. a fenced epoch).
+    Conflict,
+}
+
+type Refused = (Refusal, String);
+
+fn invalid(reason: impl Into<String>) -> Refused {
+    (Refusal::Invalid, reason.into())
+}
+
+fn conflict(reason: impl Into<String>) -> Refused {
+    (Refusal::Conflict, reason.into())
+}
+
+fn not_found(reason: impl Into<String>) -> Refused {
+    (Refusal::NotFound, reason.into())
 }
 
 /// The replicated metadata.
@@ -158,10 +258,16 @@ impl ClusterState {
         self.vdisks.values().find(|vdisk| vdisk.name == name)
     }
 
-    fn vdisk_id(&self, name: &str) -> Result<u64, String> {
+    fn vdisk_id(&self, name: &str) -> Result<u64, Refused> {
         self.vdisk_by_name(name)
             .map(|vdisk| vdisk.id)
-            .ok_or_else(|| format!("no vdisk named {name:?}"))
+            .ok_or_else(|| not_found(format!("no vdisk named {name}")))
+    }
+
+    fn vdisk_mut(&mut self, id: u64) -> Result<&mut VdiskRecord, Refused> {
+        self.vdisks
+            .get_mut(&id)
+            .ok_or_else(|| not_found(format!("no vdisk with id {id}")))
     }
 
     /// The next free node id (ids start at 1 and are never reused).
@@ -169,47 +275,89 @@ impl ClusterState {
         self.nodes.keys().next_back().map_or(1, |last| last + 1)
     }
 
+    /// Number of members that are up.
+    pub fn up_nodes(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .count()
+    }
+
+    /// Whether `node` is a member that is up.
+    pub fn is_up(&self, node: NodeId) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|n| n.state == NodeState::Up)
+    }
+
+    /// Up to `count` up nodes for new replicas: `preferred` first, then
+    /// those holding the fewest replicas, lowest id first.
+    fn place(&self, count: usize, preferred: Option<NodeId>) -> Vec<NodeId> {
+        let mut load: BTreeMap<NodeId, usize> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .map(|n| (n.id, 0))
+            .collect();
+        for vdisk in self.vdisks.values() {
+            for replica in &vdisk.replicas {
+                if let Some(count) = load.get_mut(&replica.node) {
+                    *count += 1;
+                }
+            }
+        }
+        let mut chosen = Vec::new();
+        if let Some(node) = preferred
+            && load.remove(&node).is_some()
+        {
+            chosen.push(node);
+        }
+        let mut rest: Vec<(usize, NodeId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
+        rest.sort_unstable();
+        chosen.extend(rest.into_iter().map(|(_, id)| id));
+        chosen.truncate(count);
+        chosen
+    }
+
     /// Applies one command; a refusal changes nothing.
     pub fn apply(&mut self, command: &Command) -> CommandResult {
         match self.try_apply(command) {
             Ok(result) => result,
-            Err(reason) => CommandResult::Refused(reason),
+            Err((kind, reason)) => CommandResult::Refused { kind, reason },
         }
     }
 
-    fn try_apply(&mut self, command: &Command) -> Result<CommandResult, String> {
+    fn try_apply(&mut self, command: &Command) -> Result<CommandResult, Refused> {
         match command {
             Command::Bootstrap { cluster_id } => {
                 if !self.cluster_id.is_nil() {
-                    return Err(format!(
+                    return Err(conflict(format!(
                         "cluster {} is already bootstrapped",
                         self.cluster_id
-                    ));
+                    )));
                 }
                 self.cluster_id = *cluster_id;
-                if self.next_vdisk_id == 0 {
-                    self.next_vdisk_id = 1;
-                }
+                self.next_vdisk_id = self.next_vdisk_id.max(1);
                 Ok(CommandResult::Done)
             }
             Command::AddNode { node } => {
                 if node.id == 0 {
-                    return Err("node id 0 is reserved".into());
+                    return Err(invalid("node id 0 is reserved"));
                 }
                 if self.nodes.contains_key(&node.id) {
-                    return Err(format!("node id {} is taken", node.id));
+                    return Err(conflict(format!("node id {} is taken", node.id)));
                 }
                 if let Some(existing) = self.nodes.values().find(|n| n.uuid == node.uuid) {
-                    return Err(format!(
+                    return Err(conflict(format!(
                         "node {} is already a member as node {}",
                         node.uuid, existing.id
-                    ));
+                    )));
                 }
                 if let Some(existing) = self.nodes.values().find(|n| n.listen == node.listen) {
-                    return Err(format!(
+                    return Err(conflict(format!(
                         "address {} is already used by node {}",
                         node.listen, existing.id
-                    ));
+                    )));
                 }
                 self.nodes.insert(node.id, node.clone());
                 Ok(CommandResult::Done)
@@ -218,7 +366,7 @@ impl ClusterState {
                 let record = self
                     .nodes
                     .get_mut(node)
-                    .ok_or_else(|| format!("no node {node}"))?;
+                    .ok_or_else(|| not_found(format!("no node {node}")))?;
                 record.state = *state;
                 Ok(CommandResult::Done)
             }
@@ -227,25 +375,37 @@ impl ClusterState {
                 size,
                 rf,
                 created,
+                preferred,
             } => {
                 validate_name(name)?;
                 if self.vdisk_by_name(name).is_some() {
-                    return Err(format!("a vdisk named {name:?} already exists"));
+                    return Err((
+                        Refusal::Exists,
+                        format!("a vdisk named {name} already exists"),
+                    ));
                 }
                 validate_size(*size)?;
                 if *rf == 0 || *rf > MAX_RF {
-                    return Err(format!(
+                    return Err(invalid(format!(
                         "replication factor must be 1 to {MAX_RF}, not {rf}"
-                    ));
+                    )));
                 }
-                let members = self.nodes.len();
-                if usize::from(*rf) > members {
-                    return Err(format!(
-                        "replication factor {rf} needs {rf} nodes; the cluster has {members}"
-                    ));
+                let nodes = self.place(usize::from(*rf), *preferred);
+                if nodes.len() < usize::from(*rf) {
+                    return Err(invalid(format!(
+                        "replication factor {rf} needs {rf} nodes that are up; the cluster has {}",
+                        self.up_nodes()
+                    )));
                 }
                 let id = self.next_vdisk_id.max(1);
                 self.next_vdisk_id = id + 1;
+                let replicas = nodes
+                    .into_iter()
+                    .map(|node| Replica {
+                        node,
+                        state: ReplicaState::InSync,
+                    })
+                    .collect();
                 self.vdisks.insert(
                     id,
                     VdiskRecord {
@@ -256,19 +416,57 @@ impl ClusterState {
                         created: *created,
                         epoch: 0,
                         owner: None,
+                        replicas,
                     },
                 );
                 Ok(CommandResult::Id(id))
             }
+            Command::ImportVdisk {
+                id,
+                name,
+                size,
+                created,
+                node,
+            } => {
+                validate_name(name)?;
+                validate_size(*size)?;
+                if self.vdisk_by_name(name).is_some() || self.vdisks.contains_key(id) {
+                    return Err((
+                        Refusal::Exists,
+                        format!("vdisk {name} (id {id}) already exists"),
+                    ));
+                }
+                if !self.nodes.contains_key(node) {
+                    return Err(not_found(format!("no node {node}")));
+                }
+                self.next_vdisk_id = self.next_vdisk_id.max(id + 1);
+                self.vdisks.insert(
+                    *id,
+                    VdiskRecord {
+                        id: *id,
+                        name: name.clone(),
+                        size: *size,
+                        rf: 1,
+                        created: *created,
+                        epoch: 0,
+                        owner: None,
+                        replicas: vec![Replica {
+                            node: *node,
+                            state: ReplicaState::InSync,
+                        }],
+                    },
+                );
+                Ok(CommandResult::Id(*id))
+            }
             Command::ResizeVdisk { name, size } => {
                 let id = self.vdisk_id(name)?;
                 validate_size(*size)?;
-                let vdisk = self.vdisks.get_mut(&id).ok_or("vdisk vanished")?;
+                let vdisk = self.vdisk_mut(id)?;
                 if *size < vdisk.size {
-                    return Err(format!(
-                        "cannot shrink {name:?} from {} to {size} bytes",
+                    return Err(invalid(format!(
+                        "cannot shrink {name} from {} to {size} bytes; vdisks only grow",
                         vdisk.size
-                    ));
+                    )));
                 }
                 vdisk.size = *size;
                 Ok(CommandResult::Done)
@@ -281,18 +479,41 @@ impl ClusterState {
             Command::AcquireVdisk { name, node } => {
                 let id = self.vdisk_id(name)?;
                 if !self.nodes.contains_key(node) {
-                    return Err(format!("no node {node}"));
+                    return Err(not_found(format!("no node {node}")));
                 }
-                let vdisk = self.vdisks.get_mut(&id).ok_or("vdisk vanished")?;
+                let vdisk = self.vdisk_mut(id)?;
                 vdisk.epoch += 1;
                 vdisk.owner = Some(*node);
                 Ok(CommandResult::Epoch(vdisk.epoch))
+            }
+            Command::MarkStale { vdisk, node, epoch } => {
+                let record = self.vdisk_mut(*vdisk)?;
+                if *epoch != record.epoch {
+                    return Err(conflict(format!(
+                        "epoch {epoch} of vdisk {} is fenced (current epoch {})",
+                        record.name, record.epoch
+                    )));
+                }
+                let in_sync = record.in_sync().count();
+                let name = record.name.clone();
+                let replica = record
+                    .replicas
+                    .iter_mut()
+                    .find(|r| r.node == *node)
+                    .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
+                if replica.state == ReplicaState::InSync && in_sync <= 1 {
+                    return Err(conflict(format!(
+                        "node {node} holds the last in-sync replica of {name}"
+                    )));
+                }
+                replica.state = ReplicaState::Stale;
+                Ok(CommandResult::Done)
             }
         }
     }
 }
 
-fn validate_name(name: &str) -> Result<(), String> {
+fn validate_name(name: &str) -> Result<(), Refused> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
@@ -302,17 +523,17 @@ fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
+        Err(invalid(format!(
             "invalid vdisk name {name:?}: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'"
-        ))
+        )))
     }
 }
 
-fn validate_size(size: u64) -> Result<(), String> {
+fn validate_size(size: u64) -> Result<(), Refused> {
     if size == 0 || !size.is_multiple_of(4096) {
-        return Err(format!(
+        return Err(invalid(format!(
             "size must be a non-zero multiple of 4 KiB, not {size}"
-        ));
+        )));
     }
     Ok(())
 }
@@ -356,6 +577,7 @@ mod tests {
             size,
             rf,
             created: 0,
+            preferred: None,
         }
     }
 
@@ -392,7 +614,7 @@ mod tests {
         ] {
             let result = state.apply(&bad);
             assert!(
-                matches!(result, CommandResult::Refused(_)),
+                matches!(result, CommandResult::Refused { .. }),
                 "{bad:?} gave {result:?}"
             );
             assert_eq!(state, before, "{bad:?} changed the state");
@@ -417,5 +639,70 @@ mod tests {
         );
         assert_eq!(state.apply(&create("a", 1 << 20, 1)), CommandResult::Id(2));
         assert_eq!(state.next_node_id(), 4);
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_up_nodes_starting_with_the_preferred_one() {
+        let mut state = bootstrapped(3);
+        let with_preference = |name: &str, rf, preferred| Command::CreateVdisk {
+            name: name.into(),
+            size: 1 << 20,
+            rf,
+            created: 0,
+            preferred: Some(preferred),
+        };
+        assert_eq!(state.apply(&with_preference("a", 2, 3)), CommandResult::Id(1));
+        let nodes = |state: &ClusterState, name: &str| -> Vec<NodeId> {
+            state
+                .vdisk_by_name(name)
+                .map(|v| v.replicas.iter().map(|r| r.node).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(nodes(&state, "a"), vec![3, 1]);
+        // The least loaded node comes next: node 2 holds nothing yet.
+        assert_eq!(state.apply(&with_preference("b", 2, 1)), CommandResult::Id(2));
+        assert_eq!(nodes(&state, "b"), vec![1, 2]);
+        // A down node gets no replicas; rf beyond the up nodes is refused.
+        state.apply(&Command::SetNodeState {
+            node: 2,
+            state: NodeState::Down,
+        });
+        assert_eq!(state.apply(&with_preference("c", 2, 2)), CommandResult::Id(3));
+        assert!(!nodes(&state, "c").contains(&2));
+        assert!(matches!(
+            state.apply(&with_preference("d", 3, 1)),
+            CommandResult::Refused { kind: Refusal::Invalid, .. }
+        ));
+    }
+
+    #[test]
+    fn only_the_current_epoch_marks_replicas_stale_and_never_the_last_one() {
+        let mut state = bootstrapped(2);
+        assert_eq!(state.apply(&create("a", 1 << 20, 2)), CommandResult::Id(1));
+        let acquire = |node| Command::AcquireVdisk {
+            name: "a".into(),
+            node,
+        };
+        assert_eq!(state.apply(&acquire(1)), CommandResult::Epoch(1));
+        assert_eq!(state.apply(&acquire(2)), CommandResult::Epoch(2));
+        let stale = |node, epoch| Command::MarkStale {
+            vdisk: 1,
+            node,
+            epoch,
+        };
+        // The fenced owner (epoch 1) cannot exclude the new owner's replica.
+        assert!(matches!(
+            state.apply(&stale(2, 1)),
+            CommandResult::Refused { kind: Refusal::Conflict, .. }
+        ));
+        assert_eq!(state.apply(&stale(1, 2)), CommandResult::Done);
+        assert_eq!(
+            state.vdisk_by_name("a").map(|v| v.in_sync().collect::<Vec<_>>()),
+            Some(vec![2])
+        );
+        assert!(matches!(
+            state.apply(&stale(2, 2)),
+            CommandResult::Refused { kind: Refusal::Conflict, .. }
+        ));
     }
 }

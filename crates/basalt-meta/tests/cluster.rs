@@ -103,6 +103,7 @@ fn create(name: &str, rf: u8) -> Command {
         size: 1 << 30,
         rf,
         created: 0,
+        preferred: None,
     }
 }
 
@@ -138,7 +139,7 @@ async fn three_nodes_form_a_group_that_survives_its_leader() -> Result<()> {
     );
     assert!(matches!(
         b.meta.propose(create("vol", 1)).await?,
-        CommandResult::Refused(reason) if reason.contains("already exists")
+        CommandResult::Refused { reason, .. } if reason.contains("already exists")
     ));
     eventually("the vdisk is everywhere", || async {
         nodes
