@@ -651,7 +651,10 @@ mod tests {
             created: 0,
             preferred: Some(preferred),
         };
-        assert_eq!(state.apply(&with_preference("a", 2, 3)), CommandResult::Id(1));
+        assert_eq!(
+            state.apply(&with_preference("a", 2, 3)),
+            CommandResult::Id(1)
+        );
         let nodes = |state: &ClusterState, name: &str| -> Vec<NodeId> {
             state
                 .vdisk_by_name(name)
@@ -660,18 +663,27 @@ mod tests {
         };
         assert_eq!(nodes(&state, "a"), vec![3, 1]);
         // The least loaded node comes next: node 2 holds nothing yet.
-        assert_eq!(state.apply(&with_preference("b", 2, 1)), CommandResult::Id(2));
+        assert_eq!(
+            state.apply(&with_preference("b", 2, 1)),
+            CommandResult::Id(2)
+        );
         assert_eq!(nodes(&state, "b"), vec![1, 2]);
         // A down node gets no replicas; rf beyond the up nodes is refused.
         state.apply(&Command::SetNodeState {
             node: 2,
             state: NodeState::Down,
         });
-        assert_eq!(state.apply(&with_preference("c", 2, 2)), CommandResult::Id(3));
+        assert_eq!(
+            state.apply(&with_preference("c", 2, 2)),
+            CommandResult::Id(3)
+        );
         assert!(!nodes(&state, "c").contains(&2));
         assert!(matches!(
             state.apply(&with_preference("d", 3, 1)),
-            CommandResult::Refused { kind: Refusal::Invalid, .. }
+            CommandResult::Refused {
+                kind: Refusal::Invalid,
+                ..
+            }
         ));
     }
 
@@ -693,16 +705,24 @@ mod tests {
         // The fenced owner (epoch 1) cannot exclude the new owner's replica.
         assert!(matches!(
             state.apply(&stale(2, 1)),
-            CommandResult::Refused { kind: Refusal::Conflict, .. }
+            CommandResult::Refused {
+                kind: Refusal::Conflict,
+                ..
+            }
         ));
         assert_eq!(state.apply(&stale(1, 2)), CommandResult::Done);
         assert_eq!(
-            state.vdisk_by_name("a").map(|v| v.in_sync().collect::<Vec<_>>()),
+            state
+                .vdisk_by_name("a")
+                .map(|v| v.in_sync().collect::<Vec<_>>()),
             Some(vec![2])
         );
         assert!(matches!(
             state.apply(&stale(2, 2)),
-            CommandResult::Refused { kind: Refusal::Conflict, .. }
+            CommandResult::Refused {
+                kind: Refusal::Conflict,
+                ..
+            }
         ));
     }
 }

@@ -205,9 +205,11 @@ impl Catalog {
         })
     }
 
-    /// Creates a vdisk record with a fresh id. Fails if the name is taken.
+    /// Creates a vdisk record with the given id (one the cluster assigned) or
+    /// a fresh one. Fails if the name or the id is taken.
     pub fn create_vdisk(
         &self,
+        id: Option<u64>,
         name: &str,
         size: u64,
         created: u64,
@@ -224,14 +226,23 @@ impl Catalog {
                 Some(v) => decode(v.value())?,
                 None => return Err(missing_node()),
             };
+            let id = match id {
+                Some(id) => {
+                    if id == 0 || txn.open_table(VDISKS)?.get(id)?.is_some() {
+                        return Err(StoreError::VdiskExists(format!("{name} (id {id})")));
+                    }
+                    id
+                }
+                None => node.next_vdisk_id,
+            };
             record = VdiskRecord {
-                id: node.next_vdisk_id,
+                id,
                 name: name.to_string(),
                 size,
                 created,
                 gen_reserved: INITIAL_GEN_RESERVATION,
             };
-            node.next_vdisk_id += 1;
+            node.next_vdisk_id = node.next_vdisk_id.max(id + 1);
             node_table.insert(NODE_KEY, encode(&node)?.as_slice())?;
             names.insert(name, record.id)?;
             txn.open_table(VDISKS)?
@@ -356,11 +367,15 @@ mod tests {
         {
             let catalog = Catalog::open(&path).expect("open");
             node_id = catalog.load().expect("load").node.node_id;
-            let a = catalog.create_vdisk("a", 1 << 30, 1).expect("create a");
-            let b = catalog.create_vdisk("b", 1 << 20, 2).expect("create b");
+            let a = catalog
+                .create_vdisk(None, "a", 1 << 30, 1)
+                .expect("create a");
+            let b = catalog
+                .create_vdisk(None, "b", 1 << 20, 2)
+                .expect("create b");
             assert_ne!(a.id, b.id);
             assert!(matches!(
-                catalog.create_vdisk("a", 4096, 3),
+                catalog.create_vdisk(None, "a", 4096, 3),
                 Err(StoreError::VdiskExists(_))
             ));
             catalog
@@ -410,7 +425,21 @@ mod tests {
         assert_eq!(snap.disks[0].tail_pos, 8192);
         assert!(snap.disks[0].clean);
         // A new vdisk never reuses a deleted id.
-        let c = catalog.create_vdisk("b", 4096, 4).expect("create again");
+        let c = catalog
+            .create_vdisk(None, "b", 4096, 4)
+            .expect("create again");
         assert_eq!(c.id, 3);
+        // Ids the cluster assigns are kept, never taken twice, and move the
+        // local counter past them.
+        let d = catalog
+            .create_vdisk(Some(10), "d", 4096, 5)
+            .expect("create with an id");
+        assert_eq!(d.id, 10);
+        assert!(matches!(
+            catalog.create_vdisk(Some(10), "e", 4096, 5),
+            Err(StoreError::VdiskExists(_))
+        ));
+        let f = catalog.create_vdisk(None, "f", 4096, 6).expect("create");
+        assert_eq!(f.id, 11);
     }
 }

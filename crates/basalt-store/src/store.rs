@@ -481,8 +481,28 @@ impl Store {
             .sum()
     }
 
-    /// Creates a thin-provisioned vdisk.
+    /// Creates a thin-provisioned vdisk with a fresh id.
     pub async fn create_vdisk(&self, name: &str, size: u64) -> Result<VdiskInfo, StoreError> {
+        self.create_vdisk_as(None, name, size).await
+    }
+
+    /// Creates a thin-provisioned vdisk under an id the cluster assigned
+    /// (the same id on every node holding a replica).
+    pub async fn create_vdisk_with_id(
+        &self,
+        id: u64,
+        name: &str,
+        size: u64,
+    ) -> Result<VdiskInfo, StoreError> {
+        self.create_vdisk_as(Some(id), name, size).await
+    }
+
+    async fn create_vdisk_as(
+        &self,
+        id: Option<u64>,
+        name: &str,
+        size: u64,
+    ) -> Result<VdiskInfo, StoreError> {
         if !valid_name(name) {
             return Err(StoreError::BadName(name.to_string()));
         }
@@ -496,7 +516,7 @@ impl Store {
             store
                 .inner
                 .catalog
-                .create_vdisk(&name_owned, size, now_secs())
+                .create_vdisk(id, &name_owned, size, now_secs())
         })
         .await
         .map_err(|e| StoreError::Catalog(Box::new(e)))??;

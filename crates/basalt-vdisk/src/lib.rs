@@ -345,6 +345,21 @@ impl VdiskRegistry {
         Some(vdisk.clone())
     }
 
+    /// The controller of the vdisk with id `id`, if it exists.
+    pub fn get_by_id(&self, id: u64) -> Option<Arc<Vdisk>> {
+        if let Some(vdisk) = self.open.lock().get(&id)
+            && self.store.vdisk_size(id).is_some()
+        {
+            return Some(vdisk.clone());
+        }
+        let info = self.store.list_vdisks().into_iter().find(|v| v.id == id)?;
+        let mut open = self.open.lock();
+        let vdisk = open
+            .entry(id)
+            .or_insert_with(|| Arc::new(Vdisk::new(self.store.clone(), id, info.name)));
+        Some(vdisk.clone())
+    }
+
     /// Forgets the controller of a deleted vdisk.
     pub fn forget(&self, id: u64) {
         self.open.lock().remove(&id);

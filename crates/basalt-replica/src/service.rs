@@ -1,0 +1,203 @@
+//! The replica side: serves the owner's requests against the local copy,
+//! refusing owners whose epoch has been superseded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use basalt_core::{BlockBackend, BlockError, IoBuf, MAX_REQUEST_BYTES, WriteFlags};
+use basalt_net::{Handler, Incoming, RemoteError, Reply};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parking_lot::RwLock;
+
+use crate::protocol::{
+    CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, Op, Request,
+};
+
+/// This node's copies of vdisks, by vdisk id.
+pub trait LocalReplicas: Send + Sync + 'static {
+    /// The local copy of `vdisk`, if this node holds one.
+    fn replica(&self, vdisk: u64) -> Option<Arc<dyn BlockBackend>>;
+}
+
+/// The newest ownership epoch seen per vdisk. A request under an older epoch
+/// is refused: once a new owner has fenced a replica (or the replica has
+/// applied the new epoch from Raft), the old owner can never write to it
+/// again.
+#[derive(Debug, Default)]
+pub struct EpochTable {
+    epochs: RwLock<HashMap<u64, u64>>,
+}
+
+impl EpochTable {
+    /// An empty table.
+    pub fn new() -> EpochTable {
+        EpochTable::default()
+    }
+
+    /// Raises the vdisk's epoch to at least `epoch` (from Raft or a fence).
+    pub fn raise(&self, vdisk: u64, epoch: u64) {
+        let mut epochs = self.epochs.write();
+        let entry = epochs.entry(vdisk).or_insert(0);
+        *entry = (*entry).max(epoch);
+    }
+
+    /// Admits a request under `epoch`, raising the table to it; `Err` with
+    /// the newer epoch when it is stale.
+    pub fn admit(&self, vdisk: u64, epoch: u64) -> Result<(), u64> {
+        if let Some(current) = self.epochs.read().get(&vdisk)
+            && *current > epoch
+        {
+            return Err(*current);
+        }
+        let mut epochs = self.epochs.write();
+        let entry = epochs.entry(vdisk).or_insert(0);
+        if *entry > epoch {
+            return Err(*entry);
+        }
+        *entry = epoch;
+        Ok(())
+    }
+
+    /// The newest epoch seen for `vdisk`.
+    pub fn current(&self, vdisk: u64) -> u64 {
+        self.epochs.read().get(&vdisk).copied().unwrap_or(0)
+    }
+
+    /// Forgets a deleted vdisk.
+    pub fn forget(&self, vdisk: u64) {
+        self.epochs.write().remove(&vdisk);
+    }
+}
+
+/// Serves [`crate::SERVICE_REPLICA`].
+pub struct ReplicaService {
+    local: Arc<dyn LocalReplicas>,
+    epochs: Arc<EpochTable>,
+}
+
+impl ReplicaService {
+    /// Serves the replicas in `local`, fenced by `epochs`.
+    pub fn new(local: Arc<dyn LocalReplicas>, epochs: Arc<EpochTable>) -> ReplicaService {
+        ReplicaService { local, epochs }
+    }
+}
+
+/// Maps a local failure to the error a remote owner sees.
+pub fn remote_error(error: BlockError) -> RemoteError {
+    let code = match &error {
+        BlockError::NoSpace => CODE_NO_SPACE,
+        BlockError::OutOfRange { .. } | BlockError::Invalid(_) => CODE_INVALID,
+        _ => CODE_IO,
+    };
+    RemoteError::new(code, error.to_string())
+}
+
+async fn serve(
+    local: Arc<dyn LocalReplicas>,
+    epochs: Arc<EpochTable>,
+    body: Bytes,
+    data: Bytes,
+) -> Result<Reply, RemoteError> {
+    let request = Request::decode(&body).map_err(|why| RemoteError::new(CODE_INVALID, why))?;
+    if let Err(newer) = epochs.admit(request.vdisk, request.epoch) {
+        return Err(RemoteError::new(
+            CODE_STALE_EPOCH,
+            format!(
+                "epoch {} of vdisk {} is fenced: epoch {newer} owns it now",
+                request.epoch, request.vdisk
+            ),
+        ));
+    }
+    if request.op == Op::Fence {
+        return Ok(Reply::default());
+    }
+    let replica = local.replica(request.vdisk).ok_or_else(|| {
+        RemoteError::new(
+            CODE_NO_REPLICA,
+            format!("this node holds no replica of vdisk {}", request.vdisk),
+        )
+    })?;
+    let flags = WriteFlags { fua: request.fua };
+    match request.op {
+        Op::Write => {
+            if data.len() > MAX_REQUEST_BYTES as usize {
+                return Err(RemoteError::new(
+                    CODE_INVALID,
+                    "write exceeds the maximum request",
+                ));
+            }
+            replica
+                .write(request.offset, IoBuf::from_slice(&data), flags)
+                .await
+                .map_err(remote_error)?;
+            Ok(Reply::default())
+        }
+        Op::Read => {
+            let len = u32::try_from(request.length)
+                .ok()
+                .filter(|len| *len <= MAX_REQUEST_BYTES)
+                .ok_or_else(|| {
+                    RemoteError::new(CODE_INVALID, "read exceeds the maximum request")
+                })?;
+            let buf = replica
+                .read(request.offset, len)
+                .await
+                .map_err(remote_error)?;
+            Ok(Reply {
+                body: Bytes::new(),
+                data: Bytes::copy_from_slice(buf.as_slice()),
+            })
+        }
+        Op::Flush => {
+            replica.flush().await.map_err(remote_error)?;
+            Ok(Reply::default())
+        }
+        Op::Trim => {
+            replica
+                .trim(request.offset, request.length)
+                .await
+                .map_err(remote_error)?;
+            Ok(Reply::default())
+        }
+        Op::Zero => {
+            replica
+                .write_zeroes(request.offset, request.length, request.allocate, flags)
+                .await
+                .map_err(remote_error)?;
+            Ok(Reply::default())
+        }
+        Op::Fence => Ok(Reply::default()),
+    }
+}
+
+impl Handler for ReplicaService {
+    fn handle(&self, request: Incoming) -> BoxFuture<'static, Result<Reply, RemoteError>> {
+        Box::pin(serve(
+            self.local.clone(),
+            self.epochs.clone(),
+            request.body,
+            request.data,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_epochs_are_refused_and_newer_ones_raise_the_table() {
+        let table = EpochTable::new();
+        assert_eq!(table.admit(1, 3), Ok(()));
+        assert_eq!(table.admit(1, 2), Err(3));
+        assert_eq!(table.admit(1, 3), Ok(()));
+        table.raise(1, 5);
+        assert_eq!(table.admit(1, 4), Err(5));
+        assert_eq!(table.admit(1, 6), Ok(()));
+        assert_eq!(table.current(1), 6);
+        table.raise(1, 2);
+        assert_eq!(table.current(1), 6, "raising never lowers");
+        assert_eq!(table.admit(2, 0), Ok(()), "vdisks are independent");
+    }
+}

@@ -1,0 +1,337 @@
+//! Replication over real sockets between three in-process nodes, each with
+//! its own store on a simulated disk. The coordinator here is a stand-in for
+//! Raft (a fake is fine inside a unit test): it hands out epochs and records
+//! stale replicas, and can be told to refuse, as Raft refuses a fenced owner.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use basalt_core::{BlockBackend, BlockError, BoxFuture, IoBuf, WriteFlags};
+use basalt_disk::sim::SimDisk;
+use basalt_net::{Identity, Transport, TransportConfig};
+use basalt_replica::{
+    Coordinator, EpochTable, LocalReplicas, ReplicaService, ReplicaSet, ReplicaTarget,
+    ReplicatedVdisk, SERVICE_REPLICA,
+};
+use basalt_store::{OpenedDisk, Store, StoreConfig};
+use basalt_vdisk::VdiskRegistry;
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+const VDISK: u64 = 7;
+const SIZE: u64 = 16 << 20;
+
+struct Local(VdiskRegistry);
+
+impl LocalReplicas for Local {
+    fn replica(&self, vdisk: u64) -> Option<Arc<dyn BlockBackend>> {
+        self.0.get_by_id(vdisk).map(|v| v as Arc<dyn BlockBackend>)
+    }
+}
+
+struct TestNode {
+    id: u64,
+    addr: String,
+    transport: Transport,
+    registry: VdiskRegistry,
+    epochs: Arc<EpochTable>,
+    _dir: tempfile::TempDir,
+}
+
+async fn node(id: u64, cluster: Uuid) -> Result<TestNode> {
+    let dir = tempfile::tempdir()?;
+    let disk = SimDisk::new(128 << 20);
+    let store = Store::open_with_engines(
+        StoreConfig::new(dir.path()),
+        vec![OpenedDisk {
+            path: "sim".into(),
+            engine: disk.engine(),
+        }],
+    )
+    .await?;
+    store.create_vdisk_with_id(VDISK, "v", SIZE).await?;
+    let registry = VdiskRegistry::new(store);
+    let transport = Transport::new(
+        Identity {
+            cluster_id: cluster,
+            node_id: id,
+        },
+        TransportConfig::default(),
+    );
+    let epochs = Arc::new(EpochTable::new());
+    transport.register(
+        SERVICE_REPLICA,
+        Arc::new(ReplicaService::new(
+            Arc::new(Local(registry.clone())),
+            epochs.clone(),
+        )),
+        false,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    transport.serve(listener);
+    Ok(TestNode {
+        id,
+        addr,
+        transport,
+        registry,
+        epochs,
+        _dir: dir,
+    })
+}
+
+/// Plays Raft's part: epochs, in-sync set, stale records.
+struct FakeCoordinator {
+    epoch: u64,
+    local: (u64, Arc<dyn BlockBackend>),
+    remotes: Vec<ReplicaTarget>,
+    stale: Mutex<BTreeSet<u64>>,
+    refuse: Mutex<bool>,
+}
+
+impl Coordinator for FakeCoordinator {
+    fn acquire(&self, _vdisk: u64) -> BoxFuture<'static, Result<ReplicaSet, BlockError>> {
+        let set = ReplicaSet {
+            epoch: self.epoch,
+            local: Some(self.local.clone()),
+            remotes: self.remotes.clone(),
+        };
+        Box::pin(async move { Ok(set) })
+    }
+
+    fn mark_stale(
+        &self,
+        _vdisk: u64,
+        node: u64,
+        _epoch: u64,
+    ) -> BoxFuture<'static, Result<(), BlockError>> {
+        let refused = *self.refuse.lock();
+        if !refused {
+            self.stale.lock().insert(node);
+        }
+        Box::pin(async move {
+            if refused {
+                Err(BlockError::Io("fenced in Raft".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> IoBuf {
+    let bytes: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    IoBuf::from_slice(&bytes)
+}
+
+async fn read_local(node: &TestNode, offset: u64, len: u32) -> Result<Vec<u8>> {
+    let vdisk = node.registry.get_by_id(VDISK).context("replica")?;
+    Ok(vdisk.read(offset, len).await?.as_slice().to_vec())
+}
+
+struct Cluster {
+    nodes: Vec<TestNode>,
+    coordinator: Arc<FakeCoordinator>,
+    owner: ReplicatedVdisk,
+}
+
+async fn cluster(epoch: u64) -> Result<Cluster> {
+    let id = Uuid::new_v4();
+    let nodes = vec![node(1, id).await?, node(2, id).await?, node(3, id).await?];
+    let local = nodes[0].registry.get_by_id(VDISK).context("local")?;
+    let coordinator = Arc::new(FakeCoordinator {
+        epoch,
+        local: (1, local as Arc<dyn BlockBackend>),
+        remotes: nodes[1..]
+            .iter()
+            .map(|n| ReplicaTarget {
+                node: n.id,
+                addr: n.addr.clone(),
+            })
+            .collect(),
+        stale: Mutex::new(BTreeSet::new()),
+        refuse: Mutex::new(false),
+    });
+    let owner = ReplicatedVdisk::new(
+        VDISK,
+        "v".into(),
+        SIZE,
+        nodes[0].transport.clone(),
+        coordinator.clone(),
+    );
+    Ok(Cluster {
+        nodes,
+        coordinator,
+        owner,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_gets_every_write_including_unaligned_ones() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 1 << 20), WriteFlags::default())
+        .await?;
+    c.owner
+        .write(4096 * 7 + 100, pattern(2, 5000), WriteFlags { fua: true })
+        .await?;
+    c.owner
+        .write_zeroes(65536 + 10, 9000, false, WriteFlags::default())
+        .await?;
+    c.owner.trim(512 << 10, 128 << 10).await?;
+    c.owner.flush().await?;
+    let expected = c.owner.read(0, 1 << 20).await?.as_slice().to_vec();
+    assert_eq!(
+        &expected[4096 * 7 + 100..4096 * 7 + 100 + 5000],
+        pattern(2, 5000).as_slice()
+    );
+    assert!(
+        expected[65536 + 10..65536 + 10 + 9000]
+            .iter()
+            .all(|b| *b == 0)
+    );
+    for node in &c.nodes {
+        assert_eq!(
+            read_local(node, 0, 1 << 20).await?,
+            expected,
+            "node {}",
+            node.id
+        );
+    }
+    assert!(c.coordinator.stale.lock().is_empty());
+    // Bad input is refused before any replica sees it.
+    assert!(matches!(
+        c.owner
+            .write(SIZE - 4096, pattern(3, 8192), WriteFlags::default())
+            .await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(c.coordinator.stale.lock().is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_replica_is_recorded_stale_before_the_write_completes_and_then_skipped() -> Result<()>
+{
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 8192), WriteFlags::default())
+        .await?;
+    c.nodes[2].transport.shutdown();
+    c.owner
+        .write(0, pattern(4, 8192), WriteFlags::default())
+        .await?;
+    assert_eq!(*c.coordinator.stale.lock(), BTreeSet::from([3]));
+    assert_eq!(c.owner.replica_nodes(), vec![1, 2]);
+    c.owner
+        .write(8192, pattern(5, 4096), WriteFlags::default())
+        .await?;
+    for node in &c.nodes[..2] {
+        assert_eq!(
+            read_local(node, 0, 8192).await?,
+            pattern(4, 8192).as_slice()
+        );
+    }
+    // The stale replica kept the old data: it must be resynced before use.
+    assert_eq!(
+        read_local(&c.nodes[2], 0, 8192).await?,
+        pattern(1, 8192).as_slice()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_record_a_stale_replica_fails_the_write() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 4096), WriteFlags::default())
+        .await?;
+    c.nodes[1].transport.shutdown();
+    *c.coordinator.refuse.lock() = true;
+    let result = c
+        .owner
+        .write(0, pattern(2, 4096), WriteFlags::default())
+        .await;
+    if result.is_ok() {
+        bail!("a write completed without all replicas and without a stale record");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owner_can_never_write_again() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 4096), WriteFlags::default())
+        .await?;
+    // A new owner took epoch 2 and fenced the remote replicas.
+    for node in &c.nodes[1..] {
+        node.epochs.raise(VDISK, 2);
+    }
+    let result = c
+        .owner
+        .write(0, pattern(9, 4096), WriteFlags::default())
+        .await;
+    assert!(result.is_err(), "the fenced owner's write completed");
+    assert!(c.owner.is_fenced());
+    assert!(
+        c.owner.read(0, 4096).await.is_err(),
+        "a fenced owner serves nothing"
+    );
+    for node in &c.nodes[1..] {
+        assert_eq!(
+            read_local(node, 0, 4096).await?,
+            pattern(1, 4096).as_slice()
+        );
+    }
+    assert!(
+        c.coordinator.stale.lock().is_empty(),
+        "fencing is not a replica failure"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_replica_requests_are_refused() -> Result<()> {
+    let c = cluster(1).await?;
+    let result = c.nodes[0]
+        .transport
+        .call(
+            &c.nodes[1].addr,
+            basalt_net::TrafficClass::Foreground,
+            SERVICE_REPLICA,
+            bytes::Bytes::from_static(b"short"),
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(basalt_net::NetError::Remote(e)) if e.code == basalt_replica::CODE_INVALID)
+    );
+    let request = basalt_replica::Request {
+        op: basalt_replica::Op::Read,
+        fua: false,
+        allocate: false,
+        vdisk: 99,
+        epoch: 1,
+        offset: 0,
+        length: 4096,
+    };
+    let result = c.nodes[0]
+        .transport
+        .call(
+            &c.nodes[1].addr,
+            basalt_net::TrafficClass::Foreground,
+            SERVICE_REPLICA,
+            request.encode(),
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert!(
+        matches!(result, Err(basalt_net::NetError::Remote(e)) if e.code == basalt_replica::CODE_NO_REPLICA)
+    );
+    Ok(())
+}
