@@ -111,9 +111,10 @@ pub struct Vdisk {
     pub size: u64,
     /// Bytes of disk space allocated to it.
     pub allocated: u64,
-    /// Replication factor (1 until clusters exist).
+    /// Replication factor: how many nodes hold a full copy.
     pub rf: u32,
-    /// `healthy`, or `unavailable` when a disk holding its data failed.
+    /// `healthy` when `rf` in-sync replicas sit on live nodes, `degraded`
+    /// when fewer do, `unavailable` when none does.
     pub state: String,
     /// Creation time, unix seconds.
     pub created: u64,
@@ -121,6 +122,23 @@ pub struct Vdisk {
     pub nbd_uri: String,
     /// vhost-user socket, when exported that way.
     pub vhost_socket: Option<String>,
+    /// Ownership epoch (raised each time a node takes the vdisk over).
+    pub epoch: u64,
+    /// The node serving it under `epoch`, if any has.
+    pub owner: Option<u64>,
+    /// Where its copies are.
+    pub replicas: Vec<VdiskReplica>,
+}
+
+/// One copy of a vdisk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VdiskReplica {
+    /// The node holding it.
+    pub node: u64,
+    /// `in_sync`, or `stale` when it missed writes.
+    pub state: String,
+    /// Whether that node is up.
+    pub node_up: bool,
 }
 
 /// Body of `POST /api/v1/vdisks`.
@@ -131,6 +149,10 @@ pub struct CreateVdisk {
     pub name: String,
     /// Size in bytes (a multiple of 4096).
     pub size: u64,
+    /// Replication factor, 1 to 3 [default: 2 on clusters of two or more
+    /// nodes, else 1].
+    #[serde(default)]
+    pub rf: Option<u32>,
 }
 
 /// Body of `POST /api/v1/vdisks/{name}/resize`.

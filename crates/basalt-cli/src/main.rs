@@ -72,6 +72,10 @@ enum VdiskCommand {
         /// Size, e.g. 512M or 10G.
         #[arg(long, value_parser = size_arg)]
         size: u64,
+        /// Replication factor: nodes holding a full copy, 1 to 3
+        /// [default: 2 on clusters of two or more nodes, else 1].
+        #[arg(long)]
+        rf: Option<u32>,
     },
     /// List vdisks.
     List,
@@ -221,6 +225,20 @@ fn show_vdisk(v: &Vdisk) {
     ]);
     t.add_row(vec!["allocated".to_string(), format_size(v.allocated)]);
     t.add_row(vec!["rf".to_string(), v.rf.to_string()]);
+    let replicas: Vec<String> = v
+        .replicas
+        .iter()
+        .map(|r| {
+            let down = if r.node_up { "" } else { ", node down" };
+            format!("node {} ({}{down})", r.node, r.state)
+        })
+        .collect();
+    t.add_row(vec!["replicas".to_string(), replicas.join("\n")]);
+    let owner = v.owner.map_or_else(
+        || "-".to_string(),
+        |o| format!("node {o} (epoch {})", v.epoch),
+    );
+    t.add_row(vec!["served by".to_string(), owner]);
     t.add_row(vec!["nbd".to_string(), v.nbd_uri.clone()]);
     t.add_row(vec![
         "vhost-user".to_string(),
@@ -325,8 +343,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn vdisk(client: &Client, json: bool, command: VdiskCommand) -> anyhow::Result<()> {
     match command {
-        VdiskCommand::Create { name, size } => {
-            let v: Vdisk = client.post("/vdisks", &CreateVdisk { name, size })?;
+        VdiskCommand::Create { name, size, rf } => {
+            let v: Vdisk = client.post("/vdisks", &CreateVdisk { name, size, rf })?;
             if json {
                 return print_json(&v);
             }

@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use basalt_api::{
     ClusterNode, ClusterStatus, CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus,
-    ResizeVdisk, Vdisk, VhostExport,
+    ResizeVdisk, Vdisk, VdiskReplica, VhostExport,
 };
 use utoipa::OpenApi;
 
@@ -51,6 +51,7 @@ use crate::{ControlError, metrics};
         IoCounters,
         Disk,
         Vdisk,
+        VdiskReplica,
         CreateVdisk,
         ResizeVdisk,
         VhostExport
@@ -82,6 +83,7 @@ impl IntoResponse for ControlError {
             ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Busy(_) => StatusCode::CONFLICT,
+            ControlError::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -208,7 +210,9 @@ async fn create_vdisk(
     payload: Result<Json<CreateVdisk>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Vdisk>), ControlError> {
     let request = body(payload)?;
-    let vdisk = node.create_vdisk(&request.name, request.size).await?;
+    let vdisk = node
+        .create_vdisk(&request.name, request.size, request.rf)
+        .await?;
     Ok((StatusCode::CREATED, Json(vdisk)))
 }
 

@@ -5,6 +5,7 @@
 //! crate; this crate composes them and exposes management.
 
 pub mod api;
+pub mod cluster;
 pub mod metrics;
 pub mod node;
 
@@ -37,6 +38,9 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster could not agree on the change (no leader, no quorum...).
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// Something that should not happen.
     #[error("internal error: {0}")]
     Internal(String),

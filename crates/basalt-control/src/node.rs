@@ -11,13 +11,20 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use basalt_api::{ClusterNode, ClusterStatus, Disk, IoCounters, NodeStatus, Vdisk, VhostExport};
-use basalt_meta::{MetaNode, NodeState};
-use basalt_store::{Store, StoreError, VdiskInfo};
+use basalt_meta::{
+    ClusterState, Command, CommandResult, MetaNode, NodeState, Refusal, ReplicaState, VdiskRecord,
+};
+use basalt_net::Transport;
+use basalt_replica::{EpochTable, ReplicaService, ReplicatedVdisk, SERVICE_REPLICA};
+use basalt_store::{Store, StoreError};
 use basalt_vdisk::VdiskRegistry;
 use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
 use parking_lot::Mutex;
 
 use crate::ControlError;
+use crate::cluster::{
+    ClusterExports, LocalCopies, NodeCoordinator, reconcile_forever, wait_applied,
+};
 
 /// Fixed facts about the node, for status answers.
 #[derive(Debug, Clone)]
@@ -39,28 +46,136 @@ pub struct Node {
     exports: Mutex<HashMap<String, VhostBlkExport>>,
     started: Instant,
     cluster: MetaNode,
+    transport: Transport,
+    epochs: Arc<EpochTable>,
+    /// The vdisks this node serves as owner, by id.
+    backends: Mutex<HashMap<u64, Arc<ReplicatedVdisk>>>,
+    me: std::sync::Weak<Node>,
 }
 
 impl Node {
     /// A node over an open store. Must be called inside a tokio runtime.
+    ///
+    /// Registers the replica service on `transport` and starts the
+    /// reconciler that keeps the local store in line with the cluster.
     pub fn new(
         store: Store,
         config: NodeConfig,
         cluster: MetaNode,
+        transport: Transport,
     ) -> Result<Arc<Node>, ControlError> {
         std::fs::create_dir_all(&config.vhost_dir).map_err(|source| ControlError::Io {
             path: config.vhost_dir.clone(),
             source,
         })?;
-        Ok(Arc::new(Node {
-            registry: VdiskRegistry::new(store.clone()),
+        let registry = VdiskRegistry::new(store.clone());
+        let epochs = Arc::new(EpochTable::new());
+        transport.register(
+            SERVICE_REPLICA,
+            Arc::new(ReplicaService::new(
+                Arc::new(LocalCopies {
+                    registry: registry.clone(),
+                }),
+                epochs.clone(),
+            )),
+            false,
+        );
+        let node = Arc::new_cyclic(|me| Node {
+            registry,
             store,
             config,
             runtime: tokio::runtime::Handle::current(),
             exports: Mutex::new(HashMap::new()),
             started: Instant::now(),
             cluster,
-        }))
+            transport,
+            epochs,
+            backends: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        });
+        tokio::spawn(reconcile_forever(Arc::downgrade(&node)));
+        Ok(node)
+    }
+
+    /// This node's id in the cluster (0 before it has one).
+    pub fn node_id(&self) -> u64 {
+        self.cluster.membership().map_or(0, |m| m.node_id)
+    }
+
+    /// The node-to-node transport.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Newest ownership epochs seen, per vdisk.
+    pub fn epochs(&self) -> &Arc<EpochTable> {
+        &self.epochs
+    }
+
+    /// The exports frontends see: every vdisk of the cluster.
+    pub fn exports(&self) -> ClusterExports {
+        ClusterExports {
+            node: self.me.clone(),
+        }
+    }
+
+    /// The backend serving `name` from this node (which takes ownership on
+    /// its first request), shared by every client of this node.
+    pub fn backend(&self, name: &str) -> Option<Arc<ReplicatedVdisk>> {
+        let state = self.cluster.cluster();
+        let record = state.vdisk_by_name(name)?;
+        let mut backends = self.backends.lock();
+        if let Some(backend) = backends.get(&record.id)
+            && !backend.is_fenced()
+        {
+            return Some(backend.clone());
+        }
+        let backend = Arc::new(ReplicatedVdisk::new(
+            record.id,
+            record.name.clone(),
+            record.size,
+            self.transport.clone(),
+            Arc::new(NodeCoordinator {
+                node: self.me.clone(),
+            }),
+        ));
+        backends.insert(record.id, backend.clone());
+        Some(backend)
+    }
+
+    /// Follows a vdisk's record: size, and loss of ownership.
+    pub(crate) fn follow(&self, record: &VdiskRecord) {
+        let me = self.node_id();
+        let mut backends = self.backends.lock();
+        if let Some(backend) = backends.get(&record.id) {
+            backend.set_size(record.size);
+            let superseded = backend
+                .epoch()
+                .is_some_and(|epoch| record.epoch > epoch && record.owner != Some(me));
+            if superseded {
+                backend.fence();
+                backends.remove(&record.id);
+            }
+        }
+    }
+
+    /// Drops the backend of a vdisk (deleted or moved away).
+    pub(crate) fn forget_backend(&self, id: u64) {
+        if let Some(backend) = self.backends.lock().remove(&id) {
+            backend.fence();
+        }
+    }
+
+    /// Drops backends of vdisks the cluster no longer has.
+    pub(crate) fn forget_deleted_backends(&self, state: &ClusterState) {
+        let mut backends = self.backends.lock();
+        backends.retain(|id, backend| {
+            let keep = state.vdisks.contains_key(id);
+            if !keep {
+                backend.fence();
+            }
+            keep
+        });
     }
 
     /// This node's part of the cluster metadata group.
@@ -124,6 +239,7 @@ impl Node {
         let stats = self.store.stats();
         let disks = self.store.list_disks();
         let vdisks = self.store.list_vdisks();
+        let cluster_vdisks = self.cluster.cluster().vdisks.len();
         let degraded = disks.iter().any(|d| d.state != "online");
         NodeStatus {
             node_id: self.store.node_id().to_string(),
@@ -136,7 +252,7 @@ impl Node {
             disks: disks.len() as u64,
             capacity: self.store.capacity(),
             allocated: vdisks.iter().map(|v| v.allocated).sum(),
-            vdisks: vdisks.len() as u64,
+            vdisks: cluster_vdisks as u64,
             io: IoCounters {
                 reads: stats.reads.load(Ordering::Relaxed),
                 read_bytes: stats.read_bytes.load(Ordering::Relaxed),
@@ -170,69 +286,189 @@ impl Node {
             .collect()
     }
 
-    fn describe(&self, info: VdiskInfo) -> Vdisk {
+    fn describe(&self, state: &ClusterState, record: &VdiskRecord) -> Vdisk {
         let vhost_socket = self
             .exports
             .lock()
-            .get(&info.name)
+            .get(&record.name)
             .map(|e| e.socket_path().display().to_string());
-        let state = if self.store.vdisk_unavailable(info.id) {
+        let me = self.node_id();
+        let live_in_sync = record
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::InSync && state.is_up(r.node))
+            .filter(|r| r.node != me || !self.store.vdisk_unavailable(record.id))
+            .count();
+        let health = if live_in_sync == 0 {
             "unavailable"
+        } else if live_in_sync < usize::from(record.rf) {
+            "degraded"
         } else {
             "healthy"
         };
+        let allocated = self
+            .store
+            .list_vdisks()
+            .into_iter()
+            .find(|v| v.id == record.id)
+            .map_or(0, |v| v.allocated);
         Vdisk {
-            nbd_uri: format!("nbd://{}/{}", self.config.nbd_address, info.name),
-            name: info.name,
-            id: info.id,
-            size: info.size,
-            allocated: info.allocated,
-            rf: 1,
-            state: state.to_string(),
-            created: info.created,
+            nbd_uri: format!("nbd://{}/{}", self.config.nbd_address, record.name),
+            name: record.name.clone(),
+            id: record.id,
+            size: record.size,
+            allocated,
+            rf: u32::from(record.rf),
+            state: health.to_string(),
+            created: record.created,
             vhost_socket,
+            epoch: record.epoch,
+            owner: record.owner,
+            replicas: record
+                .replicas
+                .iter()
+                .map(|r| basalt_api::VdiskReplica {
+                    node: r.node,
+                    state: match r.state {
+                        ReplicaState::InSync => "in_sync",
+                        ReplicaState::Stale => "stale",
+                    }
+                    .to_string(),
+                    node_up: state.is_up(r.node),
+                })
+                .collect(),
         }
     }
 
-    /// All vdisks.
+    /// All vdisks of the cluster.
     pub fn vdisks(&self) -> Vec<Vdisk> {
-        self.store
-            .list_vdisks()
-            .into_iter()
-            .map(|v| self.describe(v))
+        let state = self.cluster.cluster();
+        state
+            .vdisks
+            .values()
+            .map(|v| self.describe(&state, v))
             .collect()
     }
 
     /// One vdisk.
     pub fn vdisk(&self, name: &str) -> Result<Vdisk, ControlError> {
-        Ok(self.describe(self.store.vdisk(name)?))
+        let state = self.cluster.cluster();
+        let record = state
+            .vdisk_by_name(name)
+            .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))?;
+        Ok(self.describe(&state, record))
     }
 
-    /// Creates a vdisk; it is reachable over NBD at once.
-    pub async fn create_vdisk(&self, name: &str, size: u64) -> Result<Vdisk, ControlError> {
-        let info = self.store.create_vdisk(name, size).await?;
-        tracing::info!(name, size, "created vdisk");
-        Ok(self.describe(info))
+    async fn propose(&self, name: &str, command: Command) -> Result<CommandResult, ControlError> {
+        let result = self
+            .cluster
+            .propose(command)
+            .await
+            .map_err(|e| ControlError::Cluster(e.to_string()))?;
+        match result {
+            CommandResult::Refused { kind, reason } => Err(match kind {
+                Refusal::NotFound => StoreError::NoSuchVdisk(name.to_string()).into(),
+                Refusal::Exists => StoreError::VdiskExists(name.to_string()).into(),
+                Refusal::Invalid => ControlError::BadRequest(reason),
+                Refusal::Conflict => ControlError::Busy(reason),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Waits until this node holds (or, if it holds no replica, knows) the
+    /// vdisk as the cluster defines it, so that it is reachable at once.
+    async fn settle(&self, name: &str) -> Result<Vdisk, ControlError> {
+        let me = self.node_id();
+        let store = self.store.clone();
+        let ready = |state: &ClusterState| match state.vdisk_by_name(name) {
+            None => true,
+            Some(record) => {
+                !record.has_replica_on(me) || store.vdisk_size(record.id) == Some(record.size)
+            }
+        };
+        if wait_applied(self, ready).await.is_none() {
+            tracing::warn!(vdisk = name, "the local replica is not ready yet");
+        }
+        self.vdisk(name)
+    }
+
+    /// Creates a vdisk with `rf` replicas (default: 2 when the cluster has
+    /// at least two nodes up, else 1). It is reachable over NBD at once,
+    /// through any node.
+    pub async fn create_vdisk(
+        &self,
+        name: &str,
+        size: u64,
+        rf: Option<u32>,
+    ) -> Result<Vdisk, ControlError> {
+        self.store.validate_vdisk(name, size)?;
+        let state = self.cluster.cluster();
+        let rf = match rf {
+            Some(rf) => u8::try_from(rf).map_err(|_| {
+                ControlError::BadRequest(format!("replication factor must be 1 to 3, not {rf}"))
+            })?,
+            None if state.up_nodes() >= 2 => 2,
+            None => 1,
+        };
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.propose(
+            name,
+            Command::CreateVdisk {
+                name: name.to_string(),
+                size,
+                rf,
+                created,
+                preferred: Some(self.node_id()),
+            },
+        )
+        .await?;
+        tracing::info!(name, size, rf, "created vdisk");
+        self.settle(name).await
     }
 
     /// Grows a vdisk.
     pub async fn resize_vdisk(&self, name: &str, size: u64) -> Result<Vdisk, ControlError> {
-        let info = self.store.resize_vdisk(name, size).await?;
+        self.vdisk(name)?;
+        self.store.check_vdisk_size(size)?;
+        self.propose(
+            name,
+            Command::ResizeVdisk {
+                name: name.to_string(),
+                size,
+            },
+        )
+        .await?;
         tracing::info!(name, size, "resized vdisk");
-        Ok(self.describe(info))
+        self.settle(name).await
     }
 
-    /// Deletes a vdisk. Refused while it is exported over vhost-user (a VM
-    /// may be using it).
+    /// Deletes a vdisk everywhere. Refused while it is exported over
+    /// vhost-user on this node (a VM may be using it).
     pub async fn delete_vdisk(&self, name: &str) -> Result<(), ControlError> {
-        let info = self.store.vdisk(name)?;
+        let id = self.vdisk(name)?.id;
         if self.exports.lock().contains_key(name) {
             return Err(ControlError::Busy(format!(
                 "vdisk {name} is exported over vhost-user; remove the export first (basalt vdisk unexport {name} --vhost)"
             )));
         }
-        self.store.delete_vdisk(name).await?;
-        self.registry.forget(info.id);
+        self.propose(
+            name,
+            Command::DeleteVdisk {
+                name: name.to_string(),
+            },
+        )
+        .await?;
+        self.forget_backend(id);
+        let store = self.store.clone();
+        if wait_applied(self, |_| store.vdisk_size(id).is_none())
+            .await
+            .is_none()
+        {
+            tracing::warn!(vdisk = name, "the local copy is not deleted yet");
+        }
         tracing::info!(name, "deleted vdisk");
         Ok(())
     }
@@ -247,8 +483,7 @@ impl Node {
             });
         }
         let backend = self
-            .registry
-            .get(name)
+            .backend(name)
             .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))?;
         let socket = self.config.vhost_dir.join(format!("{name}.sock"));
         let export = VhostBlkExport::start(
@@ -267,7 +502,7 @@ impl Node {
 
     /// Stops a vhost-user export.
     pub fn unexport_vhost(&self, name: &str) -> Result<(), ControlError> {
-        self.store.vdisk(name)?;
+        self.vdisk(name)?;
         let export = self.exports.lock().remove(name);
         match export {
             Some(export) => {

@@ -252,6 +252,12 @@ impl ReplicatedVdisk {
     where
         L: FnOnce(Arc<dyn BlockBackend>) -> BoxFuture<'static, Result<(), BlockError>>,
     {
+        if set.remotes.is_empty()
+            && let Some((_, replica)) = &set.local
+        {
+            // The only copy: its result is the result, nothing to record.
+            return local(replica.clone()).await;
+        }
         let local_future = set.local.clone().map(|(node, replica)| {
             let op = local(replica);
             async move { (node, op.await.map_err(Failure::Failed)) }

@@ -531,6 +531,20 @@ impl Store {
         Ok(info)
     }
 
+    /// Checks a new vdisk's name and size as [`Store::create_vdisk`] would,
+    /// without creating anything (the cluster creates it).
+    pub fn validate_vdisk(&self, name: &str, size: u64) -> Result<(), StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError::BadName(name.to_string()));
+        }
+        self.check_size(size)
+    }
+
+    /// Checks a vdisk size against the rules and this node's capacity.
+    pub fn check_vdisk_size(&self, size: u64) -> Result<(), StoreError> {
+        self.check_size(size)
+    }
+
     fn check_size(&self, size: u64) -> Result<(), StoreError> {
         if size == 0 {
             return Err(StoreError::BadSize("a vdisk needs a size above 0".into()));

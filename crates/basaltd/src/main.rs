@@ -232,16 +232,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rejoining the cluster"
         ),
         (None, Some(member)) => {
+            let local = store.list_vdisks();
+            if !local.is_empty() {
+                bail!(
+                    "this node holds {} vdisk(s) ({}) and cannot join a cluster: a joining node must be empty",
+                    local.len(),
+                    local
+                        .iter()
+                        .map(|v| v.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
             cluster
                 .join(member, me)
                 .await
                 .with_context(|| format!("joining the cluster at {member}"))?;
         }
         (None, None) => {
-            cluster
+            let membership = cluster
                 .bootstrap(me)
                 .await
                 .context("bootstrapping a new cluster")?;
+            // A single node's existing vdisks become the cluster's, ids kept.
+            for vdisk in store.list_vdisks() {
+                let result = cluster
+                    .propose(basalt_meta::Command::ImportVdisk {
+                        id: vdisk.id,
+                        name: vdisk.name.clone(),
+                        size: vdisk.size,
+                        created: vdisk.created,
+                        node: membership.node_id,
+                    })
+                    .await
+                    .with_context(|| format!("importing vdisk {} into the cluster", vdisk.name))?;
+                if let basalt_meta::CommandResult::Refused { reason, .. } = result {
+                    bail!("importing vdisk {} into the cluster: {reason}", vdisk.name);
+                }
+            }
         }
     }
     let vhost_dir = args
@@ -256,10 +284,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vhost_dir,
         },
         cluster.clone(),
+        transport.clone(),
     )?;
 
     let (stop, stopped) = watch::channel(false);
-    let registry: Arc<dyn basalt_core::ExportRegistry> = Arc::new(node.registry().clone());
+    let registry: Arc<dyn basalt_core::ExportRegistry> = Arc::new(node.exports());
     let nbd = basalt_nbd::NbdServer::new(registry);
     let nbd_stop = stopped.clone();
     let nbd_task = tokio::spawn(async move { nbd.serve(nbd_listener, nbd_stop).await });

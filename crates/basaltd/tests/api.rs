@@ -179,9 +179,23 @@ fn bad_http_requests_are_refused_and_change_nothing() {
         (
             "POST",
             "/api/v1/vdisks",
+            Some((JSON, r#"{"name":"t","size":4096,"colour":3}"#)),
+            400,
+            vec!["unknown field", "colour"],
+        ),
+        (
+            "POST",
+            "/api/v1/vdisks",
             Some((JSON, r#"{"name":"t","size":4096,"rf":3}"#)),
             400,
-            vec!["unknown field", "rf"],
+            vec!["replication factor 3 needs 3 nodes"],
+        ),
+        (
+            "POST",
+            "/api/v1/vdisks",
+            Some((JSON, r#"{"name":"t","size":4096,"rf":0}"#)),
+            400,
+            vec!["replication factor must be 1 to 3"],
         ),
         (
             "POST",

@@ -1,0 +1,347 @@
+//! Where the control plane meets replication: vdisk ownership, the local
+//! replicas a node must hold, and the exports frontends see.
+//!
+//! * [`NodeCoordinator`] is the data plane's [`Coordinator`]: taking
+//!   ownership is an `AcquireVdisk` through Raft (epoch + 1) followed by
+//!   fencing every in-sync replica at the new epoch; recording a replica
+//!   stale is a `MarkStale` through Raft, which Raft refuses to an owner
+//!   whose epoch is no longer current.
+//! * The *reconciler* makes the local store follow the cluster state: it
+//!   creates the local copy of every vdisk this node holds a replica of,
+//!   follows resizes, deletes copies the cluster no longer places here, and
+//!   fences local owners whose epoch was superseded.
+//! * [`ClusterExports`] is the frontends' registry: any vdisk of the cluster
+//!   is reachable through any node, which takes ownership on first I/O.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use basalt_core::{BlockBackend, BlockError, BoxFuture, ExportRegistry};
+use basalt_meta::{ClusterState, Command, CommandResult, NodeId};
+use basalt_net::TrafficClass;
+use basalt_replica::{
+    Coordinator, LocalReplicas, Op, ReplicaSet, ReplicaTarget, Request, SERVICE_REPLICA,
+};
+use bytes::Bytes;
+
+use crate::node::Node;
+
+/// How long to wait for this node to apply a change it proposed.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// The local copies, for the replica service.
+pub struct LocalCopies {
+    pub(crate) registry: basalt_vdisk::VdiskRegistry,
+}
+
+impl LocalReplicas for LocalCopies {
+    fn replica(&self, vdisk: u64) -> Option<Arc<dyn BlockBackend>> {
+        self.registry
+            .get_by_id(vdisk)
+            .map(|v| v as Arc<dyn BlockBackend>)
+    }
+}
+
+/// The control plane's side of replication for one node.
+pub struct NodeCoordinator {
+    pub(crate) node: Weak<Node>,
+}
+
+fn io(why: impl Into<String>) -> BlockError {
+    BlockError::Io(why.into())
+}
+
+impl NodeCoordinator {
+    fn node(&self) -> Result<Arc<Node>, BlockError> {
+        self.node.upgrade().ok_or(BlockError::Shutdown)
+    }
+}
+
+/// Waits until this node has applied a state satisfying `ready` (which may
+/// also look at local things, like the store: it is re-checked on every
+/// state change and every few milliseconds).
+pub(crate) async fn wait_applied(
+    node: &Node,
+    ready: impl Fn(&ClusterState) -> bool,
+) -> Option<Arc<ClusterState>> {
+    let mut changes = node.cluster().subscribe();
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    loop {
+        let state = changes.borrow_and_update().clone();
+        if ready(&state) {
+            return Some(state);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        if let Ok(Err(_closed)) =
+            tokio::time::timeout(Duration::from_millis(10), changes.changed()).await
+        {
+            return None;
+        }
+    }
+}
+
+async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> {
+    let me = node.node_id();
+    let name = node
+        .cluster()
+        .cluster()
+        .vdisks
+        .get(&vdisk)
+        .map(|v| v.name.clone())
+        .ok_or_else(|| io(format!("vdisk {vdisk} was deleted")))?;
+    let epoch = match node
+        .cluster()
+        .propose(Command::AcquireVdisk {
+            name: name.clone(),
+            node: me,
+        })
+        .await
+        .map_err(|e| io(format!("cannot take ownership of {name}: {e}")))?
+    {
+        CommandResult::Epoch(epoch) => epoch,
+        CommandResult::Refused { reason, .. } => {
+            return Err(io(format!("cannot take ownership of {name}: {reason}")));
+        }
+        other => {
+            return Err(io(format!(
+                "unexpected answer to an acquisition: {other:?}"
+            )));
+        }
+    };
+    let state = wait_applied(&node, |s| {
+        s.vdisks.get(&vdisk).is_none_or(|v| v.epoch >= epoch)
+    })
+    .await
+    .ok_or_else(|| {
+        io(format!(
+            "this node did not learn epoch {epoch} of {name} in time"
+        ))
+    })?;
+    let record = state
+        .vdisks
+        .get(&vdisk)
+        .ok_or_else(|| io(format!("vdisk {name} was deleted")))?;
+    if record.epoch != epoch || record.owner != Some(me) {
+        return Err(io(format!(
+            "vdisk {name} was taken over by another node meanwhile"
+        )));
+    }
+    node.epochs().raise(vdisk, epoch);
+    let mut local = None;
+    let mut remotes = Vec::new();
+    for replica in record.in_sync() {
+        if replica == me {
+            // The reconciler creates the local copy; wait for it if it is new.
+            let registry = node.registry().clone();
+            let mut copy = registry.get_by_id(vdisk);
+            let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+            while copy.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                copy = registry.get_by_id(vdisk);
+            }
+            let copy = copy.ok_or_else(|| io(format!("the local replica of {name} is missing")))?;
+            local = Some((me, copy as Arc<dyn BlockBackend>));
+        } else if let Some(member) = state.nodes.get(&replica) {
+            remotes.push(ReplicaTarget {
+                node: replica,
+                addr: member.listen.clone(),
+            });
+        }
+    }
+    // Fence every remote replica at the new epoch; one that cannot be
+    // reached is recorded stale (it missed nothing yet, but it will).
+    let fence = Request {
+        op: Op::Fence,
+        fua: false,
+        allocate: false,
+        vdisk,
+        epoch,
+        offset: 0,
+        length: 0,
+    };
+    let transport = node.transport().clone();
+    let fences = remotes.iter().map(|target| {
+        let transport = transport.clone();
+        async move {
+            let result = transport
+                .call_timeout(
+                    &target.addr,
+                    TrafficClass::Control,
+                    SERVICE_REPLICA,
+                    fence.encode(),
+                    Bytes::new(),
+                    Duration::from_secs(5),
+                )
+                .await;
+            (target.node, result)
+        }
+    });
+    let mut unreachable = Vec::new();
+    for (replica, result) in futures::future::join_all(fences).await {
+        if let Err(error) = result {
+            tracing::warn!(vdisk = %name, replica, %error, "cannot fence a replica; recording it stale");
+            unreachable.push(replica);
+        }
+    }
+    for replica in &unreachable {
+        mark_stale(&node, vdisk, *replica, epoch).await?;
+    }
+    remotes.retain(|r| !unreachable.contains(&r.node));
+    tracing::info!(vdisk = %name, epoch, replicas = remotes.len() + usize::from(local.is_some()), "took ownership");
+    Ok(ReplicaSet {
+        epoch,
+        local,
+        remotes,
+    })
+}
+
+async fn mark_stale(
+    node: &Node,
+    vdisk: u64,
+    replica: NodeId,
+    epoch: u64,
+) -> Result<(), BlockError> {
+    match node
+        .cluster()
+        .propose(Command::MarkStale {
+            vdisk,
+            node: replica,
+            epoch,
+        })
+        .await
+        .map_err(|e| io(e.to_string()))?
+    {
+        CommandResult::Refused { reason, .. } => Err(io(reason)),
+        _ => Ok(()),
+    }
+}
+
+impl Coordinator for NodeCoordinator {
+    fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<ReplicaSet, BlockError>> {
+        let node = self.node();
+        Box::pin(async move { acquire(node?, vdisk).await })
+    }
+
+    fn mark_stale(
+        &self,
+        vdisk: u64,
+        replica: u64,
+        epoch: u64,
+    ) -> BoxFuture<'static, Result<(), BlockError>> {
+        let node = self.node();
+        Box::pin(async move {
+            let node = node?;
+            mark_stale(&node, vdisk, replica, epoch).await
+        })
+    }
+}
+
+/// Every vdisk of the cluster, for the frontends of this node.
+#[derive(Clone)]
+pub struct ClusterExports {
+    pub(crate) node: Weak<Node>,
+}
+
+impl ExportRegistry for ClusterExports {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn BlockBackend>> {
+        let node = self.node.upgrade()?;
+        node.backend(name).map(|b| b as Arc<dyn BlockBackend>)
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        let Some(node) = self.node.upgrade() else {
+            return Vec::new();
+        };
+        node.cluster()
+            .cluster()
+            .vdisks
+            .values()
+            .map(|v| {
+                (
+                    v.name.clone(),
+                    format!(
+                        "Basalt vdisk, {}, rf {}",
+                        basalt_core::size::format_size(v.size),
+                        v.rf
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Makes the local store follow the cluster state, after every change.
+pub(crate) async fn reconcile_forever(node: Weak<Node>) {
+    let Some(mut changes) = node.upgrade().map(|n| n.cluster().subscribe()) else {
+        return;
+    };
+    loop {
+        let state = changes.borrow_and_update().clone();
+        match node.upgrade() {
+            Some(node) => reconcile(&node, &state).await,
+            None => return,
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn reconcile(node: &Node, state: &ClusterState) {
+    let me = node.node_id();
+    if me == 0 || state.cluster_id.is_nil() {
+        return;
+    }
+    let store = node.store();
+    // Copies the cluster no longer places here. Only ids the state has
+    // already handed out are judged: a state that lags behind never deletes
+    // a copy it has not heard of yet.
+    for local in store.list_vdisks() {
+        let wanted = state
+            .vdisks
+            .get(&local.id)
+            .is_some_and(|v| v.has_replica_on(me));
+        if !wanted && local.id < state.next_vdisk_id {
+            node.forget_backend(local.id);
+            match store.delete_vdisk(&local.name).await {
+                Ok(()) => {
+                    node.registry().forget(local.id);
+                    node.epochs().forget(local.id);
+                    tracing::info!(vdisk = %local.name, id = local.id, "deleted the local copy of a vdisk the cluster no longer places here");
+                }
+                Err(error) => {
+                    tracing::warn!(vdisk = %local.name, %error, "cannot delete a local copy")
+                }
+            }
+        }
+    }
+    for record in state.vdisks.values() {
+        node.epochs().raise(record.id, record.epoch);
+        node.follow(record);
+        if !record.has_replica_on(me) {
+            continue;
+        }
+        match store.vdisk_size(record.id) {
+            None => match store
+                .create_vdisk_with_id(record.id, &record.name, record.size)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(vdisk = %record.name, id = record.id, "created the local replica")
+                }
+                Err(error) => {
+                    tracing::error!(vdisk = %record.name, %error, "cannot create the local replica")
+                }
+            },
+            Some(size) if size < record.size => {
+                if let Err(error) = store.resize_vdisk(&record.name, record.size).await {
+                    tracing::error!(vdisk = %record.name, %error, "cannot resize the local replica");
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    node.forget_deleted_backends(state);
+}

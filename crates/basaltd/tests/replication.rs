@@ -1,0 +1,188 @@
+//! Replicated vdisks across real basaltd processes on 127.0.0.1: writes
+//! through one node survive kill -9 of that node and are read back through
+//! another; a client that moves to another node takes the vdisk over and
+//! fences the old owner, whose writes then fail instead of diverging.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BlockContent, Daemon, DaemonOptions};
+use serde_json::Value;
+
+fn member(join: Option<u16>) -> Daemon {
+    let mut extra = vec!["--dead-after".to_string(), "3".to_string()];
+    if let Some(port) = join {
+        extra.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
+    }
+    Daemon::start_with(DaemonOptions {
+        disk_size: "512M",
+        extra,
+        ..DaemonOptions::default()
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Three members with three Raft voters (so one may die).
+fn three_nodes() -> (Daemon, Daemon, Daemon) {
+    let first = member(None);
+    let second = member(Some(first.listen_port));
+    let third = member(Some(first.listen_port));
+    wait_for("three voters", Duration::from_secs(30), || {
+        let status = first.cli_json(&["cluster", "status"]);
+        status["nodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.len() == 3 && nodes.iter().all(|n| n["role"] == "voter"))
+    });
+    (first, second, third)
+}
+
+fn replica_nodes(vdisk: &Value) -> Vec<u64> {
+    vdisk["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["node"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+fn node_id(daemon: &Daemon) -> u64 {
+    daemon.cli_json(&["cluster", "status"])["node_id"]
+        .as_u64()
+        .expect("node id")
+}
+
+fn check_blocks(client: &mut common::nbd::NbdClient, blocks: u64, seq_of: impl Fn(u64) -> u64) {
+    let data = client.read_all(0, blocks * 4096).expect("read back");
+    for (block, bytes) in data.chunks(4096).enumerate() {
+        let block = block as u64;
+        let expected = match seq_of(block) {
+            0 => BlockContent::Zero,
+            seq => BlockContent::Tagged { block, seq },
+        };
+        assert_eq!(common::parse_block(bytes), expected, "block {block}");
+    }
+}
+
+#[test]
+fn writes_through_a_killed_owner_are_read_back_through_another_node() {
+    let (mut first, second, third) = three_nodes();
+    let created = first.cli_json(&["vdisk", "create", "data", "--size", "64M", "--rf", "2"]);
+    assert_eq!(created["rf"], 2);
+    let replicas = replica_nodes(&created);
+    assert_eq!(replicas.len(), 2);
+    assert_eq!(
+        replicas[0],
+        node_id(&first),
+        "the creating node holds the first replica"
+    );
+    assert_eq!(created["state"], "healthy");
+
+    // 256 blocks written through the first node and flushed, plus some
+    // large writes; every replica has them.
+    let mut client = first.nbd("data");
+    for block in 0..256u64 {
+        client
+            .write(block * 4096, &common::tagged_block(block, 1), false)
+            .expect("write");
+    }
+    let mut big = Vec::new();
+    for block in 1024..1280u64 {
+        big.extend(common::tagged_block(block, 1));
+    }
+    client.write(1024 * 4096, &big, true).expect("big write");
+    client.flush().expect("flush");
+    let shown = second.cli_json(&["vdisk", "show", "data"]);
+    assert_eq!(shown["owner"], node_id(&first));
+    assert_eq!(shown["epoch"], 1);
+
+    // The owner (a replica holder, possibly the Raft leader) dies.
+    first.kill9();
+    drop(client);
+
+    // The other nodes serve the vdisk with everything that was flushed.
+    let survivor = if replicas.contains(&node_id(&second)) {
+        &second
+    } else {
+        &third
+    };
+    let mut client = survivor.nbd("data");
+    let seq = |block: u64| u64::from((block < 256) || (1024..1280).contains(&block));
+    check_blocks(&mut client, 1280, seq);
+    // And keep taking writes: the dead replica is recorded stale.
+    for block in 0..64u64 {
+        client
+            .write(block * 4096, &common::tagged_block(block, 2), true)
+            .expect("write after the owner died");
+    }
+    let shown = survivor.cli_json(&["vdisk", "show", "data"]);
+    assert_eq!(shown["owner"], node_id(survivor));
+    assert_eq!(shown["epoch"], 2);
+    let stale: Vec<&Value> = shown["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter(|r| r["state"] == "stale").collect())
+        .unwrap_or_default();
+    assert_eq!(stale.len(), 1, "the dead node's replica is stale: {shown}");
+    wait_for(
+        "the dead node is declared down",
+        Duration::from_secs(30),
+        || survivor.cli_json(&["vdisk", "show", "data"])["state"] == "degraded",
+    );
+    client.disconnect();
+
+    // A node holding no replica serves it too, from the remote replica.
+    let other = if std::ptr::eq(survivor, &second) {
+        &third
+    } else {
+        &second
+    };
+    let mut client = other.nbd("data");
+    let seq = |block: u64| {
+        if block < 64 {
+            2
+        } else {
+            u64::from((block < 256) || (1024..1280).contains(&block))
+        }
+    };
+    check_blocks(&mut client, 1280, seq);
+    client.disconnect();
+
+    // The killed node comes back; its copy is stale, so reads through it
+    // come from the in-sync replica and see the writes it missed.
+    first.restart();
+    let mut client = first.nbd("data");
+    check_blocks(&mut client, 1280, seq);
+    client.disconnect();
+}
+
+#[test]
+fn a_client_moving_to_another_node_fences_the_old_owner() {
+    let (first, second, _third) = three_nodes();
+    first.cli_ok(&["vdisk", "create", "moved", "--size", "16M", "--rf", "3"]);
+    let mut old = first.nbd("moved");
+    old.write(0, &common::tagged_block(0, 1), true)
+        .expect("write");
+
+    // A client on the second node takes the vdisk over.
+    let mut new = second.nbd("moved");
+    new.write(4096, &common::tagged_block(1, 1), true)
+        .expect("write through the new owner");
+    assert_eq!(
+        second.cli_json(&["vdisk", "show", "moved"])["owner"],
+        node_id(&second)
+    );
+
+    // The old owner's writes fail now (they would diverge), and change nothing.
+    let result = old.write(0, &common::tagged_block(0, 9), true);
+    assert!(result.is_err(), "a fenced owner completed a write");
+    check_blocks(&mut new, 4, |block| u64::from(block < 2));
+    // Every replica is still in sync: fencing is not a failure.
+    let shown = second.cli_json(&["vdisk", "show", "moved"]);
+    assert_eq!(shown["state"], "healthy", "{shown}");
+    new.disconnect();
+}
