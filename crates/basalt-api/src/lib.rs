@@ -40,6 +40,8 @@ pub struct IoCounters {
     pub flushes: u64,
     /// Blocks that failed their checksum (each one an I/O error to a client).
     pub checksum_errors: u64,
+    /// Bytes copied into this node's replicas by resyncs.
+    pub resync_copied_bytes: u64,
     /// Oplog batches written.
     pub log_batches: u64,
     /// Drain cycles completed.
@@ -128,6 +130,21 @@ pub struct Vdisk {
     pub owner: Option<u64>,
     /// Where its copies are.
     pub replicas: Vec<VdiskReplica>,
+    /// The resync of a stale copy on the answering node, while one runs.
+    pub resync: Option<ResyncProgress>,
+}
+
+/// How far the resync of a replica has come.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ResyncProgress {
+    /// The node whose copy is being resynced.
+    pub node: u64,
+    /// Bytes of the vdisk compared so far.
+    pub done_bytes: u64,
+    /// Size of the vdisk.
+    pub total_bytes: u64,
+    /// Bytes fetched because they differed.
+    pub copied_bytes: u64,
 }
 
 /// One copy of a vdisk.

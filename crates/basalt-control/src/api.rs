@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use basalt_api::{
     ClusterNode, ClusterStatus, CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus,
-    ResizeVdisk, Vdisk, VdiskReplica, VhostExport,
+    ResizeVdisk, ResyncProgress, Vdisk, VdiskReplica, VhostExport,
 };
 use utoipa::OpenApi;
 
@@ -52,6 +52,7 @@ use crate::{ControlError, metrics};
         Disk,
         Vdisk,
         VdiskReplica,
+        ResyncProgress,
         CreateVdisk,
         ResizeVdisk,
         VhostExport

@@ -129,27 +129,12 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
         )));
     }
     node.epochs().raise(vdisk, epoch);
-    let mut local = None;
-    let mut remotes = Vec::new();
-    for replica in record.in_sync() {
-        if replica == me {
-            // The reconciler creates the local copy; wait for it if it is new.
-            let registry = node.registry().clone();
-            let mut copy = registry.get_by_id(vdisk);
-            let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-            while copy.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                copy = registry.get_by_id(vdisk);
-            }
-            let copy = copy.ok_or_else(|| io(format!("the local replica of {name} is missing")))?;
-            local = Some((me, copy as Arc<dyn BlockBackend>));
-        } else if let Some(member) = state.nodes.get(&replica) {
-            remotes.push(ReplicaTarget {
-                node: replica,
-                addr: member.listen.clone(),
-            });
-        }
-    }
+    let ReplicaSet {
+        local,
+        local_in_sync,
+        mut remotes,
+        ..
+    } = replica_set(&node, &state, vdisk, epoch).await?;
     // Fence every remote replica at the new epoch; one that cannot be
     // reached is recorded stale (it missed nothing yet, but it will).
     let fence = Request {
@@ -193,8 +178,101 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
     Ok(ReplicaSet {
         epoch,
         local,
+        local_in_sync,
         remotes,
     })
+}
+
+/// The replicas an owner under `epoch` writes to, as `state` places them:
+/// every replica, in sync or being resynced, on a member.
+pub(crate) async fn replica_set(
+    node: &Node,
+    state: &ClusterState,
+    vdisk: u64,
+    epoch: u64,
+) -> Result<ReplicaSet, BlockError> {
+    let me = node.node_id();
+    let record = state
+        .vdisks
+        .get(&vdisk)
+        .ok_or_else(|| io(format!("vdisk {vdisk} was deleted")))?;
+    let mut local = None;
+    let mut local_in_sync = false;
+    let mut remotes = Vec::new();
+    for replica in &record.replicas {
+        let in_sync = replica.state == basalt_meta::ReplicaState::InSync;
+        if replica.node == me {
+            // The reconciler creates the local copy; wait for it if it is new.
+            let registry = node.registry().clone();
+            let mut copy = registry.get_by_id(vdisk);
+            let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+            while copy.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                copy = registry.get_by_id(vdisk);
+            }
+            let copy =
+                copy.ok_or_else(|| io(format!("the local replica of {} is missing", record.name)))?;
+            local = Some((me, copy as Arc<dyn BlockBackend>));
+            local_in_sync = in_sync;
+        } else if let Some(member) = state.nodes.get(&replica.node) {
+            remotes.push(ReplicaTarget {
+                node: replica.node,
+                addr: member.listen.clone(),
+                in_sync,
+            });
+        }
+    }
+    Ok(ReplicaSet {
+        epoch,
+        local,
+        local_in_sync,
+        remotes,
+    })
+}
+
+/// Service number of node-to-node control requests (the resync barrier).
+pub const SERVICE_CONTROL: u16 = 4;
+
+/// Asks the owner of `vdisk` to write to `replica` from now on.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct BarrierRequest {
+    /// Vdisk id.
+    pub vdisk: u64,
+    /// The node whose replica is being resynced.
+    pub replica: NodeId,
+}
+
+/// Serves [`SERVICE_CONTROL`].
+pub struct ControlService {
+    pub(crate) node: Weak<Node>,
+}
+
+impl basalt_net::Handler for ControlService {
+    fn handle(
+        &self,
+        request: basalt_net::Incoming,
+    ) -> futures::future::BoxFuture<'static, Result<basalt_net::Reply, basalt_net::RemoteError>>
+    {
+        let node = self.node.upgrade();
+        Box::pin(async move {
+            let fail = |why: String| basalt_net::RemoteError::new(1, why);
+            let node = node.ok_or_else(|| fail("node is stopping".into()))?;
+            let barrier: BarrierRequest = serde_json::from_slice(&request.body)
+                .map_err(|e| fail(format!("malformed control request: {e}")))?;
+            // This node must know the replica before it can write to it.
+            let known = wait_applied(&node, |s| {
+                s.vdisks
+                    .get(&barrier.vdisk)
+                    .is_none_or(|v| v.has_replica_on(barrier.replica))
+            })
+            .await;
+            if known.is_none() {
+                return Err(fail("this node has not learned of the replica yet".into()));
+            }
+            node.refresh_backend(barrier.vdisk).await;
+            Ok(basalt_net::Reply::default())
+        })
+    }
 }
 
 async fn mark_stale(
@@ -304,7 +382,13 @@ async fn reconcile(node: &Node, state: &ClusterState) {
             .get(&local.id)
             .is_some_and(|v| v.has_replica_on(me));
         if !wanted && local.id < state.next_vdisk_id {
-            node.forget_backend(local.id);
+            if state.vdisks.contains_key(&local.id) {
+                // The replica moved elsewhere but the vdisk lives on: if this
+                // node serves it, it stops writing to the local copy first.
+                node.refresh_backend(local.id).await;
+            } else {
+                node.forget_backend(local.id);
+            }
             match store.delete_vdisk(&local.name).await {
                 Ok(()) => {
                     node.registry().forget(local.id);
@@ -320,6 +404,11 @@ async fn reconcile(node: &Node, state: &ClusterState) {
     for record in state.vdisks.values() {
         node.epochs().raise(record.id, record.epoch);
         node.follow(record);
+        if record.owner == Some(me) {
+            // Replicas may have been added, resynced or lost: write to the
+            // ones the cluster places now.
+            node.refresh_backend(record.id).await;
+        }
         if !record.has_replica_on(me) {
             continue;
         }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod metrics;
 pub mod node;
+pub mod resync;
 
 pub use node::{Node, NodeConfig};
 

@@ -15,7 +15,9 @@ use basalt_meta::{
     ClusterState, Command, CommandResult, MetaNode, NodeState, Refusal, ReplicaState, VdiskRecord,
 };
 use basalt_net::Transport;
-use basalt_replica::{EpochTable, ReplicaService, ReplicatedVdisk, SERVICE_REPLICA};
+use basalt_replica::{
+    EpochTable, ReplicaService, ReplicatedVdisk, ResyncTrackers, SERVICE_REPLICA,
+};
 use basalt_store::{Store, StoreError};
 use basalt_vdisk::VdiskRegistry;
 use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
@@ -48,6 +50,12 @@ pub struct Node {
     cluster: MetaNode,
     transport: Transport,
     epochs: Arc<EpochTable>,
+    /// Owner writes to local copies under resync.
+    pub(crate) resyncs: Arc<ResyncTrackers>,
+    /// Resyncs running on this node, by vdisk.
+    pub(crate) resync_progress: Mutex<HashMap<u64, crate::resync::Progress>>,
+    /// Bytes copied by resyncs since the node started.
+    pub(crate) resync_copied: std::sync::atomic::AtomicU64,
     /// The vdisks this node serves as owner, by id.
     backends: Mutex<HashMap<u64, Arc<ReplicatedVdisk>>>,
     me: std::sync::Weak<Node>,
@@ -70,6 +78,7 @@ impl Node {
         })?;
         let registry = VdiskRegistry::new(store.clone());
         let epochs = Arc::new(EpochTable::new());
+        let resyncs = Arc::new(ResyncTrackers::new());
         transport.register(
             SERVICE_REPLICA,
             Arc::new(ReplicaService::new(
@@ -77,6 +86,7 @@ impl Node {
                     registry: registry.clone(),
                 }),
                 epochs.clone(),
+                resyncs.clone(),
             )),
             false,
         );
@@ -90,10 +100,21 @@ impl Node {
             cluster,
             transport,
             epochs,
+            resyncs,
+            resync_progress: Mutex::new(HashMap::new()),
+            resync_copied: std::sync::atomic::AtomicU64::new(0),
             backends: Mutex::new(HashMap::new()),
             me: me.clone(),
         });
+        node.transport.register(
+            crate::cluster::SERVICE_CONTROL,
+            Arc::new(crate::cluster::ControlService {
+                node: Arc::downgrade(&node),
+            }),
+            false,
+        );
         tokio::spawn(reconcile_forever(Arc::downgrade(&node)));
+        tokio::spawn(crate::resync::resync_forever(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -156,6 +177,24 @@ impl Node {
                 backend.fence();
                 backends.remove(&record.id);
             }
+        }
+    }
+
+    /// Points this node's backend of `vdisk` (if it owns it) at the replicas
+    /// the cluster places now, and returns once every later write reaches
+    /// them (the resync barrier).
+    pub(crate) async fn refresh_backend(&self, vdisk: u64) {
+        let backend = self.backends.lock().get(&vdisk).cloned();
+        let Some(backend) = backend else { return };
+        let Some(epoch) = backend.epoch() else { return };
+        let state = self.cluster.cluster();
+        let current = state.vdisks.get(&vdisk).is_some_and(|v| v.epoch == epoch);
+        if !current {
+            return;
+        }
+        match crate::cluster::replica_set(self, &state, vdisk, epoch).await {
+            Ok(set) => backend.refresh(set).await,
+            Err(error) => tracing::warn!(vdisk, %error, "cannot refresh the replica set"),
         }
     }
 
@@ -260,6 +299,7 @@ impl Node {
                 write_bytes: stats.write_bytes.load(Ordering::Relaxed),
                 flushes: stats.flushes.load(Ordering::Relaxed),
                 checksum_errors: stats.checksum_errors.load(Ordering::Relaxed),
+                resync_copied_bytes: self.resync_copied.load(Ordering::Relaxed),
                 log_batches: stats.log_batches.load(Ordering::Relaxed),
                 drains: stats.drains.load(Ordering::Relaxed),
             },
@@ -299,13 +339,29 @@ impl Node {
             .filter(|r| r.state == ReplicaState::InSync && state.is_up(r.node))
             .filter(|r| r.node != me || !self.store.vdisk_unavailable(record.id))
             .count();
+        let resyncing = record
+            .replicas
+            .iter()
+            .any(|r| r.state == ReplicaState::Stale && state.is_up(r.node));
         let health = if live_in_sync == 0 {
             "unavailable"
-        } else if live_in_sync < usize::from(record.rf) {
-            "degraded"
-        } else {
+        } else if live_in_sync >= usize::from(record.rf) {
             "healthy"
+        } else if resyncing {
+            "rebuilding"
+        } else {
+            "degraded"
         };
+        let resync =
+            self.resync_progress
+                .lock()
+                .get(&record.id)
+                .map(|p| basalt_api::ResyncProgress {
+                    node: me,
+                    done_bytes: p.done,
+                    total_bytes: p.total,
+                    copied_bytes: p.copied,
+                });
         let allocated = self
             .store
             .list_vdisks()
@@ -337,6 +393,7 @@ impl Node {
                     node_up: state.is_up(r.node),
                 })
                 .collect(),
+            resync,
         }
     }
 

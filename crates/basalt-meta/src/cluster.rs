@@ -623,6 +623,24 @@ impl MetaNode {
             self.propose_local(Command::SetNodeState { node, state })
                 .await?;
         }
+        // Restore the replication factor: replicas on down nodes move to up
+        // nodes that hold none (they start stale and are resynced there).
+        let state = self.cluster();
+        for vdisk in state.vdisks.values() {
+            let Some(dead) = vdisk.replicas.iter().find(|r| !state.is_up(r.node)) else {
+                continue;
+            };
+            let Some(new) = state.replacement_candidate(vdisk) else {
+                continue;
+            };
+            tracing::warn!(vdisk = %vdisk.name, dead = dead.node, new, "moving a replica off a down node");
+            self.propose_local(Command::ReplaceReplica {
+                vdisk: vdisk.id,
+                dead: dead.node,
+                new,
+            })
+            .await?;
+        }
         Ok(())
     }
 

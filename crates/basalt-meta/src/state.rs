@@ -79,6 +79,10 @@ pub struct Replica {
     pub node: NodeId,
     /// Whether it holds every acknowledged write.
     pub state: ReplicaState,
+    /// Raised every time the replica misses a write (or is placed anew): a
+    /// resync that started at an older value did not see everything.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// Whether a replica can be read from.
@@ -87,7 +91,8 @@ pub struct Replica {
 pub enum ReplicaState {
     /// Holds every acknowledged write.
     InSync,
-    /// Missed writes; must be resynced before it is read or counted.
+    /// Missed writes (or is new); written to, but not read from or
+    /// counted, until a resync has copied what it missed.
     Stale,
 }
 
@@ -175,6 +180,26 @@ pub enum Command {
         name: String,
         /// The new owner.
         node: NodeId,
+    },
+    /// Puts a new replica on `new` in place of the one on the down node
+    /// `dead`; the new one starts stale and is filled by a resync.
+    ReplaceReplica {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The down node whose replica goes.
+        dead: NodeId,
+        /// The up node that takes its place.
+        new: NodeId,
+    },
+    /// A resync of `node`'s replica that started at `seq` copied everything:
+    /// the replica is in sync, unless it missed a write since (seq moved).
+    ResyncDone {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The replica's node.
+        node: NodeId,
+        /// The replica's seq when the resync started.
+        seq: u64,
     },
     /// Records that `node`'s replica missed a write. Only the owner under
     /// the current epoch may do so: a fenced owner's request is refused,
@@ -319,6 +344,14 @@ impl ClusterState {
         chosen
     }
 
+    /// The up node that should take a replica of `vdisk` (one that holds
+    /// none yet, least loaded first), if there is one.
+    pub fn replacement_candidate(&self, vdisk: &VdiskRecord) -> Option<NodeId> {
+        self.place(self.nodes.len(), None)
+            .into_iter()
+            .find(|node| !vdisk.has_replica_on(*node))
+    }
+
     /// Applies one command; a refusal changes nothing.
     pub fn apply(&mut self, command: &Command) -> CommandResult {
         match self.try_apply(command) {
@@ -404,6 +437,7 @@ impl ClusterState {
                     .map(|node| Replica {
                         node,
                         state: ReplicaState::InSync,
+                        seq: 0,
                     })
                     .collect();
                 self.vdisks.insert(
@@ -453,6 +487,7 @@ impl ClusterState {
                         replicas: vec![Replica {
                             node: *node,
                             state: ReplicaState::InSync,
+                            seq: 0,
                         }],
                     },
                 );
@@ -507,6 +542,52 @@ impl ClusterState {
                     )));
                 }
                 replica.state = ReplicaState::Stale;
+                replica.seq += 1;
+                Ok(CommandResult::Done)
+            }
+            Command::ReplaceReplica { vdisk, dead, new } => {
+                if self.is_up(*dead) {
+                    return Err(conflict(format!(
+                        "node {dead} is up; only a down node's replica is replaced"
+                    )));
+                }
+                if !self.is_up(*new) {
+                    return Err(conflict(format!("node {new} is not an up member")));
+                }
+                let record = self.vdisk_mut(*vdisk)?;
+                if record.has_replica_on(*new) {
+                    return Err(conflict(format!(
+                        "node {new} already holds a replica of {}",
+                        record.name
+                    )));
+                }
+                let name = record.name.clone();
+                let replica = record
+                    .replicas
+                    .iter_mut()
+                    .find(|r| r.node == *dead)
+                    .ok_or_else(|| not_found(format!("node {dead} holds no replica of {name}")))?;
+                *replica = Replica {
+                    node: *new,
+                    state: ReplicaState::Stale,
+                    seq: replica.seq + 1,
+                };
+                Ok(CommandResult::Done)
+            }
+            Command::ResyncDone { vdisk, node, seq } => {
+                let record = self.vdisk_mut(*vdisk)?;
+                let name = record.name.clone();
+                let replica = record
+                    .replicas
+                    .iter_mut()
+                    .find(|r| r.node == *node)
+                    .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
+                if replica.seq != *seq {
+                    return Err(conflict(format!(
+                        "the replica of {name} on node {node} missed writes during the resync"
+                    )));
+                }
+                replica.state = ReplicaState::InSync;
                 Ok(CommandResult::Done)
             }
         }
@@ -724,5 +805,55 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_down_nodes_replica_is_replaced_and_a_resync_completes_only_if_nothing_was_missed() {
+        let mut state = bootstrapped(3);
+        assert_eq!(state.apply(&create("a", 1 << 20, 2)), CommandResult::Id(1));
+        let holders: Vec<NodeId> = state.vdisks[&1].replicas.iter().map(|r| r.node).collect();
+        let spare = (1..=3).find(|n| !holders.contains(n)).unwrap_or(0);
+        let replace = Command::ReplaceReplica {
+            vdisk: 1,
+            dead: holders[1],
+            new: spare,
+        };
+        assert!(
+            matches!(state.apply(&replace), CommandResult::Refused { .. }),
+            "an up node's replica stays"
+        );
+        state.apply(&Command::SetNodeState {
+            node: holders[1],
+            state: NodeState::Down,
+        });
+        assert_eq!(state.apply(&replace), CommandResult::Done);
+        let new = state.vdisks[&1].replicas[1];
+        assert_eq!((new.node, new.state), (spare, ReplicaState::Stale));
+        // It missed a write during the resync: the resync's end is refused.
+        state.apply(&Command::AcquireVdisk {
+            name: "a".into(),
+            node: holders[0],
+        });
+        let done = Command::ResyncDone {
+            vdisk: 1,
+            node: spare,
+            seq: new.seq,
+        };
+        state.apply(&Command::MarkStale {
+            vdisk: 1,
+            node: spare,
+            epoch: 1,
+        });
+        assert!(matches!(state.apply(&done), CommandResult::Refused { .. }));
+        let seq = state.vdisks[&1].replicas[1].seq;
+        assert_eq!(
+            state.apply(&Command::ResyncDone {
+                vdisk: 1,
+                node: spare,
+                seq
+            }),
+            CommandResult::Done
+        );
+        assert_eq!(state.vdisks[&1].in_sync().count(), 2);
     }
 }

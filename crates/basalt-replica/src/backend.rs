@@ -46,6 +46,9 @@ pub struct ReplicaTarget {
     pub node: u64,
     /// Its node-to-node address.
     pub addr: String,
+    /// Whether it holds every acknowledged write (else it is being
+    /// resynced: written to, never read from).
+    pub in_sync: bool,
 }
 
 /// The in-sync replicas an owner writes to under one epoch.
@@ -53,20 +56,31 @@ pub struct ReplicaTarget {
 pub struct ReplicaSet {
     /// The ownership epoch.
     pub epoch: u64,
-    /// This node's id and its replica, if it holds an in-sync one.
+    /// This node's id and its replica, if it holds one.
     pub local: Option<(u64, Arc<dyn BlockBackend>)>,
-    /// The other in-sync replicas.
+    /// Whether the local replica is in sync.
+    pub local_in_sync: bool,
+    /// The other replicas.
     pub remotes: Vec<ReplicaTarget>,
 }
 
 impl ReplicaSet {
-    fn count(&self) -> usize {
-        usize::from(self.local.is_some()) + self.remotes.len()
+    fn in_sync_count(&self) -> usize {
+        usize::from(self.local.is_some() && self.local_in_sync)
+            + self.remotes.iter().filter(|r| r.in_sync).count()
+    }
+
+    fn is_in_sync(&self, node: u64) -> bool {
+        match &self.local {
+            Some((local, _)) if *local == node => self.local_in_sync,
+            _ => self.remotes.iter().any(|r| r.node == node && r.in_sync),
+        }
     }
 
     fn without(&self, failed: &[u64]) -> ReplicaSet {
         ReplicaSet {
             epoch: self.epoch,
+            local_in_sync: self.local_in_sync,
             local: self
                 .local
                 .clone()
@@ -113,6 +127,10 @@ pub struct ReplicatedVdisk {
     acquiring: tokio::sync::Mutex<()>,
     fenced: AtomicBool,
     rmw: RwLock<()>,
+    /// Held shared by every mutation while it fans out; taken exclusively
+    /// by [`ReplicatedVdisk::refresh`] to wait out mutations that used the
+    /// previous replica set.
+    inflight: RwLock<()>,
 }
 
 impl ReplicatedVdisk {
@@ -134,6 +152,7 @@ impl ReplicatedVdisk {
             acquiring: tokio::sync::Mutex::new(()),
             fenced: AtomicBool::new(false),
             rmw: RwLock::new(()),
+            inflight: RwLock::new(()),
         }
     }
 
@@ -157,6 +176,20 @@ impl ReplicatedVdisk {
         if !self.fenced.swap(true, Ordering::AcqRel) {
             tracing::info!(vdisk = %self.name, "ownership moved away; this node stops serving it");
         }
+    }
+
+    /// Replaces the replica set (same epoch: the cluster added or resynced a
+    /// replica) and returns once no mutation is still using the old set, so
+    /// that every later mutation reaches the replicas of `set`.
+    pub async fn refresh(&self, set: ReplicaSet) {
+        {
+            let mut current = self.set.write();
+            match current.as_ref() {
+                Some(now) if now.epoch == set.epoch => *current = Some(Arc::new(set)),
+                _ => return,
+            }
+        }
+        drop(self.inflight.write().await);
     }
 
     /// Follows a resize.
@@ -196,7 +229,7 @@ impl ReplicatedVdisk {
             return Ok(set);
         }
         let set = Arc::new(self.coordinator.acquire(self.vdisk).await?);
-        if set.count() == 0 {
+        if set.in_sync_count() == 0 {
             return Err(BlockError::Io(format!(
                 "vdisk {} has no in-sync replica on a live node",
                 self.name
@@ -253,11 +286,13 @@ impl ReplicatedVdisk {
         L: FnOnce(Arc<dyn BlockBackend>) -> BoxFuture<'static, Result<(), BlockError>>,
     {
         if set.remotes.is_empty()
+            && set.local_in_sync
             && let Some((_, replica)) = &set.local
         {
             // The only copy: its result is the result, nothing to record.
             return local(replica.clone()).await;
         }
+        let _inflight = self.inflight.read().await;
         let local_future = set.local.clone().map(|(node, replica)| {
             let op = local(replica);
             async move { (node, op.await.map_err(Failure::Failed)) }
@@ -303,8 +338,9 @@ impl ReplicatedVdisk {
         let Some(error) = first_error else {
             return Ok(());
         };
-        if failed.len() == results.len() {
-            // Nobody has the write: the client gets the error; replicas stay.
+        let in_sync_failed = failed.iter().filter(|n| set.is_in_sync(**n)).count();
+        if in_sync_failed == set.in_sync_count() {
+            // No in-sync replica has the write: the client gets the error.
             return Err(error);
         }
         for node in &failed {
@@ -338,7 +374,7 @@ impl ReplicatedVdisk {
         }
         let set = self.current_set().await?;
         let mut last_error = None;
-        if let Some((_, local)) = &set.local {
+        if let Some((_, local)) = set.local.as_ref().filter(|_| set.local_in_sync) {
             match local.read(offset, len).await {
                 Ok(data) => return Ok(data),
                 Err(error @ (BlockError::OutOfRange { .. } | BlockError::Invalid(_))) => {
@@ -359,7 +395,7 @@ impl ReplicatedVdisk {
             offset,
             length: u64::from(len),
         };
-        for target in &set.remotes {
+        for target in set.remotes.iter().filter(|r| r.in_sync) {
             match self.remote(target, request, Bytes::new()).await {
                 Ok(data) if data.len() == len as usize => return Ok(IoBuf::from_slice(&data)),
                 Ok(data) => {
@@ -484,7 +520,7 @@ impl ReplicatedVdisk {
     ) -> Result<Vec<AllocationExtent>, BlockError> {
         check_range(offset, len, self.size())?;
         let set = self.current_set().await?;
-        match &set.local {
+        match set.local.as_ref().filter(|_| set.local_in_sync) {
             Some((_, local)) => local.block_status(offset, len).await,
             None => Ok(vec![AllocationExtent {
                 length: len,

@@ -18,7 +18,9 @@ mod service;
 
 pub use backend::{Coordinator, ReplicaSet, ReplicaTarget, ReplicatedVdisk};
 pub use protocol::{
-    CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, Op, REQUEST_BYTES,
-    Request, SERVICE_REPLICA,
+    CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, DIGEST_PIECE,
+    MAX_DIGEST_BYTES, Op, REQUEST_BYTES, Request, SERVICE_REPLICA,
 };
-pub use service::{EpochTable, LocalReplicas, ReplicaService, remote_error};
+pub use service::{
+    EpochTable, LocalReplicas, ReplicaService, ResyncTrackers, WrittenBlocks, digest, remote_error,
+};

@@ -51,7 +51,15 @@ pub enum Op {
     Zero = 5,
     /// Record `epoch` as the vdisk's newest: older senders are refused from now on.
     Fence = 6,
+    /// CRC-32C of every [`DIGEST_PIECE`] of `[offset, offset + length)`,
+    /// as little-endian u32s in the reply's data (resync compares them).
+    Digest = 7,
 }
+
+/// Granularity of [`Op::Digest`] and of resync copies.
+pub const DIGEST_PIECE: u64 = 64 << 10;
+/// Largest range one digest request may cover.
+pub const MAX_DIGEST_BYTES: u64 = 64 << 20;
 
 /// A decoded request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +110,7 @@ impl Request {
             4 => Op::Trim,
             5 => Op::Zero,
             6 => Op::Fence,
+            7 => Op::Digest,
             other => return Err(format!("unknown replica operation {other}")),
         };
         let flags = body.get_u8();

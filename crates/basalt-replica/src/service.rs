@@ -1,7 +1,7 @@
 //! The replica side: serves the owner's requests against the local copy,
 //! refusing owners whose epoch has been superseded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use basalt_core::{BlockBackend, BlockError, IoBuf, MAX_REQUEST_BYTES, WriteFlags};
@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 use parking_lot::RwLock;
 
 use crate::protocol::{
-    CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, Op, Request,
+    CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, DIGEST_PIECE,
+    MAX_DIGEST_BYTES, Op, Request,
 };
 
 /// This node's copies of vdisks, by vdisk id.
@@ -70,17 +71,102 @@ impl EpochTable {
     }
 }
 
+/// Blocks of one vdisk written by its owner while a resync of the local
+/// copy runs. The resync never overwrites them with the (older) data it
+/// copies: it checks and writes under the same lock the owner's writes
+/// record under.
+#[derive(Debug, Default)]
+pub struct WrittenBlocks {
+    blocks: tokio::sync::Mutex<BTreeSet<u64>>,
+}
+
+impl WrittenBlocks {
+    /// Records `[offset, offset + len)` as written by the owner.
+    pub async fn record(&self, offset: u64, len: u64) {
+        let first = offset / basalt_core::BLOCK_SIZE;
+        let end = (offset + len).div_ceil(basalt_core::BLOCK_SIZE);
+        let mut blocks = self.blocks.lock().await;
+        blocks.extend(first..end);
+    }
+
+    /// The set, locked: owner writes wait while the resync holds it.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.blocks.lock().await
+    }
+}
+
+/// The resyncs running on this node, by vdisk.
+#[derive(Debug, Default)]
+pub struct ResyncTrackers {
+    active: parking_lot::Mutex<HashMap<u64, Arc<WrittenBlocks>>>,
+}
+
+impl ResyncTrackers {
+    /// An empty registry.
+    pub fn new() -> ResyncTrackers {
+        ResyncTrackers::default()
+    }
+
+    /// Starts tracking owner writes to `vdisk`.
+    pub fn start(&self, vdisk: u64) -> Arc<WrittenBlocks> {
+        let blocks = Arc::new(WrittenBlocks::default());
+        self.active.lock().insert(vdisk, blocks.clone());
+        blocks
+    }
+
+    /// Stops tracking `vdisk`.
+    pub fn stop(&self, vdisk: u64) {
+        self.active.lock().remove(&vdisk);
+    }
+
+    fn get(&self, vdisk: u64) -> Option<Arc<WrittenBlocks>> {
+        self.active.lock().get(&vdisk).cloned()
+    }
+}
+
 /// Serves [`crate::SERVICE_REPLICA`].
 pub struct ReplicaService {
     local: Arc<dyn LocalReplicas>,
     epochs: Arc<EpochTable>,
+    resyncs: Arc<ResyncTrackers>,
 }
 
 impl ReplicaService {
-    /// Serves the replicas in `local`, fenced by `epochs`.
-    pub fn new(local: Arc<dyn LocalReplicas>, epochs: Arc<EpochTable>) -> ReplicaService {
-        ReplicaService { local, epochs }
+    /// Serves the replicas in `local`, fenced by `epochs`; owner writes to
+    /// copies being resynced are recorded in `resyncs`.
+    pub fn new(
+        local: Arc<dyn LocalReplicas>,
+        epochs: Arc<EpochTable>,
+        resyncs: Arc<ResyncTrackers>,
+    ) -> ReplicaService {
+        ReplicaService {
+            local,
+            epochs,
+            resyncs,
+        }
     }
+}
+
+/// CRC-32C of every [`DIGEST_PIECE`] of `[offset, offset + len)` of `replica`.
+pub async fn digest(
+    replica: &dyn BlockBackend,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u32>, BlockError> {
+    let mut sums = Vec::with_capacity(len.div_ceil(DIGEST_PIECE) as usize);
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let chunk = (end - at).min(1 << 20);
+        let data = replica.read(at, chunk as u32).await?;
+        sums.extend(
+            data.as_slice()
+                .chunks(DIGEST_PIECE as usize)
+                .map(crc32c::crc32c),
+        );
+        at += chunk;
+    }
+    Ok(sums)
 }
 
 /// Maps a local failure to the error a remote owner sees.
@@ -96,6 +182,7 @@ pub fn remote_error(error: BlockError) -> RemoteError {
 async fn serve(
     local: Arc<dyn LocalReplicas>,
     epochs: Arc<EpochTable>,
+    resyncs: Arc<ResyncTrackers>,
     body: Bytes,
     data: Bytes,
 ) -> Result<Reply, RemoteError> {
@@ -119,6 +206,15 @@ async fn serve(
         )
     })?;
     let flags = WriteFlags { fua: request.fua };
+    if matches!(request.op, Op::Write | Op::Trim | Op::Zero)
+        && let Some(written) = resyncs.get(request.vdisk)
+    {
+        let len = match request.op {
+            Op::Write => data.len() as u64,
+            _ => request.length,
+        };
+        written.record(request.offset, len).await;
+    }
     match request.op {
         Op::Write => {
             if data.len() > MAX_REQUEST_BYTES as usize {
@@ -167,6 +263,19 @@ async fn serve(
                 .map_err(remote_error)?;
             Ok(Reply::default())
         }
+        Op::Digest => {
+            if request.length > MAX_DIGEST_BYTES {
+                return Err(RemoteError::new(CODE_INVALID, "digest range too large"));
+            }
+            let sums = digest(replica.as_ref(), request.offset, request.length)
+                .await
+                .map_err(remote_error)?;
+            let bytes: Vec<u8> = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+            Ok(Reply {
+                body: Bytes::new(),
+                data: Bytes::from(bytes),
+            })
+        }
         Op::Fence => Ok(Reply::default()),
     }
 }
@@ -176,6 +285,7 @@ impl Handler for ReplicaService {
         Box::pin(serve(
             self.local.clone(),
             self.epochs.clone(),
+            self.resyncs.clone(),
             request.body,
             request.data,
         ))

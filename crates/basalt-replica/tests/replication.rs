@@ -66,6 +66,7 @@ async fn node(id: u64, cluster: Uuid) -> Result<TestNode> {
         Arc::new(ReplicaService::new(
             Arc::new(Local(registry.clone())),
             epochs.clone(),
+            Arc::new(basalt_replica::ResyncTrackers::new()),
         )),
         false,
     );
@@ -96,6 +97,7 @@ impl Coordinator for FakeCoordinator {
         let set = ReplicaSet {
             epoch: self.epoch,
             local: Some(self.local.clone()),
+            local_in_sync: true,
             remotes: self.remotes.clone(),
         };
         Box::pin(async move { Ok(set) })
@@ -151,6 +153,7 @@ async fn cluster(epoch: u64) -> Result<Cluster> {
             .map(|n| ReplicaTarget {
                 node: n.id,
                 addr: n.addr.clone(),
+                in_sync: true,
             })
             .collect(),
         stale: Mutex::new(BTreeSet::new()),

@@ -57,8 +57,15 @@ fn node_id(daemon: &Daemon) -> u64 {
         .expect("node id")
 }
 
-fn check_blocks(client: &mut common::nbd::NbdClient, blocks: u64, seq_of: impl Fn(u64) -> u64) {
-    let data = client.read_all(0, blocks * 4096).expect("read back");
+fn check_blocks(
+    daemon: &Daemon,
+    client: &mut common::nbd::NbdClient,
+    blocks: u64,
+    seq_of: impl Fn(u64) -> u64,
+) {
+    let data = client
+        .read_all(0, blocks * 4096)
+        .unwrap_or_else(|e| panic!("read back: {e:?}\n{}", daemon.log_tail(30)));
     for (block, bytes) in data.chunks(4096).enumerate() {
         let block = block as u64;
         let expected = match seq_of(block) {
@@ -113,7 +120,7 @@ fn writes_through_a_killed_owner_are_read_back_through_another_node() {
     };
     let mut client = survivor.nbd("data");
     let seq = |block: u64| u64::from((block < 256) || (1024..1280).contains(&block));
-    check_blocks(&mut client, 1280, seq);
+    check_blocks(survivor, &mut client, 1280, seq);
     // And keep taking writes: the dead replica is recorded stale.
     for block in 0..64u64 {
         client
@@ -128,10 +135,16 @@ fn writes_through_a_killed_owner_are_read_back_through_another_node() {
         .map(|r| r.iter().filter(|r| r["state"] == "stale").collect())
         .unwrap_or_default();
     assert_eq!(stale.len(), 1, "the dead node's replica is stale: {shown}");
+    // Once the dead node is declared down, its replica moves to the third
+    // node and is resynced there: the vdisk is healthy again.
+    let dead_id = replicas[0];
     wait_for(
-        "the dead node is declared down",
-        Duration::from_secs(30),
-        || survivor.cli_json(&["vdisk", "show", "data"])["state"] == "degraded",
+        "the replication factor is restored",
+        Duration::from_secs(60),
+        || {
+            let shown = survivor.cli_json(&["vdisk", "show", "data"]);
+            shown["state"] == "healthy" && !replica_nodes(&shown).contains(&dead_id)
+        },
     );
     client.disconnect();
 
@@ -149,14 +162,14 @@ fn writes_through_a_killed_owner_are_read_back_through_another_node() {
             u64::from((block < 256) || (1024..1280).contains(&block))
         }
     };
-    check_blocks(&mut client, 1280, seq);
+    check_blocks(other, &mut client, 1280, seq);
     client.disconnect();
 
-    // The killed node comes back; its copy is stale, so reads through it
-    // come from the in-sync replica and see the writes it missed.
+    // The killed node comes back; it holds no replica any more, so reads
+    // through it come from the replicas and see the writes it missed.
     first.restart();
     let mut client = first.nbd("data");
-    check_blocks(&mut client, 1280, seq);
+    check_blocks(&first, &mut client, 1280, seq);
     client.disconnect();
 }
 
@@ -180,9 +193,118 @@ fn a_client_moving_to_another_node_fences_the_old_owner() {
     // The old owner's writes fail now (they would diverge), and change nothing.
     let result = old.write(0, &common::tagged_block(0, 9), true);
     assert!(result.is_err(), "a fenced owner completed a write");
-    check_blocks(&mut new, 4, |block| u64::from(block < 2));
+    check_blocks(&second, &mut new, 4, |block| u64::from(block < 2));
     // Every replica is still in sync: fencing is not a failure.
     let shown = second.cli_json(&["vdisk", "show", "moved"]);
     assert_eq!(shown["state"], "healthy", "{shown}");
     new.disconnect();
+}
+
+fn write_range(client: &mut common::nbd::NbdClient, blocks: std::ops::Range<u64>, seq: u64) {
+    let mut at = blocks.start;
+    while at < blocks.end {
+        let n = (blocks.end - at).min(256);
+        let mut data = Vec::with_capacity((n * 4096) as usize);
+        for block in at..at + n {
+            data.extend(common::tagged_block(block, seq));
+        }
+        client.write(at * 4096, &data, false).expect("write");
+        at += n;
+    }
+    client.flush().expect("flush");
+}
+
+fn resync_copied(daemon: &Daemon) -> u64 {
+    daemon.status().io.resync_copied_bytes
+}
+
+#[test]
+fn a_node_back_from_a_short_outage_copies_only_what_changed() {
+    let (mut first, _second, mut third) = three_nodes();
+    first.cli_ok(&["vdisk", "create", "back", "--size", "64M", "--rf", "3"]);
+    let mut client = first.nbd("back");
+    write_range(&mut client, 0..8192, 1); // 32 MiB
+    third.kill9();
+    // 1 MiB changes while the third node is away.
+    write_range(&mut client, 4096..4352, 2);
+    let shown = first.cli_json(&["vdisk", "show", "back"]);
+    assert!(
+        shown["replicas"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["state"] == "stale")),
+        "{shown}"
+    );
+    third.restart();
+    wait_for(
+        "the returning replica is in sync",
+        Duration::from_secs(60),
+        || first.cli_json(&["vdisk", "show", "back"])["state"] == "healthy",
+    );
+    let copied = resync_copied(&third);
+    assert!(
+        (1 << 20..=2 << 20).contains(&copied),
+        "copied {copied} bytes to catch up 1 MiB of changes in a 64 MiB vdisk"
+    );
+    // Writes keep reaching every replica; the returned copy is exact: the
+    // owner dies and the third node serves from its own copy.
+    write_range(&mut client, 0..16, 3);
+    client.disconnect();
+    first.kill9();
+    let seq = |block: u64| match block {
+        0..16 => 3,
+        4096..4352 => 2,
+        16..4096 | 4352..8192 => 1,
+        _ => 0,
+    };
+    let mut client = third.nbd("back");
+    check_blocks(&third, &mut client, 8192, seq);
+    client.disconnect();
+    let shown = third.cli_json(&["vdisk", "show", "back"]);
+    assert_eq!(shown["owner"], node_id(&third));
+}
+
+#[test]
+fn a_dead_nodes_replica_is_rebuilt_elsewhere_without_an_operator() {
+    let (mut first, second, third) = three_nodes();
+    let created = first.cli_json(&["vdisk", "create", "heal", "--size", "32M", "--rf", "2"]);
+    let holders = replica_nodes(&created);
+    let mut client = first.nbd("heal");
+    write_range(&mut client, 0..2048, 1); // 8 MiB
+    // The other replica holder dies.
+    let (mut dead, spare) = if holders.contains(&node_id(&second)) {
+        (second, third)
+    } else {
+        (third, second)
+    };
+    dead.kill9();
+    write_range(&mut client, 0..64, 2);
+    // After --dead-after (3 s) the cluster moves the replica to the spare
+    // node and resyncs it there, with no operator involved.
+    wait_for(
+        "the replication factor is restored",
+        Duration::from_secs(60),
+        || {
+            let shown = first.cli_json(&["vdisk", "show", "heal"]);
+            shown["state"] == "healthy" && replica_nodes(&shown).contains(&node_id(&spare))
+        },
+    );
+    assert!(
+        resync_copied(&spare) >= 8 << 20,
+        "the new replica got the data"
+    );
+    write_range(&mut client, 64..128, 3);
+    client.disconnect();
+    // The dead node returns (for the Raft quorum; it holds no replica any
+    // more), then the original owner dies: the rebuilt copy has everything.
+    dead.restart();
+    first.kill9();
+    let seq = |block: u64| match block {
+        0..64 => 2,
+        64..128 => 3,
+        128..2048 => 1,
+        _ => 0,
+    };
+    let mut client = spare.nbd("heal");
+    check_blocks(&spare, &mut client, 2048, seq);
+    client.disconnect();
 }
