@@ -115,6 +115,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
         .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/debug/partition", axum::routing::put(set_partition))
         .route("/api/v1/disks", get(list_disks))
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route("/api/v1/vdisks/{name}", get(get_vdisk).delete(delete_vdisk))
@@ -181,6 +182,24 @@ async fn cluster_status(
     State(node): State<Arc<Node>>,
 ) -> Result<Json<ClusterStatus>, ControlError> {
     Ok(Json(node.cluster_status()?))
+}
+
+/// Body of `PUT /api/v1/debug/partition` (fault injection, tests only; not
+/// part of the documented API).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Partition {
+    /// Node ids this node stops talking to; empty heals.
+    nodes: Vec<u64>,
+}
+
+async fn set_partition(
+    State(node): State<Arc<Node>>,
+    payload: Result<Json<Partition>, JsonRejection>,
+) -> Result<StatusCode, ControlError> {
+    let request = body(payload)?;
+    node.set_partition(request.nodes)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The node's disks.

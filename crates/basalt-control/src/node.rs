@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub nbd_address: String,
     /// Directory of vhost-user sockets.
     pub vhost_dir: PathBuf,
+    /// Serve the fault-injection endpoints (tests only).
+    pub fault_injection: bool,
 }
 
 /// One node's services.
@@ -196,6 +198,17 @@ impl Node {
             Ok(set) => backend.refresh(set).await,
             Err(error) => tracing::warn!(vdisk, %error, "cannot refresh the replica set"),
         }
+    }
+
+    /// Fault injection: cut this node off from `nodes` (empty heals).
+    pub fn set_partition(&self, nodes: Vec<u64>) -> Result<(), ControlError> {
+        if !self.config.fault_injection {
+            return Err(ControlError::NotFound(
+                "fault injection is off (basaltd --fault-injection, for tests only)".into(),
+            ));
+        }
+        self.transport.set_partition(nodes);
+        Ok(())
     }
 
     /// Drops the backend of a vdisk (deleted or moved away).

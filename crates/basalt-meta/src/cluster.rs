@@ -34,6 +34,9 @@ use crate::state::{ClusterState, Command, CommandResult, NodeId, NodeRecord, Nod
 use crate::storage::{LogStore, StateMachine};
 use crate::{MetaError, Node, Raft};
 
+/// How long a proposal may take before it is given up.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Service number of metadata requests (join, proposals).
 pub const SERVICE_META: u16 = 2;
 
@@ -356,11 +359,21 @@ impl MetaNode {
     /// be a refusal).
     pub async fn propose(&self, command: Command) -> Result<CommandResult, MetaError> {
         let mut last_error = MetaError::Raft("no leader".into());
-        for _attempt in 0..20 {
+        // A leader cut off from its quorum never commits; give up rather
+        // than hang (the caller fails what depended on the change).
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
             let raft = self
                 .raft()
                 .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
-            match raft.client_write(command.clone()).await {
+            let written =
+                tokio::time::timeout_at(deadline, raft.client_write(command.clone())).await;
+            let Ok(written) = written else {
+                return Err(MetaError::Raft(
+                    "the change was not committed in time (no quorum reachable?)".into(),
+                ));
+            };
+            match written {
                 Ok(response) => return Ok(response.data),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                     match forward.leader_node {

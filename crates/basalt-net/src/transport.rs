@@ -200,6 +200,8 @@ struct Inner {
     counters: TrafficCounters,
     /// Set once by [`Transport::shutdown`]; every task of the transport watches it.
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Nodes this node cannot talk to (fault injection for partition tests).
+    partitioned: RwLock<std::collections::HashSet<u64>>,
 }
 
 /// The outbound connection to one address, if open; its lock serialises
@@ -270,6 +272,7 @@ impl Transport {
                 next_request: AtomicU64::new(1),
                 counters: TrafficCounters::default(),
                 shutdown: tokio::sync::watch::Sender::new(false),
+                partitioned: RwLock::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -306,6 +309,28 @@ impl Transport {
                 link.close();
             }
         }
+    }
+
+    /// Fault injection: from now on this node neither sends to nor accepts
+    /// anything from `nodes` (an empty list heals). Connections to and from
+    /// them are cut. Tests use it to partition a cluster.
+    pub fn set_partition(&self, nodes: impl IntoIterator<Item = u64>) {
+        let nodes: std::collections::HashSet<u64> = nodes.into_iter().collect();
+        tracing::warn!(?nodes, "fault injection: partitioned from these nodes");
+        *self.inner.partitioned.write() = nodes.clone();
+        let links: Vec<_> = self.inner.links.lock().values().cloned().collect();
+        for slot in links {
+            if let Ok(guard) = slot.try_lock()
+                && let Some(link) = guard.as_ref()
+                && nodes.contains(&link.peer_node)
+            {
+                link.close();
+            }
+        }
+    }
+
+    fn is_partitioned_from(&self, node: u64) -> bool {
+        self.inner.partitioned.read().contains(&node)
     }
 
     fn is_shut_down(&self) -> bool {
@@ -448,6 +473,12 @@ impl Transport {
             let Some(frame) = frame else {
                 return Ok(());
             };
+            if self.is_partitioned_from(peer.node_id) {
+                return Err(NetError::Unreachable {
+                    addr: peer.addr.to_string(),
+                    reason: "partitioned (fault injection)".into(),
+                });
+            }
             self.inner.counters.received[frame.class as usize]
                 .fetch_add(frame.wire_len() as u64, Ordering::Relaxed);
             if frame.kind != FrameKind::Request {
@@ -517,6 +548,13 @@ impl Transport {
         data: Bytes,
     ) -> Result<Reply, NetError> {
         let link = self.link(addr).await?;
+        if self.is_partitioned_from(link.peer_node) {
+            link.close();
+            return Err(NetError::Unreachable {
+                addr: addr.to_string(),
+                reason: "partitioned (fault injection)".into(),
+            });
+        }
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         link.pending.lock().insert(id, sender);

@@ -65,6 +65,10 @@ struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     dead_after: u64,
 
+    /// Serve fault-injection endpoints (network partitions) for tests.
+    #[arg(long, hide = true)]
+    fault_injection: bool,
+
     /// Claim disks labelled for another node or holding other data,
     /// destroying their contents.
     #[arg(long)]
@@ -282,6 +286,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             data_dir: args.data_dir.clone(),
             nbd_address: args.nbd.to_string(),
             vhost_dir,
+            fault_injection: args.fault_injection,
         },
         cluster.clone(),
         transport.clone(),

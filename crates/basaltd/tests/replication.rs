@@ -308,3 +308,88 @@ fn a_dead_nodes_replica_is_rebuilt_elsewhere_without_an_operator() {
     check_blocks(&spare, &mut client, 2048, seq);
     client.disconnect();
 }
+
+fn partition(daemon: &Daemon, nodes: &[u64]) {
+    let body = serde_json::json!({ "nodes": nodes }).to_string();
+    let answer = daemon.http(
+        "PUT",
+        "/api/v1/debug/partition",
+        Some(("application/json", body.as_str())),
+    );
+    assert_eq!(answer.status, 204, "{answer:?}");
+}
+
+fn faulty_member(join: Option<u16>) -> Daemon {
+    let mut extra = vec![
+        "--dead-after".to_string(),
+        "30".to_string(),
+        "--fault-injection".to_string(),
+    ];
+    if let Some(port) = join {
+        extra.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
+    }
+    Daemon::start_with(DaemonOptions {
+        disk_size: "256M",
+        extra,
+        ..DaemonOptions::default()
+    })
+}
+
+#[test]
+fn an_owner_behind_a_partition_cannot_complete_writes_and_nothing_diverges() {
+    let first = faulty_member(None);
+    let second = faulty_member(Some(first.listen_port));
+    let third = faulty_member(Some(first.listen_port));
+    wait_for("three voters", Duration::from_secs(30), || {
+        let status = first.cli_json(&["cluster", "status"]);
+        status["nodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.len() == 3 && nodes.iter().all(|n| n["role"] == "voter"))
+    });
+    first.cli_ok(&["vdisk", "create", "split", "--size", "16M", "--rf", "3"]);
+    let mut old = first.nbd("split");
+    write_range(&mut old, 0..64, 1);
+
+    // The first node (owner, Raft leader) is cut off from the other two.
+    let (a, b, c) = (node_id(&first), node_id(&second), node_id(&third));
+    partition(&first, &[b, c]);
+    partition(&second, &[a]);
+    partition(&third, &[a]);
+
+    // Its writes can reach no other replica and cannot be recorded through
+    // Raft (no quorum on its side): they fail.
+    let result = old.write(0, &common::tagged_block(0, 9), true);
+    assert!(result.is_err(), "the partitioned owner completed a write");
+
+    // The majority side takes over and writes.
+    let mut new = second.nbd("split");
+    write_range(&mut new, 0..32, 2);
+    assert!(
+        old.write(4096, &common::tagged_block(1, 9), true).is_err(),
+        "the old owner completed a write after the takeover"
+    );
+
+    // Heal. The old owner's copy is stale and resynced; every copy agrees.
+    partition(&first, &[]);
+    partition(&second, &[]);
+    partition(&third, &[]);
+    wait_for(
+        "all replicas in sync after healing",
+        Duration::from_secs(60),
+        || second.cli_json(&["vdisk", "show", "split"])["state"] == "healthy",
+    );
+    write_range(&mut new, 32..40, 3);
+    new.disconnect();
+    let seq = |block: u64| match block {
+        0..32 => 2,
+        32..40 => 3,
+        40..64 => 1,
+        _ => 0,
+    };
+    // Each node serves from its own in-sync copy in turn.
+    for daemon in [&first, &third, &second] {
+        let mut client = daemon.nbd("split");
+        check_blocks(daemon, &mut client, 64, seq);
+        client.disconnect();
+    }
+}
