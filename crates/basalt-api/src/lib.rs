@@ -223,4 +223,7 @@ pub struct ClusterStatus {
     pub leader: Option<u64>,
     /// Every member.
     pub nodes: Vec<ClusterNode>,
+    /// Vdisks that are not `healthy` (degraded, rebuilding, unavailable),
+    /// with resync progress where one runs.
+    pub unhealthy_vdisks: Vec<Vdisk>,
 }

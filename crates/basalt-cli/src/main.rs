@@ -53,8 +53,13 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
-    /// List the members with their state and Raft role.
-    Status,
+    /// List the members with their state and Raft role, and the vdisks that
+    /// are not healthy.
+    Status {
+        /// Follow resyncs with live progress bars until every vdisk is healthy.
+        #[arg(long)]
+        watch: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +88,9 @@ enum VdiskCommand {
     Show {
         /// Vdisk name.
         name: String,
+        /// Follow a resync with a live progress bar until the vdisk is healthy.
+        #[arg(long)]
+        watch: bool,
     },
     /// Grow a vdisk.
     Resize {
@@ -215,6 +223,43 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// Follows a vdisk until it is healthy: a progress bar while a resync runs.
+fn watch_vdisk(client: &Client, path: &str, json: bool) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .map_err(|e| anyhow!("progress bar: {e}"))?
+        .progress_chars("=> "),
+    );
+    loop {
+        let v: Vdisk = client.get(path)?;
+        if json {
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        match &v.resync {
+            Some(r) => {
+                bar.set_length(r.total_bytes);
+                bar.set_position(r.done_bytes);
+                bar.set_message(format!(
+                    "{} {}: resync on node {}, {} copied",
+                    v.name,
+                    v.state,
+                    r.node,
+                    format_size(r.copied_bytes)
+                ));
+            }
+            None => bar.set_message(format!("{} {}", v.name, v.state)),
+        }
+        if v.state == "healthy" {
+            bar.finish_with_message(format!("{} healthy", v.name));
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 fn show_vdisk(v: &Vdisk) {
     let mut t = table(&["Field", "Value"]);
     t.add_row(vec!["name".to_string(), v.name.clone()]);
@@ -281,11 +326,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{t}");
         }
-        Command::Cluster(ClusterCommand::Status) => {
+        Command::Cluster(ClusterCommand::Status { watch }) => {
             let c: ClusterStatus = client.get("/cluster")?;
             if cli.json {
                 return print_json(&c);
             }
+            let unhealthy = c.unhealthy_vdisks.clone();
             println!("cluster {} (answered by node {})", c.cluster_id, c.node_id);
             let mut t = table(&["Id", "Address", "State", "Reachable", "Role", "API", "NBD"]);
             for n in c.nodes {
@@ -305,6 +351,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ]);
             }
             println!("{t}");
+            for v in &unhealthy {
+                let progress = v.resync.as_ref().map_or(String::new(), |r| {
+                    format!(
+                        ", resync on node {}: {} of {} compared, {} copied",
+                        r.node,
+                        format_size(r.done_bytes),
+                        format_size(r.total_bytes),
+                        format_size(r.copied_bytes)
+                    )
+                });
+                println!("vdisk {}: {}{progress}", v.name, v.state);
+            }
+            if watch {
+                for v in &unhealthy {
+                    watch_vdisk(&client, &format!("/vdisks/{}", escape(&v.name)), false)?;
+                }
+            }
         }
         Command::Disk(DiskCommand::List) => {
             let disks: Vec<Disk> = client.get("/disks")?;
@@ -373,12 +436,18 @@ fn vdisk(client: &Client, json: bool, command: VdiskCommand) -> anyhow::Result<(
             }
             println!("{t}");
         }
-        VdiskCommand::Show { name } => {
-            let v: Vdisk = client.get(&format!("/vdisks/{}", escape(&name)))?;
-            if json {
+        VdiskCommand::Show { name, watch } => {
+            let path = format!("/vdisks/{}", escape(&name));
+            let v: Vdisk = client.get(&path)?;
+            if json && !watch {
                 return print_json(&v);
             }
-            show_vdisk(&v);
+            if !json {
+                show_vdisk(&v);
+            }
+            if watch {
+                watch_vdisk(client, &path, json)?;
+            }
         }
         VdiskCommand::Resize { name, size } => {
             let v: Vdisk = client.post(

@@ -181,7 +181,9 @@ async fn status(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
 async fn cluster_status(
     State(node): State<Arc<Node>>,
 ) -> Result<Json<ClusterStatus>, ControlError> {
-    Ok(Json(node.cluster_status()?))
+    let mut status = node.cluster_status()?;
+    status.unhealthy_vdisks = node.unhealthy_vdisks().await;
+    Ok(Json(status))
 }
 
 /// Body of `PUT /api/v1/debug/partition` (fault injection, tests only; not
@@ -247,7 +249,7 @@ async fn get_vdisk(
     State(node): State<Arc<Node>>,
     Path(name): Path<String>,
 ) -> Result<Json<Vdisk>, ControlError> {
-    Ok(Json(node.vdisk(&name)?))
+    Ok(Json(node.vdisk_with_progress(&name).await?))
 }
 
 /// Grows a vdisk.

@@ -233,13 +233,24 @@ pub(crate) async fn replica_set(
 /// Service number of node-to-node control requests (the resync barrier).
 pub const SERVICE_CONTROL: u16 = 4;
 
-/// Asks the owner of `vdisk` to write to `replica` from now on.
+/// Requests of the control service.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct BarrierRequest {
-    /// Vdisk id.
-    pub vdisk: u64,
-    /// The node whose replica is being resynced.
-    pub replica: NodeId,
+#[serde(rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Asks the owner of `vdisk` to write to `replica` from now on; answered
+    /// once no write that skipped it is in flight.
+    Barrier {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The node whose replica is being resynced.
+        replica: NodeId,
+    },
+    /// How far this node's resync of `vdisk` has come (JSON `null` when none
+    /// runs, else `[done, total, copied]` bytes).
+    ResyncProgress {
+        /// Vdisk id.
+        vdisk: u64,
+    },
 }
 
 /// Serves [`SERVICE_CONTROL`].
@@ -257,22 +268,66 @@ impl basalt_net::Handler for ControlService {
         Box::pin(async move {
             let fail = |why: String| basalt_net::RemoteError::new(1, why);
             let node = node.ok_or_else(|| fail("node is stopping".into()))?;
-            let barrier: BarrierRequest = serde_json::from_slice(&request.body)
+            let request: ControlRequest = serde_json::from_slice(&request.body)
                 .map_err(|e| fail(format!("malformed control request: {e}")))?;
-            // This node must know the replica before it can write to it.
-            let known = wait_applied(&node, |s| {
-                s.vdisks
-                    .get(&barrier.vdisk)
-                    .is_none_or(|v| v.has_replica_on(barrier.replica))
-            })
-            .await;
-            if known.is_none() {
-                return Err(fail("this node has not learned of the replica yet".into()));
+            match request {
+                ControlRequest::Barrier { vdisk, replica } => {
+                    // This node must know the replica before it can write to it.
+                    let known = wait_applied(&node, |s| {
+                        s.vdisks
+                            .get(&vdisk)
+                            .is_none_or(|v| v.has_replica_on(replica))
+                    })
+                    .await;
+                    if known.is_none() {
+                        return Err(fail("this node has not learned of the replica yet".into()));
+                    }
+                    node.refresh_backend(vdisk).await;
+                    Ok(basalt_net::Reply::default())
+                }
+                ControlRequest::ResyncProgress { vdisk } => {
+                    let progress = node
+                        .resync_progress
+                        .lock()
+                        .get(&vdisk)
+                        .map(|p| (p.done, p.total, p.copied));
+                    serde_json::to_vec(&progress)
+                        .map(basalt_net::Reply::body)
+                        .map_err(|e| fail(e.to_string()))
+                }
             }
-            node.refresh_backend(barrier.vdisk).await;
-            Ok(basalt_net::Reply::default())
         })
     }
+}
+
+/// Asks `node_id` (at `addr`) how far its resync of `vdisk` has come.
+pub(crate) async fn remote_progress(
+    node: &Node,
+    addr: &str,
+    node_id: NodeId,
+    vdisk: u64,
+) -> Option<basalt_api::ResyncProgress> {
+    let body = serde_json::to_vec(&ControlRequest::ResyncProgress { vdisk }).ok()?;
+    let reply = node
+        .transport()
+        .call_timeout(
+            addr,
+            TrafficClass::Control,
+            SERVICE_CONTROL,
+            Bytes::from(body),
+            Bytes::new(),
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+    let (done, total, copied): (u64, u64, u64) =
+        serde_json::from_slice::<Option<(u64, u64, u64)>>(&reply.body).ok()??;
+    Some(basalt_api::ResyncProgress {
+        node: node_id,
+        done_bytes: done,
+        total_bytes: total,
+        copied_bytes: copied,
+    })
 }
 
 async fn mark_stale(

@@ -273,6 +273,7 @@ impl Node {
             node_id: membership.node_id,
             leader,
             nodes,
+            unhealthy_vdisks: Vec::new(),
         })
     }
 
@@ -427,6 +428,46 @@ impl Node {
             .vdisk_by_name(name)
             .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))?;
         Ok(self.describe(&state, record))
+    }
+
+    /// One vdisk, with the progress of a resync running on another node.
+    pub async fn vdisk_with_progress(&self, name: &str) -> Result<Vdisk, ControlError> {
+        let mut vdisk = self.vdisk(name)?;
+        if vdisk.resync.is_none() {
+            vdisk.resync = self.remote_resync(&vdisk).await;
+        }
+        Ok(vdisk)
+    }
+
+    async fn remote_resync(&self, vdisk: &Vdisk) -> Option<basalt_api::ResyncProgress> {
+        let state = self.cluster.cluster();
+        for replica in &vdisk.replicas {
+            if replica.state != "stale" || !replica.node_up || replica.node == self.node_id() {
+                continue;
+            }
+            let addr = state.nodes.get(&replica.node)?.listen.clone();
+            if let Some(progress) =
+                crate::cluster::remote_progress(self, &addr, replica.node, vdisk.id).await
+            {
+                return Some(progress);
+            }
+        }
+        None
+    }
+
+    /// Vdisks that are not healthy, with resync progress where one runs.
+    pub async fn unhealthy_vdisks(&self) -> Vec<Vdisk> {
+        let mut out = Vec::new();
+        for mut vdisk in self.vdisks() {
+            if vdisk.state == "healthy" {
+                continue;
+            }
+            if vdisk.resync.is_none() {
+                vdisk.resync = self.remote_resync(&vdisk).await;
+            }
+            out.push(vdisk);
+        }
+        out
     }
 
     async fn propose(&self, name: &str, command: Command) -> Result<CommandResult, ControlError> {

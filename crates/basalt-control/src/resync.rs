@@ -34,11 +34,16 @@ use basalt_meta::{ClusterState, Command, CommandResult, NodeId, ReplicaState};
 use basalt_net::{NetError, TrafficClass};
 use basalt_replica::{DIGEST_PIECE, Op, Request, SERVICE_REPLICA, digest};
 use bytes::Bytes;
+use futures::StreamExt;
 
 use crate::node::Node;
 
 /// Bytes compared per step (and taken from one source replica).
 const CHUNK: u64 = 4 << 20;
+/// Chunks compared and copied at the same time.
+const CHUNKS_IN_FLIGHT: usize = 2;
+/// Rest after each chunk, as a fraction of the time the chunk took.
+const RESYNC_REST: f64 = 1.0;
 /// How often the node looks for stale replicas of its own to resync.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -127,30 +132,41 @@ async fn resync(node: &Node, vdisk: u64, seq: u64) -> Result<Progress, String> {
         ..Progress::default()
     };
     node.resync_progress.lock().insert(vdisk, progress);
-    let mut offset = 0;
-    let mut turn = 0;
-    while offset < record.size {
-        let len = CHUNK.min(record.size - offset);
-        let (_, addr) = &sources[turn % sources.len()];
-        turn += 1;
-        let epoch = node.epochs().current(vdisk);
-        let theirs = remote_digest(node, addr, vdisk, epoch, offset, len).await?;
-        let ours = digest(local.as_ref(), offset, len)
-            .await
-            .map_err(|e| format!("reading the local copy: {e}"))?;
-        for (piece, (a, b)) in theirs.iter().zip(ours.iter()).enumerate() {
-            if a == b {
-                continue;
+    let chunks: Vec<(u64, u64, usize)> = (0..record.size.div_ceil(CHUNK))
+        .map(|i| {
+            let offset = i * CHUNK;
+            (
+                offset,
+                CHUNK.min(record.size - offset),
+                i as usize % sources.len(),
+            )
+        })
+        .collect();
+    // A few chunks in flight, each from its own source in turn.
+    let mut copies = futures::stream::iter(chunks)
+        .map(|(offset, len, source)| {
+            let addr = sources[source].1.clone();
+            let local = local.clone();
+            let written = written.clone();
+            async move {
+                let copied = copy_chunk(node, &addr, vdisk, &local, &written, offset, len).await?;
+                Ok::<_, String>((offset + len, copied))
             }
-            let at = offset + piece as u64 * DIGEST_PIECE;
-            let piece_len = DIGEST_PIECE.min(offset + len - at);
-            let data = remote_read(node, addr, vdisk, epoch, at, piece_len).await?;
-            write_unwritten(local.as_ref(), &written, at, &data).await?;
-            progress.copied += piece_len;
-            node.resync_copied.fetch_add(piece_len, Ordering::Relaxed);
-        }
-        offset += len;
-        progress.done = offset;
+        })
+        .buffered(CHUNKS_IN_FLIGHT);
+    let mut last = tokio::time::Instant::now();
+    while let Some(done) = copies.next().await {
+        let (end, copied) = done?;
+        // Throttle: after each chunk, rest as long as the chunk took (scaled
+        // by the chunks in flight), so a resync takes at most about half of
+        // what the source and this node can do and foreground I/O keeps the
+        // rest.
+        let busy = last.elapsed();
+        tokio::time::sleep(busy.mul_f64(RESYNC_REST)).await;
+        last = tokio::time::Instant::now();
+        progress.copied += copied;
+        progress.done = progress.done.max(end);
+        node.resync_copied.fetch_add(copied, Ordering::Relaxed);
         node.resync_progress.lock().insert(vdisk, progress);
         if !still_stale(&node.cluster().cluster(), vdisk, me, seq) {
             return Err("the replica changed meanwhile (missed a write, moved or deleted)".into());
@@ -173,6 +189,50 @@ async fn resync(node: &Node, vdisk: u64, seq: u64) -> Result<Progress, String> {
         CommandResult::Refused { reason, .. } => Err(reason),
         _ => Ok(progress),
     }
+}
+
+/// Compares one chunk with the source and copies the pieces that differ
+/// (consecutive ones in one request). Returns the bytes copied.
+async fn copy_chunk(
+    node: &Node,
+    addr: &str,
+    vdisk: u64,
+    local: &Arc<dyn BlockBackend>,
+    written: &basalt_replica::WrittenBlocks,
+    offset: u64,
+    len: u64,
+) -> Result<u64, String> {
+    let epoch = node.epochs().current(vdisk);
+    let (theirs, ours) = tokio::join!(
+        remote_digest(node, addr, vdisk, epoch, offset, len),
+        digest(local.as_ref(), offset, len)
+    );
+    let theirs = theirs?;
+    let ours = ours.map_err(|e| format!("reading the local copy: {e}"))?;
+    let mut copied = 0;
+    for (first, count) in differing_runs(&theirs, &ours) {
+        let at = offset + first as u64 * DIGEST_PIECE;
+        let run_len = (count as u64 * DIGEST_PIECE).min(offset + len - at);
+        let data = remote_read(node, addr, vdisk, epoch, at, run_len).await?;
+        write_unwritten(local.as_ref(), written, at, &data).await?;
+        copied += run_len;
+    }
+    Ok(copied)
+}
+
+/// Runs `(first piece, count)` where the two digest lists differ.
+fn differing_runs(theirs: &[u32], ours: &[u32]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (piece, (a, b)) in theirs.iter().zip(ours.iter()).enumerate() {
+        if a == b {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == piece => *count += 1,
+            _ => runs.push((piece, 1)),
+        }
+    }
+    runs
 }
 
 fn still_stale(state: &ClusterState, vdisk: u64, me: NodeId, seq: u64) -> bool {
@@ -212,7 +272,7 @@ async fn barrier(node: &Node, vdisk: u64) -> Result<(), String> {
         .get(&owner)
         .map(|n| n.listen.clone())
         .ok_or("the owner is not a member")?;
-    let body = serde_json::to_vec(&crate::cluster::BarrierRequest { vdisk, replica: me })
+    let body = serde_json::to_vec(&crate::cluster::ControlRequest::Barrier { vdisk, replica: me })
         .map_err(|e| e.to_string())?;
     node.transport()
         .call_timeout(
@@ -347,6 +407,15 @@ fn unwritten_runs(written: &BTreeSet<u64>, first: u64, count: u64) -> Vec<(u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differing_pieces_are_fetched_in_runs() {
+        assert_eq!(
+            differing_runs(&[1, 2, 3, 4, 5, 6], &[1, 0, 0, 4, 0, 6]),
+            vec![(1, 2), (4, 1)]
+        );
+        assert!(differing_runs(&[7, 7], &[7, 7]).is_empty());
+    }
 
     #[test]
     fn runs_skip_the_blocks_the_owner_wrote() {

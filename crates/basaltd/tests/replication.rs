@@ -234,7 +234,14 @@ fn a_node_back_from_a_short_outage_copies_only_what_changed() {
             .is_some_and(|r| r.iter().any(|r| r["state"] == "stale")),
         "{shown}"
     );
+    let status = first.cli_json(&["cluster", "status"]);
+    assert_eq!(status["unhealthy_vdisks"][0]["name"], "back", "{status}");
+    assert_ne!(status["unhealthy_vdisks"][0]["state"], "healthy");
     third.restart();
+    // `--watch` follows the resync and returns once the vdisk is healthy.
+    let watched = first.cli(&["vdisk", "show", "back", "--watch"]);
+    assert!(watched.status.success(), "{watched:?}");
+    assert!(watched.stdout.contains("back"), "{watched:?}");
     wait_for(
         "the returning replica is in sync",
         Duration::from_secs(60),
