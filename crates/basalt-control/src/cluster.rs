@@ -436,7 +436,13 @@ async fn reconcile(node: &Node, state: &ClusterState) {
             .vdisks
             .get(&local.id)
             .is_some_and(|v| v.has_replica_on(me));
-        if !wanted && local.id < state.next_vdisk_id {
+        // A copy the cluster moved elsewhere is kept until the vdisk is
+        // healthy again: until then it may be the last good data left.
+        let others_complete = state
+            .vdisks
+            .get(&local.id)
+            .is_none_or(|v| v.in_sync().count() >= usize::from(v.rf));
+        if !wanted && local.id < state.next_vdisk_id && others_complete {
             if state.vdisks.contains_key(&local.id) {
                 // The replica moved elsewhere but the vdisk lives on: if this
                 // node serves it, it stops writing to the local copy first.

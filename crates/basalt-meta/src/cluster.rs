@@ -643,6 +643,14 @@ impl MetaNode {
             let Some(dead) = vdisk.replicas.iter().find(|r| !state.is_up(r.node)) else {
                 continue;
             };
+            let survivors = vdisk
+                .in_sync()
+                .filter(|n| *n != dead.node && state.is_up(*n))
+                .count();
+            if survivors == 0 {
+                // The down node may hold the only good copy: wait for it.
+                continue;
+            }
             let Some(new) = state.replacement_candidate(vdisk) else {
                 continue;
             };

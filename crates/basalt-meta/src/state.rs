@@ -554,6 +554,19 @@ impl ClusterState {
                 if !self.is_up(*new) {
                     return Err(conflict(format!("node {new} is not an up member")));
                 }
+                // Never give up a copy unless another in-sync copy lives on
+                // an up node: the down node may hold the only good data and
+                // come back (an RF1 vdisk waits for its node).
+                let survivors = self
+                    .vdisks
+                    .get(vdisk)
+                    .map(|v| v.in_sync().filter(|n| n != dead && self.is_up(*n)).count())
+                    .unwrap_or(0);
+                if survivors == 0 {
+                    return Err(conflict(format!(
+                        "node {dead} may hold the only good copy of vdisk {vdisk}; it is kept"
+                    )));
+                }
                 let record = self.vdisk_mut(*vdisk)?;
                 if record.has_replica_on(*new) {
                     return Err(conflict(format!(
@@ -804,6 +817,75 @@ mod tests {
                 kind: Refusal::Conflict,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn the_only_good_copy_is_never_replaced() {
+        let mut state = bootstrapped(3);
+        let with_preference = |name: &str, rf, preferred| Command::CreateVdisk {
+            name: name.into(),
+            size: 1 << 20,
+            rf,
+            created: 0,
+            preferred: Some(preferred),
+        };
+        assert_eq!(
+            state.apply(&with_preference("one", 1, 1)),
+            CommandResult::Id(1)
+        );
+        assert_eq!(
+            state.apply(&with_preference("two", 2, 1)),
+            CommandResult::Id(2)
+        );
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Down,
+        });
+        let before = state.clone();
+        let spare = |v: u64| state.replacement_candidate(&state.vdisks[&v]).unwrap_or(0);
+        let (one_spare, two_spare) = (spare(1), spare(2));
+        // RF1 on a down node: its copy stays placed, waiting for the node.
+        assert!(matches!(
+            state.apply(&Command::ReplaceReplica {
+                vdisk: 1,
+                dead: 1,
+                new: one_spare,
+            }),
+            CommandResult::Refused { .. }
+        ));
+        assert_eq!(state, before);
+        // RF2 with the other copy on an up node: moved.
+        assert_eq!(
+            state.apply(&Command::ReplaceReplica {
+                vdisk: 2,
+                dead: 1,
+                new: two_spare,
+            }),
+            CommandResult::Done
+        );
+        // Now both of its nodes are down except the stale new one: the
+        // remaining in-sync copy is not replaced either.
+        let other = state.vdisks[&2].in_sync().next().unwrap_or(0);
+        state.apply(&Command::SetNodeState {
+            node: other,
+            state: NodeState::Down,
+        });
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Up,
+        });
+        let third = (1..=3)
+            .find(|n| !state.vdisks[&2].has_replica_on(*n))
+            .unwrap_or(0);
+        assert!(state.is_up(third));
+        assert!(matches!(
+            state.apply(&Command::ReplaceReplica {
+                vdisk: 2,
+                dead: other,
+                new: third,
+            }),
+            CommandResult::Refused { .. }
         ));
     }
 
