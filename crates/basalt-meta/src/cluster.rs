@@ -467,41 +467,39 @@ impl MetaNode {
         let state = self.cluster();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let up = state
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Up)
-            .count();
-        let target = match up {
+        // The first three members are voters, five from five members on.
+        let target = match state.nodes.len() {
             0..=2 => 1,
             3..=4 => 3,
             _ => 5,
         };
-        if voters.len() >= target {
+        let live_voters: BTreeSet<NodeId> =
+            voters.iter().copied().filter(|v| state.is_up(*v)).collect();
+        if live_voters.len() == voters.len() && voters.len() >= target {
             return Ok(());
         }
         let last_log = metrics.last_log_index.unwrap_or(0);
         let replication = metrics.replication.clone().unwrap_or_default();
-        let mut promote = BTreeSet::new();
+        let mut desired = live_voters.clone();
         for learner in membership.learner_ids() {
+            if desired.len() >= target {
+                break;
+            }
             let caught_up = replication
                 .get(&learner)
                 .and_then(|matched| matched.map(|log_id| log_id.index + 16 >= last_log))
                 .unwrap_or(false);
-            let is_up = state
-                .nodes
-                .get(&learner)
-                .is_some_and(|n| n.state == NodeState::Up);
-            if caught_up && is_up && voters.len() + promote.len() < target {
-                promote.insert(learner);
+            if caught_up && state.is_up(learner) {
+                desired.insert(learner);
             }
         }
-        // Voter counts stay odd: promote only when the target is reachable.
-        if promote.is_empty() || voters.len() + promote.len() < target {
+        // Voter counts stay odd, and change only when the target is reached:
+        // a dead voter is replaced by a live learner, never just dropped.
+        if desired.len() != target || desired == voters {
             return Ok(());
         }
-        tracing::info!(?promote, "promoting learners to voters");
-        raft.change_membership(ChangeMembers::AddVoterIds(promote), true)
+        tracing::warn!(?voters, ?desired, "changing the Raft voters");
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(desired), true)
             .await
             .map_err(raft_error)?;
         Ok(())

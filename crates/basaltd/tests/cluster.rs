@@ -164,3 +164,34 @@ fn joining_nowhere_fails_clearly_and_garbage_on_the_peer_port_is_ignored() {
     assert_eq!(s["nodes"].as_array().map(Vec::len), Some(1));
     first.create_vdisk("still-serving", "16M");
 }
+
+#[test]
+fn a_dead_voter_is_replaced_by_a_live_learner() {
+    let first = member(None);
+    let mut second = member(Some(first.listen_port));
+    let mut third = member(Some(first.listen_port));
+    let fourth = member(Some(first.listen_port));
+    let role = |daemon: &Daemon, id: u64| node_field(&status(daemon), id, "role");
+    wait_for(
+        "three voters and a learner",
+        Duration::from_secs(30),
+        || {
+            let s = status(&first);
+            (1..=3).all(|id| node_field(&s, id, "role") == "voter")
+                && node_field(&s, 4, "role") == "learner"
+        },
+    );
+    // A voter dies: once it is declared down, the learner takes its place.
+    second.kill9();
+    wait_for(
+        "the learner promoted in place of the dead voter",
+        Duration::from_secs(30),
+        || role(&first, 4) == "voter" && role(&first, 2) == "learner",
+    );
+    // Another of the original voters dies: two of the three voters remain,
+    // so the cluster still makes decisions.
+    third.kill9();
+    let created = first.cli_json(&["vdisk", "create", "still", "--size", "16M", "--rf", "1"]);
+    assert_eq!(created["name"], "still");
+    assert_eq!(status(&fourth)["nodes"].as_array().map(Vec::len), Some(4));
+}
