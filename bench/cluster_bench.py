@@ -52,15 +52,7 @@ class Node:
 
     def start(self):
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=self.log)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.api}/api/v1/health", timeout=1)
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"basaltd did not start; see {self.dir}/basaltd.log")
-                time.sleep(0.2)
+        nbd_bench.wait_healthy(self.proc, self.api, os.path.join(self.dir, "basaltd.log"))
 
     def get(self, path):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api}/api/v1{path}", timeout=30) as r:

@@ -65,6 +65,19 @@ def wait_port(port, timeout=30):
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def wait_healthy(proc, api_port, log, timeout=60):
+    """Waits until basaltd (`proc`) answers its health check."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/v1/health", timeout=1)
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"basaltd did not start; see {log}")
+            time.sleep(0.2)
+
+
 def rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -152,15 +165,7 @@ class Basalt(Target):
             "--api", f"127.0.0.1:{api}", "--nbd", f"127.0.0.1:{nbd}",
             "--listen", f"127.0.0.1:{listen}",
         ] + os.environ.get("BASALTD_ARGS", "").split(), stdout=self.log, stderr=self.log)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{api}/api/v1/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("basaltd did not start; see basaltd.log")
-                time.sleep(0.2)
+        wait_healthy(self.proc, api, os.path.join(workdir, "basaltd.log"))
         subprocess.run([cli, "--api", f"http://127.0.0.1:{api}", "vdisk", "create", "bench",
                         "--size", str(size)], check=True, capture_output=True)
         self.args = ["--ioengine=nbd", f"--uri=nbd://127.0.0.1:{nbd}/bench"]

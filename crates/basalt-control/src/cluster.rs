@@ -129,12 +129,7 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
         )));
     }
     node.epochs().raise(vdisk, epoch);
-    let ReplicaSet {
-        local,
-        local_in_sync,
-        mut remotes,
-        ..
-    } = replica_set(&node, &state, vdisk, epoch).await?;
+    let mut set = replica_set(&node, &state, vdisk, epoch).await?;
     // Fence every remote replica at the new epoch; one that cannot be
     // reached is recorded stale (it missed nothing yet, but it will).
     let fence = Request {
@@ -147,7 +142,7 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
         length: 0,
     };
     let transport = node.transport().clone();
-    let fences = remotes.iter().map(|target| {
+    let fences = set.remotes.iter().map(|target| {
         let transport = transport.clone();
         async move {
             let result = transport
@@ -173,14 +168,9 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
     for replica in &unreachable {
         mark_stale(&node, vdisk, *replica, epoch).await?;
     }
-    remotes.retain(|r| !unreachable.contains(&r.node));
-    tracing::info!(vdisk = %name, epoch, replicas = remotes.len() + usize::from(local.is_some()), "took ownership");
-    Ok(ReplicaSet {
-        epoch,
-        local,
-        local_in_sync,
-        remotes,
-    })
+    set.remotes.retain(|r| !unreachable.contains(&r.node));
+    tracing::info!(vdisk = %name, epoch, replicas = set.remotes.len() + usize::from(set.local.is_some()), "took ownership");
+    Ok(set)
 }
 
 /// The replicas an owner under `epoch` writes to, as `state` places them:
@@ -202,17 +192,10 @@ pub(crate) async fn replica_set(
     for replica in &record.replicas {
         let in_sync = replica.state == basalt_meta::ReplicaState::InSync;
         if replica.node == me {
-            // The reconciler creates the local copy; wait for it if it is new.
-            let registry = node.registry().clone();
-            let mut copy = registry.get_by_id(vdisk);
-            let deadline = tokio::time::Instant::now() + APPLY_WAIT;
-            while copy.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                copy = registry.get_by_id(vdisk);
-            }
-            let copy =
-                copy.ok_or_else(|| io(format!("the local replica of {} is missing", record.name)))?;
-            local = Some((me, copy as Arc<dyn BlockBackend>));
+            let copy = local_copy(node, vdisk)
+                .await
+                .ok_or_else(|| io(format!("the local replica of {} is missing", record.name)))?;
+            local = Some((me, copy));
             local_in_sync = in_sync;
         } else if let Some(member) = state.nodes.get(&replica.node) {
             remotes.push(ReplicaTarget {
@@ -228,6 +211,21 @@ pub(crate) async fn replica_set(
         local_in_sync,
         remotes,
     })
+}
+
+/// This node's copy of `vdisk`, waiting for the reconciler to create it if
+/// the cluster placed it here just now.
+pub(crate) async fn local_copy(node: &Node, vdisk: u64) -> Option<Arc<dyn BlockBackend>> {
+    let deadline = tokio::time::Instant::now() + APPLY_WAIT;
+    loop {
+        if let Some(copy) = node.registry().get_by_id(vdisk) {
+            return Some(copy);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Service number of node-to-node control requests (the resync barrier).

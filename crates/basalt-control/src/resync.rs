@@ -126,7 +126,9 @@ async fn resync(node: &Node, vdisk: u64, seq: u64) -> Result<Progress, String> {
     if sources.is_empty() {
         return Err("no in-sync replica on a live node to copy from".into());
     }
-    let local = local_copy(node, vdisk).await?;
+    let local = crate::cluster::local_copy(node, vdisk)
+        .await
+        .ok_or("the local copy does not exist")?;
     let mut progress = Progress {
         total: record.size,
         ..Progress::default()
@@ -241,16 +243,6 @@ fn still_stale(state: &ClusterState, vdisk: u64, me: NodeId, seq: u64) -> bool {
             .iter()
             .any(|r| r.node == me && r.seq == seq && r.state == ReplicaState::Stale)
     })
-}
-
-async fn local_copy(node: &Node, vdisk: u64) -> Result<Arc<dyn BlockBackend>, String> {
-    for _ in 0..500 {
-        if let Some(copy) = node.registry().get_by_id(vdisk) {
-            return Ok(copy);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err("the local copy does not exist".into())
 }
 
 /// Makes sure the owner (if any) writes to this node's copy from now on.

@@ -2,7 +2,7 @@
 
 /// Why a block request failed. Each variant maps to the errno a block protocol
 /// carries back to its client (NBD error values and virtio-blk status).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BlockError {
     /// Stored data failed its checksum or the disk reported an error.
     #[error("I/O error: {0}")]

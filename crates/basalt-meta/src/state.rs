@@ -675,6 +675,17 @@ mod tests {
         }
     }
 
+    /// A 1 MiB vdisk created through node `preferred`.
+    fn with_preference(name: &str, rf: u8, preferred: NodeId) -> Command {
+        Command::CreateVdisk {
+            name: name.into(),
+            size: 1 << 20,
+            rf,
+            created: 0,
+            preferred: Some(preferred),
+        }
+    }
+
     #[test]
     fn refused_commands_change_nothing() {
         let mut state = bootstrapped(2);
@@ -738,13 +749,6 @@ mod tests {
     #[test]
     fn replicas_go_to_distinct_up_nodes_starting_with_the_preferred_one() {
         let mut state = bootstrapped(3);
-        let with_preference = |name: &str, rf, preferred| Command::CreateVdisk {
-            name: name.into(),
-            size: 1 << 20,
-            rf,
-            created: 0,
-            preferred: Some(preferred),
-        };
         assert_eq!(
             state.apply(&with_preference("a", 2, 3)),
             CommandResult::Id(1)
@@ -823,13 +827,6 @@ mod tests {
     #[test]
     fn the_only_good_copy_is_never_replaced() {
         let mut state = bootstrapped(3);
-        let with_preference = |name: &str, rf, preferred| Command::CreateVdisk {
-            name: name.into(),
-            size: 1 << 20,
-            rf,
-            created: 0,
-            preferred: Some(preferred),
-        };
         assert_eq!(
             state.apply(&with_preference("one", 1, 1)),
             CommandResult::Id(1)

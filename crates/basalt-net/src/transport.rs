@@ -286,14 +286,7 @@ impl Transport {
     /// connections were opened under the old identity and are dropped.
     pub fn set_identity(&self, identity: Identity) {
         *self.inner.identity.write() = identity;
-        let links: Vec<_> = self.inner.links.lock().drain().collect();
-        for (_, slot) in links {
-            if let Ok(guard) = slot.try_lock()
-                && let Some(link) = guard.as_ref()
-            {
-                link.close();
-            }
-        }
+        self.close_links(|_| true, true);
     }
 
     /// Stops serving: the listener closes, inbound connections are cut and
@@ -301,14 +294,7 @@ impl Transport {
     /// stops, and by tests to make a node vanish.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
-        let links: Vec<_> = self.inner.links.lock().drain().collect();
-        for (_, slot) in links {
-            if let Ok(guard) = slot.try_lock()
-                && let Some(link) = guard.as_ref()
-            {
-                link.close();
-            }
-        }
+        self.close_links(|_| true, true);
     }
 
     /// Fault injection: from now on this node neither sends to nor accepts
@@ -318,15 +304,7 @@ impl Transport {
         let nodes: std::collections::HashSet<u64> = nodes.into_iter().collect();
         tracing::warn!(?nodes, "fault injection: partitioned from these nodes");
         *self.inner.partitioned.write() = nodes.clone();
-        let links: Vec<_> = self.inner.links.lock().values().cloned().collect();
-        for slot in links {
-            if let Ok(guard) = slot.try_lock()
-                && let Some(link) = guard.as_ref()
-                && nodes.contains(&link.peer_node)
-            {
-                link.close();
-            }
-        }
+        self.close_links(|link| nodes.contains(&link.peer_node), false);
     }
 
     fn is_partitioned_from(&self, node: u64) -> bool {
@@ -603,11 +581,26 @@ impl Transport {
     /// Closes the connection to `addr` (the next call reconnects).
     pub fn disconnect(&self, addr: &str) {
         let slot = self.inner.links.lock().remove(addr);
-        if let Some(slot) = slot
-            && let Ok(guard) = slot.try_lock()
-            && let Some(link) = guard.as_ref()
-        {
-            link.close();
+        if let Some(slot) = slot {
+            close_slot(&slot, |_| true);
+        }
+    }
+
+    /// Closes the outbound connections whose link matches; with `forget`,
+    /// also drops every connection slot (the next call starts afresh).
+    fn close_links(&self, matches: impl Fn(&Link) -> bool, forget: bool) {
+        let slots: Vec<_> = if forget {
+            self.inner
+                .links
+                .lock()
+                .drain()
+                .map(|(_, slot)| slot)
+                .collect()
+        } else {
+            self.inner.links.lock().values().cloned().collect()
+        };
+        for slot in slots {
+            close_slot(&slot, &matches);
         }
     }
 
@@ -665,6 +658,17 @@ impl Transport {
             addr.to_string(),
         ));
         Ok(link)
+    }
+}
+
+/// Closes the link in `slot` if it matches. A slot being connected right
+/// now (locked) is left alone.
+fn close_slot(slot: &LinkSlot, matches: impl Fn(&Link) -> bool) {
+    if let Ok(guard) = slot.try_lock()
+        && let Some(link) = guard.as_ref()
+        && matches(link)
+    {
+        link.close();
     }
 }
 

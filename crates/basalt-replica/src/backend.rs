@@ -70,6 +70,16 @@ impl ReplicaSet {
             + self.remotes.iter().filter(|r| r.in_sync).count()
     }
 
+    /// Same replicas with the same in-sync flags.
+    fn same_replicas(&self, other: &ReplicaSet) -> bool {
+        let local = |set: &ReplicaSet| {
+            set.local
+                .as_ref()
+                .map(|(node, _)| (*node, set.local_in_sync))
+        };
+        local(self) == local(other) && self.remotes == other.remotes
+    }
+
     fn is_in_sync(&self, node: u64) -> bool {
         match &self.local {
             Some((local, _)) if *local == node => self.local_in_sync,
@@ -185,6 +195,8 @@ impl ReplicatedVdisk {
         {
             let mut current = self.set.write();
             match current.as_ref() {
+                // Nothing changed: no need to wait for writes in flight.
+                Some(now) if now.epoch == set.epoch && now.same_replicas(&set) => return,
                 Some(now) if now.epoch == set.epoch => *current = Some(Arc::new(set)),
                 _ => return,
             }
@@ -330,7 +342,7 @@ impl ReplicatedVdisk {
                 Err(Failure::Failed(error)) => {
                     failed.push(*node);
                     if first_error.is_none() {
-                        first_error = Some(clone_error(error));
+                        first_error = Some(error.clone());
                     }
                 }
             }
@@ -536,21 +548,6 @@ impl ReplicatedVdisk {
 enum RmwGuard<'a> {
     Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
     Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
-}
-
-fn clone_error(error: &BlockError) -> BlockError {
-    match error {
-        BlockError::Io(why) => BlockError::Io(why.clone()),
-        BlockError::OutOfRange { offset, len, size } => BlockError::OutOfRange {
-            offset: *offset,
-            len: *len,
-            size: *size,
-        },
-        BlockError::NoSpace => BlockError::NoSpace,
-        BlockError::Invalid(why) => BlockError::Invalid(why.clone()),
-        BlockError::NotSupported(what) => BlockError::NotSupported(what),
-        BlockError::Shutdown => BlockError::Shutdown,
-    }
 }
 
 impl BlockBackend for ReplicatedVdisk {

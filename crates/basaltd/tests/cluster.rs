@@ -7,21 +7,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Daemon, DaemonOptions};
+use common::{Daemon, wait_for};
 use serde_json::Value;
 
 fn member(join: Option<u16>) -> Daemon {
-    let mut extra = vec!["--dead-after".to_string(), "3".to_string()];
-    if let Some(port) = join {
-        extra.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
-    }
-    Daemon::start_with(DaemonOptions {
-        disk_size: "256M",
-        extra,
-        ..DaemonOptions::default()
-    })
+    common::cluster_member(join, "256M", 3, &[])
 }
 
 fn status(daemon: &Daemon) -> Value {
@@ -34,14 +26,6 @@ fn node_field(status: &Value, id: u64, field: &str) -> Value {
         .and_then(|nodes| nodes.iter().find(|n| n["id"] == id))
         .map(|n| n[field].clone())
         .unwrap_or(Value::Null)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

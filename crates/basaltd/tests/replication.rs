@@ -5,29 +5,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BlockContent, Daemon, DaemonOptions};
+use common::{BlockContent, Daemon, wait_for};
 use serde_json::Value;
 
 fn member(join: Option<u16>) -> Daemon {
-    let mut extra = vec!["--dead-after".to_string(), "3".to_string()];
-    if let Some(port) = join {
-        extra.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
-    }
-    Daemon::start_with(DaemonOptions {
-        disk_size: "512M",
-        extra,
-        ..DaemonOptions::default()
-    })
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::cluster_member(join, "512M", 3, &[])
 }
 
 /// Three members with three Raft voters (so one may die).
@@ -327,19 +311,7 @@ fn partition(daemon: &Daemon, nodes: &[u64]) {
 }
 
 fn faulty_member(join: Option<u16>) -> Daemon {
-    let mut extra = vec![
-        "--dead-after".to_string(),
-        "30".to_string(),
-        "--fault-injection".to_string(),
-    ];
-    if let Some(port) = join {
-        extra.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
-    }
-    Daemon::start_with(DaemonOptions {
-        disk_size: "256M",
-        extra,
-        ..DaemonOptions::default()
-    })
+    common::cluster_member(join, "256M", 30, &["--fault-injection"])
 }
 
 #[test]

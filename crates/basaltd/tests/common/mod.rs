@@ -928,3 +928,32 @@ pub fn assert_files_equal(a: &Path, b: &Path) {
         at += n as u64;
     }
 }
+
+/// A cluster member with a `disk_size` file disk: bootstraps a cluster, or
+/// joins the member whose `--listen` port is `join`; `extra` flags follow.
+pub fn cluster_member(
+    join: Option<u16>,
+    disk_size: &'static str,
+    dead_after_seconds: u32,
+    extra: &[&str],
+) -> Daemon {
+    let mut flags = vec!["--dead-after".to_string(), dead_after_seconds.to_string()];
+    flags.extend(extra.iter().map(|flag| flag.to_string()));
+    if let Some(port) = join {
+        flags.extend(["--join".to_string(), format!("127.0.0.1:{port}")]);
+    }
+    Daemon::start_with(DaemonOptions {
+        disk_size,
+        extra: flags,
+        ..DaemonOptions::default()
+    })
+}
+
+/// Polls `check` every 200 ms; fails the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
