@@ -20,7 +20,8 @@ use basalt_core::{BlockBackend, BlockError, BoxFuture, ExportRegistry};
 use basalt_meta::{ClusterState, Command, CommandResult, NodeId};
 use basalt_net::TrafficClass;
 use basalt_replica::{
-    Coordinator, LocalReplicas, Op, ReplicaSet, ReplicaTarget, Request, SERVICE_REPLICA,
+    Acquired, Coordinator, DirtyReport, LocalReplicas, Op, ReplicaSet, ReplicaTarget, Request,
+    SERVICE_REPLICA,
 };
 use bytes::Bytes;
 
@@ -82,7 +83,7 @@ pub(crate) async fn wait_applied(
     }
 }
 
-async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> {
+async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<Acquired, BlockError> {
     let me = node.node_id();
     let name = node
         .cluster()
@@ -128,19 +129,21 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
             "vdisk {name} was taken over by another node meanwhile"
         )));
     }
-    node.epochs().raise(vdisk, epoch);
     let mut set = replica_set(&node, &state, vdisk, epoch).await?;
-    // Fence every remote replica at the new epoch; one that cannot be
-    // reached is recorded stale (it missed nothing yet, but it will).
-    let fence = Request {
-        op: Op::Fence,
-        fua: false,
-        allocate: false,
-        vdisk,
-        epoch,
-        offset: 0,
-        length: 0,
-    };
+    let mut reports = Vec::new();
+    // Fence the local replica (waiting out mutations of older owners still
+    // being applied here), then every remote one; a remote replica that
+    // cannot be reached is recorded stale (it missed nothing yet, but it
+    // will). Each reports where a write may not have settled.
+    match node.gate().fence(vdisk, epoch).await {
+        Ok(report) => reports.push((me, report)),
+        Err(newer) => {
+            return Err(io(format!(
+                "vdisk {name} was taken over by another node meanwhile (epoch {newer})"
+            )));
+        }
+    }
+    let fence = Request::new(Op::Fence, vdisk, epoch, 0, 0);
     let transport = node.transport().clone();
     let fences = set.remotes.iter().map(|target| {
         let transport = transport.clone();
@@ -160,9 +163,12 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
     });
     let mut unreachable = Vec::new();
     for (replica, result) in futures::future::join_all(fences).await {
-        if let Err(error) = result {
-            tracing::warn!(vdisk = %name, replica, %error, "cannot fence a replica; recording it stale");
-            unreachable.push(replica);
+        match result {
+            Ok(reply) => reports.push((replica, DirtyReport::decode(&reply.data))),
+            Err(error) => {
+                tracing::warn!(vdisk = %name, replica, %error, "cannot fence a replica; recording it stale");
+                unreachable.push(replica);
+            }
         }
     }
     for replica in &unreachable {
@@ -170,7 +176,7 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<ReplicaSet, BlockError> 
     }
     set.remotes.retain(|r| !unreachable.contains(&r.node));
     tracing::info!(vdisk = %name, epoch, replicas = set.remotes.len() + usize::from(set.local.is_some()), "took ownership");
-    Ok(set)
+    Ok(Acquired { set, reports })
 }
 
 /// The replicas an owner under `epoch` writes to, as `state` places them:
@@ -350,7 +356,7 @@ async fn mark_stale(
 }
 
 impl Coordinator for NodeCoordinator {
-    fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<ReplicaSet, BlockError>> {
+    fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<Acquired, BlockError>> {
         let node = self.node();
         Box::pin(async move { acquire(node?, vdisk).await })
     }
@@ -451,7 +457,7 @@ async fn reconcile(node: &Node, state: &ClusterState) {
             match store.delete_vdisk(&local.name).await {
                 Ok(()) => {
                     node.registry().forget(local.id);
-                    node.epochs().forget(local.id);
+                    node.gate().forget(local.id);
                     tracing::info!(vdisk = %local.name, id = local.id, "deleted the local copy of a vdisk the cluster no longer places here");
                 }
                 Err(error) => {
@@ -461,7 +467,7 @@ async fn reconcile(node: &Node, state: &ClusterState) {
         }
     }
     for record in state.vdisks.values() {
-        node.epochs().raise(record.id, record.epoch);
+        node.gate().epochs().raise(record.id, record.epoch);
         node.follow(record);
         if record.owner == Some(me) {
             // Replicas may have been added, resynced or lost: write to the
@@ -477,6 +483,8 @@ async fn reconcile(node: &Node, state: &ClusterState) {
                 .await
             {
                 Ok(_) => {
+                    // Nothing unsettled can predate a copy made just now.
+                    node.gate().dirty().mark_known(record.id);
                     tracing::info!(vdisk = %record.name, id = record.id, "created the local replica")
                 }
                 Err(error) => {

@@ -15,9 +15,7 @@ use basalt_meta::{
     ClusterState, Command, CommandResult, MetaNode, NodeState, Refusal, ReplicaState, VdiskRecord,
 };
 use basalt_net::Transport;
-use basalt_replica::{
-    EpochTable, ReplicaService, ReplicatedVdisk, ResyncTrackers, SERVICE_REPLICA,
-};
+use basalt_replica::{ReplicaGate, ReplicaService, ReplicatedVdisk, SERVICE_REPLICA};
 use basalt_store::{Store, StoreError};
 use basalt_vdisk::VdiskRegistry;
 use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
@@ -51,9 +49,8 @@ pub struct Node {
     started: Instant,
     cluster: MetaNode,
     transport: Transport,
-    epochs: Arc<EpochTable>,
+    gate: Arc<ReplicaGate>,
     /// Owner writes to local copies under resync.
-    pub(crate) resyncs: Arc<ResyncTrackers>,
     /// Resyncs running on this node, by vdisk.
     pub(crate) resync_progress: Mutex<HashMap<u64, crate::resync::Progress>>,
     /// Bytes copied by resyncs since the node started.
@@ -79,16 +76,14 @@ impl Node {
             source,
         })?;
         let registry = VdiskRegistry::new(store.clone());
-        let epochs = Arc::new(EpochTable::new());
-        let resyncs = Arc::new(ResyncTrackers::new());
+        let gate = Arc::new(ReplicaGate::new());
         transport.register(
             SERVICE_REPLICA,
             Arc::new(ReplicaService::new(
                 Arc::new(LocalCopies {
                     registry: registry.clone(),
                 }),
-                epochs.clone(),
-                resyncs.clone(),
+                gate.clone(),
             )),
             false,
         );
@@ -101,8 +96,7 @@ impl Node {
             started: Instant::now(),
             cluster,
             transport,
-            epochs,
-            resyncs,
+            gate,
             resync_progress: Mutex::new(HashMap::new()),
             resync_copied: std::sync::atomic::AtomicU64::new(0),
             backends: Mutex::new(HashMap::new()),
@@ -130,9 +124,10 @@ impl Node {
         &self.transport
     }
 
-    /// Newest ownership epochs seen, per vdisk.
-    pub fn epochs(&self) -> &Arc<EpochTable> {
-        &self.epochs
+    /// What every access to this node's replicas passes: epochs, dirty
+    /// notes, resync records.
+    pub fn gate(&self) -> &Arc<ReplicaGate> {
+        &self.gate
     }
 
     /// The exports frontends see: every vdisk of the cluster.
@@ -161,6 +156,7 @@ impl Node {
             Arc::new(NodeCoordinator {
                 node: self.me.clone(),
             }),
+            self.gate.clone(),
         ));
         backends.insert(record.id, backend.clone());
         Some(backend)

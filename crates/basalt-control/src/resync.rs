@@ -102,14 +102,14 @@ struct Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.node.resyncs.stop(self.vdisk);
+        self.node.gate().resyncs().stop(self.vdisk);
         self.node.resync_progress.lock().remove(&self.vdisk);
     }
 }
 
 async fn resync(node: &Node, vdisk: u64, seq: u64) -> Result<Progress, String> {
     let me = node.node_id();
-    let written = node.resyncs.start(vdisk);
+    let written = node.gate().resyncs().start(vdisk);
     let _running = Running { node, vdisk };
     barrier(node, vdisk).await?;
     let state = node.cluster().cluster();
@@ -204,7 +204,7 @@ async fn copy_chunk(
     offset: u64,
     len: u64,
 ) -> Result<u64, String> {
-    let epoch = node.epochs().current(vdisk);
+    let epoch = node.gate().epochs().current(vdisk);
     let (theirs, ours) = tokio::join!(
         remote_digest(node, addr, vdisk, epoch, offset, len),
         digest(local.as_ref(), offset, len)
@@ -282,18 +282,6 @@ async fn barrier(node: &Node, vdisk: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn request(op: Op, vdisk: u64, epoch: u64, offset: u64, length: u64) -> Request {
-    Request {
-        op,
-        fua: false,
-        allocate: false,
-        vdisk,
-        epoch,
-        offset,
-        length,
-    }
-}
-
 async fn call(node: &Node, addr: &str, request: Request) -> Result<Bytes, String> {
     node.transport()
         .call_timeout(
@@ -317,7 +305,12 @@ async fn remote_digest(
     offset: u64,
     len: u64,
 ) -> Result<Vec<u32>, String> {
-    let data = call(node, addr, request(Op::Digest, vdisk, epoch, offset, len)).await?;
+    let data = call(
+        node,
+        addr,
+        Request::new(Op::Digest, vdisk, epoch, offset, len),
+    )
+    .await?;
     let expected = len.div_ceil(DIGEST_PIECE) as usize;
     if data.len() != expected * 4 {
         return Err(format!(
@@ -340,7 +333,12 @@ async fn remote_read(
     offset: u64,
     len: u64,
 ) -> Result<Bytes, String> {
-    let data = call(node, addr, request(Op::Read, vdisk, epoch, offset, len)).await?;
+    let data = call(
+        node,
+        addr,
+        Request::new(Op::Read, vdisk, epoch, offset, len),
+    )
+    .await?;
     if data.len() as u64 != len {
         return Err(format!(
             "source sent {} bytes for a read of {len}",

@@ -16,10 +16,17 @@
 //!   now: this backend fences itself and fails all further I/O (the client
 //!   reconnects, to whichever node it likes).
 //!
+//! * a mutation that has not *settled* (see [`crate::dirty`]) may leave the
+//!   in-sync replicas disagreeing on its blocks; every mutation carries a
+//!   sequence number and the owner's settled mark, and a new owner compares
+//!   the regions the replicas report unsettled and repairs them before it
+//!   serves anything.
+//!
 //! Unaligned writes and zeroes are turned into whole-block operations here,
 //! under an exclusive lock held until every replica has answered, so every
 //! replica sees them in the same order.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,12 +39,35 @@ use basalt_net::{NetError, TrafficClass, Transport};
 use bytes::Bytes;
 use tokio::sync::RwLock;
 
+use crate::dirty::{DIRTY_REGION, DirtyReport};
 use crate::protocol::{
-    CODE_INVALID, CODE_NO_SPACE, CODE_STALE_EPOCH, Op, Request, SERVICE_REPLICA,
+    CODE_INVALID, CODE_NO_SPACE, CODE_STALE_EPOCH, DIGEST_PIECE, Op, Request, SERVICE_REPLICA,
 };
+use crate::service::{MutationGuard, ReplicaGate, digest};
 
 /// How long a replica may take to answer before it is recorded stale.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much a new owner compares (and at most copies) per step.
+const RECONCILE_CHUNK: u64 = 16 << 20;
+
+/// The byte ranges covering `regions`, merged where adjacent and clipped
+/// to `size`.
+fn region_ranges(regions: &BTreeSet<u64>, size: u64) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for region in regions {
+        let start = region.saturating_mul(DIRTY_REGION);
+        if start >= size {
+            continue;
+        }
+        let end = (start + DIRTY_REGION).min(size);
+        match ranges.last_mut() {
+            Some((first, len)) if *first + *len == start => *len = end - *first,
+            _ => ranges.push((start, end - start)),
+        }
+    }
+    ranges
+}
 
 /// A remote replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +110,16 @@ impl ReplicaSet {
         local(self) == local(other) && self.remotes == other.remotes
     }
 
+    /// In-sync replicas by node, the local one first.
+    fn in_sync_nodes(&self) -> Vec<u64> {
+        self.local
+            .iter()
+            .filter(|_| self.local_in_sync)
+            .map(|(node, _)| *node)
+            .chain(self.remotes.iter().filter(|r| r.in_sync).map(|r| r.node))
+            .collect()
+    }
+
     fn is_in_sync(&self, node: u64) -> bool {
         match &self.local {
             Some((local, _)) if *local == node => self.local_in_sync,
@@ -108,8 +148,9 @@ impl ReplicaSet {
 /// What the replicated vdisk needs from the control plane.
 pub trait Coordinator: Send + Sync + 'static {
     /// Takes ownership of `vdisk` for this node under a new epoch, fences
-    /// the replicas and returns the in-sync set.
-    fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<ReplicaSet, BlockError>>;
+    /// the replicas (recording stale those it cannot reach) and returns them
+    /// with what each fenced replica reported unsettled.
+    fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<Acquired, BlockError>>;
     /// Records durably that `node`'s replica missed a write under `epoch`.
     fn mark_stale(
         &self,
@@ -117,6 +158,51 @@ pub trait Coordinator: Send + Sync + 'static {
         node: u64,
         epoch: u64,
     ) -> BoxFuture<'static, Result<(), BlockError>>;
+}
+
+/// A fresh ownership: the replica set and the fence reports.
+pub struct Acquired {
+    /// The replicas, all fenced at `set.epoch`.
+    pub set: ReplicaSet,
+    /// What each fenced replica (by node) reported unsettled.
+    pub reports: Vec<(u64, DirtyReport)>,
+}
+
+/// Numbers this owner's mutations and tracks which have settled.
+#[derive(Default)]
+struct WriteWindow {
+    next: u64,
+    unsettled: BTreeSet<u64>,
+}
+
+impl WriteWindow {
+    /// A new mutation: its number and the settled mark to send with it.
+    fn begin(&mut self) -> (u64, u64) {
+        self.next += 1;
+        let seq = self.next;
+        self.unsettled.insert(seq);
+        (seq, self.mark())
+    }
+
+    /// Every mutation numbered below the mark has settled.
+    fn mark(&self) -> u64 {
+        self.unsettled.first().copied().unwrap_or(self.next + 1)
+    }
+}
+
+/// A mutation in flight; unless [`InFlight::settled`] is called it stays
+/// unsettled for good (the replicas keep its regions noted, and the next
+/// owner compares them), which is what a cancelled or failed part-way
+/// mutation needs.
+struct InFlight<'a> {
+    window: &'a parking_lot::Mutex<WriteWindow>,
+    seq: u64,
+}
+
+impl InFlight<'_> {
+    fn settled(self) {
+        self.window.lock().unsettled.remove(&self.seq);
+    }
 }
 
 enum Failure {
@@ -136,6 +222,8 @@ pub struct ReplicatedVdisk {
     set: parking_lot::RwLock<Option<Arc<ReplicaSet>>>,
     acquiring: tokio::sync::Mutex<()>,
     fenced: AtomicBool,
+    gate: Arc<ReplicaGate>,
+    window: parking_lot::Mutex<WriteWindow>,
     rmw: RwLock<()>,
     /// Held shared by every mutation while it fans out; taken exclusively
     /// by [`ReplicatedVdisk::refresh`] to wait out mutations that used the
@@ -145,12 +233,14 @@ pub struct ReplicatedVdisk {
 
 impl ReplicatedVdisk {
     /// A backend for `vdisk`; ownership is taken on the first request.
+    /// `gate` is this node's (local replicas are accessed through it).
     pub fn new(
         vdisk: u64,
         name: String,
         size: u64,
         transport: Transport,
         coordinator: Arc<dyn Coordinator>,
+        gate: Arc<ReplicaGate>,
     ) -> ReplicatedVdisk {
         ReplicatedVdisk {
             vdisk,
@@ -161,6 +251,8 @@ impl ReplicatedVdisk {
             set: parking_lot::RwLock::new(None),
             acquiring: tokio::sync::Mutex::new(()),
             fenced: AtomicBool::new(false),
+            gate,
+            window: parking_lot::Mutex::new(WriteWindow::default()),
             rmw: RwLock::new(()),
             inflight: RwLock::new(()),
         }
@@ -240,13 +332,16 @@ impl ReplicatedVdisk {
         if let Some(set) = self.set.read().clone() {
             return Ok(set);
         }
-        let set = Arc::new(self.coordinator.acquire(self.vdisk).await?);
+        let Acquired { set, reports } = self.coordinator.acquire(self.vdisk).await?;
         if set.in_sync_count() == 0 {
             return Err(BlockError::Io(format!(
                 "vdisk {} has no in-sync replica on a live node",
                 self.name
             )));
         }
+        // Numbers restart with every epoch (notes are keyed by both).
+        *self.window.lock() = WriteWindow::default();
+        let set = Arc::new(self.reconcile(set, &reports).await?);
         *self.set.write() = Some(set.clone());
         Ok(set)
     }
@@ -290,7 +385,7 @@ impl ReplicatedVdisk {
     async fn fan_out<L>(
         &self,
         set: &ReplicaSet,
-        request: Request,
+        mut request: Request,
         data: Bytes,
         local: L,
     ) -> Result<(), BlockError>
@@ -301,13 +396,36 @@ impl ReplicatedVdisk {
             && set.local_in_sync
             && let Some((_, replica)) = &set.local
         {
-            // The only copy: its result is the result, nothing to record.
+            // The only copy: its result is the result, nothing to record
+            // and nothing that could diverge.
+            let _admitted = self.admit_local(&request).await?;
             return local(replica.clone()).await;
         }
         let _inflight = self.inflight.read().await;
+        // Flushes change no data: they carry the settled mark, no number.
+        let (seq, settled) = if request.op == Op::Flush {
+            (0, self.window.lock().mark())
+        } else {
+            self.window.lock().begin()
+        };
+        let in_flight = InFlight {
+            window: &self.window,
+            seq,
+        };
+        request.seq = seq;
+        request.settled = settled;
         let local_future = set.local.clone().map(|(node, replica)| {
+            let gate = self.gate.clone();
             let op = local(replica);
-            async move { (node, op.await.map_err(Failure::Failed)) }
+            async move {
+                let result = match gate.begin_mutation(&request, request.length).await {
+                    Ok(_admitted) => op.await.map_err(Failure::Failed),
+                    Err(newer) => Err(Failure::Fenced(format!(
+                        "this node has seen epoch {newer} of the vdisk"
+                    ))),
+                };
+                (node, result)
+            }
         });
         let remote_futures = set.remotes.iter().map(|target| {
             let data = data.clone();
@@ -335,6 +453,7 @@ impl ReplicatedVdisk {
             match result {
                 Ok(()) => {}
                 Err(Failure::Fenced(why)) => {
+                    // Unsettled for good: some replicas may have applied it.
                     tracing::warn!(vdisk = %self.name, node, %why, "fenced by a replica");
                     self.fence();
                     return Err(self.fenced_error());
@@ -348,11 +467,16 @@ impl ReplicatedVdisk {
             }
         }
         let Some(error) = first_error else {
+            in_flight.settled();
             return Ok(());
         };
         let in_sync_failed = failed.iter().filter(|n| set.is_in_sync(**n)).count();
         if in_sync_failed == set.in_sync_count() {
             // No in-sync replica has the write: the client gets the error.
+            // It settled only if no replica at all applied it.
+            if failed.len() == results.len() {
+                in_flight.settled();
+            }
             return Err(error);
         }
         for node in &failed {
@@ -368,6 +492,7 @@ impl ReplicatedVdisk {
                 )));
             }
         }
+        in_flight.settled();
         let mut current = self.set.write();
         if let Some(now) = current.as_ref()
             && now.epoch == set.epoch
@@ -375,6 +500,304 @@ impl ReplicatedVdisk {
             *current = Some(Arc::new(now.without(&failed)));
         }
         Ok(())
+    }
+
+    /// Makes the in-sync replicas of a fresh ownership agree on every region
+    /// a fenced replica reported unsettled — every region, when one could
+    /// not tell — copying from the local replica when it is in sync, else
+    /// from the first in-sync one; then tells the replicas it is done.
+    async fn reconcile(
+        &self,
+        mut set: ReplicaSet,
+        reports: &[(u64, DirtyReport)],
+    ) -> Result<ReplicaSet, BlockError> {
+        let in_sync = set.in_sync_nodes();
+        if in_sync.len() >= 2 {
+            let report_of = |node: u64| reports.iter().find(|(n, _)| *n == node).map(|(_, r)| r);
+            let whole = in_sync
+                .iter()
+                .any(|node| report_of(*node).is_none_or(|r| !r.complete));
+            let size = self.size();
+            let ranges = if whole {
+                vec![(0, size)]
+            } else {
+                let regions: BTreeSet<u64> = in_sync
+                    .iter()
+                    .filter_map(|node| report_of(*node))
+                    .flat_map(|r| r.regions.iter().copied())
+                    .collect();
+                region_ranges(&regions, size)
+            };
+            let total: u64 = ranges.iter().map(|(_, len)| len).sum();
+            if total > 0 {
+                tracing::info!(vdisk = %self.name, bytes = total, whole, "comparing the in-sync replicas where a write may not have settled");
+            }
+            let mut repaired = 0;
+            for (start, len) in ranges {
+                let mut at = start;
+                while at < start + len {
+                    let chunk = (start + len - at).min(RECONCILE_CHUNK);
+                    repaired += self.reconcile_range(&mut set, at, chunk).await?;
+                    at += chunk;
+                }
+            }
+            if repaired > 0 {
+                tracing::warn!(vdisk = %self.name, bytes = repaired, "repaired in-sync replicas that disagreed after an unsettled write");
+            }
+        }
+        let settled = self.window.lock().mark();
+        if set.local.is_some() && self.gate.settle(self.vdisk, set.epoch, settled).is_err() {
+            self.fence();
+            return Err(self.fenced_error());
+        }
+        let settle = Request {
+            settled,
+            ..Request::new(Op::Settle, self.vdisk, set.epoch, 0, 0)
+        };
+        let settles = set.remotes.iter().map(|target| async move {
+            (target.node, self.remote(target, settle, Bytes::new()).await)
+        });
+        for (node, result) in futures::future::join_all(settles).await {
+            if result.is_err() {
+                // Its notes stay: the next owner compares a little more.
+                tracing::debug!(vdisk = %self.name, node, "a replica did not take the settle");
+            }
+        }
+        Ok(set)
+    }
+
+    /// Compares `[offset, offset + len)` across the in-sync replicas and
+    /// copies the differing pieces from the first; returns bytes repaired.
+    /// A replica that fails is recorded stale and dropped from `set`.
+    async fn reconcile_range(
+        &self,
+        set: &mut ReplicaSet,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, BlockError> {
+        let in_sync = set.in_sync_nodes();
+        let digests = futures::future::join_all(
+            in_sync
+                .iter()
+                .map(|node| self.digest_on(set, *node, offset, len)),
+        )
+        .await;
+        let mut sums: Vec<(u64, Vec<u32>)> = Vec::new();
+        let mut failed = Vec::new();
+        for (node, result) in in_sync.iter().zip(digests) {
+            match result {
+                Ok(digest) => sums.push((*node, digest)),
+                Err(Failure::Fenced(_)) => {
+                    self.fence();
+                    return Err(self.fenced_error());
+                }
+                Err(Failure::Failed(error)) => {
+                    tracing::warn!(vdisk = %self.name, node, %error, "replica failed a comparison");
+                    failed.push(*node);
+                }
+            }
+        }
+        self.drop_failed(set, &failed).await?;
+        let Some(((source, reference), others)) = sums.split_first() else {
+            return Err(BlockError::Io(format!(
+                "no in-sync replica of {} could be read",
+                self.name
+            )));
+        };
+        let pieces = reference.len();
+        let mut repaired = 0;
+        let mut piece = 0;
+        while piece < pieces {
+            let differs = |i: usize| others.iter().any(|(_, d)| d.get(i) != reference.get(i));
+            if !differs(piece) {
+                piece += 1;
+                continue;
+            }
+            let first = piece;
+            while piece < pieces && differs(piece) {
+                piece += 1;
+            }
+            let targets: Vec<u64> = others
+                .iter()
+                .filter(|(_, d)| d.get(first..piece) != reference.get(first..piece))
+                .map(|(node, _)| *node)
+                .collect();
+            let at = offset + first as u64 * DIGEST_PIECE;
+            let run = (piece as u64 * DIGEST_PIECE).min(len) - first as u64 * DIGEST_PIECE;
+            let data = self.read_on(set, *source, at, run).await?;
+            let (seq, _) = self.window.lock().begin();
+            let in_flight = InFlight {
+                window: &self.window,
+                seq,
+            };
+            let write = Request {
+                seq,
+                ..Request::new(Op::Write, self.vdisk, set.epoch, at, run)
+            };
+            let writes = futures::future::join_all(
+                targets
+                    .iter()
+                    .map(|node| self.write_on(set, *node, write, data.clone())),
+            )
+            .await;
+            let mut failed = Vec::new();
+            for (node, result) in targets.iter().zip(writes) {
+                match result {
+                    Ok(()) => {}
+                    Err(Failure::Fenced(_)) => {
+                        self.fence();
+                        return Err(self.fenced_error());
+                    }
+                    Err(Failure::Failed(error)) => {
+                        tracing::warn!(vdisk = %self.name, node, %error, "replica failed a repair");
+                        failed.push(*node);
+                    }
+                }
+            }
+            self.drop_failed(set, &failed).await?;
+            in_flight.settled();
+            repaired += run * (targets.len() - failed.len()) as u64;
+        }
+        Ok(repaired)
+    }
+
+    /// Records `failed` replicas stale and leaves them out of `set`.
+    async fn drop_failed(&self, set: &mut ReplicaSet, failed: &[u64]) -> Result<(), BlockError> {
+        for node in failed {
+            self.coordinator
+                .mark_stale(self.vdisk, *node, set.epoch)
+                .await
+                .map_err(|why| {
+                    BlockError::Io(format!(
+                        "replica on node {node} failed and that could not be recorded: {why}"
+                    ))
+                })?;
+        }
+        if !failed.is_empty() {
+            *set = set.without(failed);
+        }
+        Ok(())
+    }
+
+    fn target(set: &ReplicaSet, node: u64) -> Option<&ReplicaTarget> {
+        set.remotes.iter().find(|r| r.node == node)
+    }
+
+    fn local_on(set: &ReplicaSet, node: u64) -> Option<Arc<dyn BlockBackend>> {
+        set.local
+            .as_ref()
+            .filter(|(local, _)| *local == node)
+            .map(|(_, replica)| replica.clone())
+    }
+
+    fn missing(node: u64) -> Failure {
+        Failure::Failed(BlockError::Io(format!(
+            "node {node} is not in the replica set"
+        )))
+    }
+
+    async fn digest_on(
+        &self,
+        set: &ReplicaSet,
+        node: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u32>, Failure> {
+        let expected = len.div_ceil(DIGEST_PIECE) as usize;
+        let sums = if let Some(local) = Self::local_on(set, node) {
+            digest(local.as_ref(), offset, len)
+                .await
+                .map_err(Failure::Failed)?
+        } else {
+            let target = Self::target(set, node).ok_or_else(|| Self::missing(node))?;
+            let request = Request::new(Op::Digest, self.vdisk, set.epoch, offset, len);
+            let data = self.remote(target, request, Bytes::new()).await?;
+            data.chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        if sums.len() != expected {
+            return Err(Failure::Failed(BlockError::Io(format!(
+                "node {node} sent {} digests for {expected} pieces",
+                sums.len()
+            ))));
+        }
+        Ok(sums)
+    }
+
+    async fn read_on(
+        &self,
+        set: &ReplicaSet,
+        node: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, BlockError> {
+        let result = if let Some(local) = Self::local_on(set, node) {
+            let len =
+                u32::try_from(len).map_err(|_| BlockError::Invalid("range too long".into()))?;
+            local
+                .read(offset, len)
+                .await
+                .map(|data| Bytes::copy_from_slice(data.as_slice()))
+        } else {
+            let target =
+                Self::target(set, node).ok_or_else(|| BlockError::Io("no such replica".into()))?;
+            let request = Request::new(Op::Read, self.vdisk, set.epoch, offset, len);
+            match self.remote(target, request, Bytes::new()).await {
+                Ok(data) => Ok(data),
+                Err(Failure::Fenced(_)) => {
+                    self.fence();
+                    Err(self.fenced_error())
+                }
+                Err(Failure::Failed(error)) => Err(error),
+            }
+        };
+        match result {
+            Ok(data) if data.len() as u64 == len => Ok(data),
+            Ok(data) => Err(BlockError::Io(format!(
+                "node {node} returned {} bytes for a read of {len}",
+                data.len()
+            ))),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn write_on(
+        &self,
+        set: &ReplicaSet,
+        node: u64,
+        request: Request,
+        data: Bytes,
+    ) -> Result<(), Failure> {
+        if let Some(local) = Self::local_on(set, node) {
+            let _admitted = self
+                .gate
+                .begin_mutation(&request, request.length)
+                .await
+                .map_err(|newer| Failure::Fenced(format!("epoch {newer} owns it")))?;
+            return local
+                .write(
+                    request.offset,
+                    IoBuf::from_slice(&data),
+                    WriteFlags::default(),
+                )
+                .await
+                .map_err(Failure::Failed);
+        }
+        let target = Self::target(set, node).ok_or_else(|| Self::missing(node))?;
+        self.remote(target, request, data).await.map(|_| ())
+    }
+
+    /// Admits a mutation of the only (local) replica through this node's gate.
+    async fn admit_local(&self, request: &Request) -> Result<MutationGuard, BlockError> {
+        match self.gate.begin_mutation(request, request.length).await {
+            Ok(admitted) => Ok(admitted),
+            Err(newer) => {
+                tracing::warn!(vdisk = %self.name, newer, "fenced on this node");
+                self.fence();
+                Err(self.fenced_error())
+            }
+        }
     }
 
     async fn do_read(&self, offset: u64, len: u32) -> Result<IoBuf, BlockError> {
@@ -387,6 +810,10 @@ impl ReplicatedVdisk {
         let set = self.current_set().await?;
         let mut last_error = None;
         if let Some((_, local)) = set.local.as_ref().filter(|_| set.local_in_sync) {
+            if self.gate.epochs().admit(self.vdisk, set.epoch).is_err() {
+                self.fence();
+                return Err(self.fenced_error());
+            }
             match local.read(offset, len).await {
                 Ok(data) => return Ok(data),
                 Err(error @ (BlockError::OutOfRange { .. } | BlockError::Invalid(_))) => {
@@ -398,15 +825,7 @@ impl ReplicatedVdisk {
                 }
             }
         }
-        let request = Request {
-            op: Op::Read,
-            fua: false,
-            allocate: false,
-            vdisk: self.vdisk,
-            epoch: set.epoch,
-            offset,
-            length: u64::from(len),
-        };
+        let request = Request::new(Op::Read, self.vdisk, set.epoch, offset, u64::from(len));
         for target in set.remotes.iter().filter(|r| r.in_sync) {
             match self.remote(target, request, Bytes::new()).await {
                 Ok(data) if data.len() == len as usize => return Ok(IoBuf::from_slice(&data)),
@@ -466,13 +885,8 @@ impl ReplicatedVdisk {
     ) -> Result<(), BlockError> {
         let set = self.current_set().await?;
         let request = Request {
-            op: Op::Write,
             fua: flags.fua,
-            allocate: false,
-            vdisk: self.vdisk,
-            epoch: set.epoch,
-            offset,
-            length: data.len() as u64,
+            ..Request::new(Op::Write, self.vdisk, set.epoch, offset, data.len() as u64)
         };
         let bytes = if set.remotes.is_empty() {
             Bytes::new()
@@ -505,13 +919,9 @@ impl ReplicatedVdisk {
         };
         let set = self.current_set().await?;
         let request = Request {
-            op,
             fua: flags.fua,
             allocate,
-            vdisk: self.vdisk,
-            epoch: set.epoch,
-            offset,
-            length: len,
+            ..Request::new(op, self.vdisk, set.epoch, offset, len)
         };
         self.fan_out(&set, request, Bytes::new(), move |replica| {
             Box::pin(async move {

@@ -13,14 +13,17 @@
 //! control plane provides.
 
 mod backend;
+pub mod dirty;
 mod protocol;
 mod service;
 
-pub use backend::{Coordinator, ReplicaSet, ReplicaTarget, ReplicatedVdisk};
+pub use backend::{Acquired, Coordinator, ReplicaSet, ReplicaTarget, ReplicatedVdisk};
+pub use dirty::{DIRTY_REGION, DirtyReport, DirtyTable};
 pub use protocol::{
     CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, DIGEST_PIECE,
     MAX_DIGEST_BYTES, Op, REQUEST_BYTES, Request, SERVICE_REPLICA,
 };
 pub use service::{
-    EpochTable, LocalReplicas, ReplicaService, ResyncTrackers, WrittenBlocks, digest, remote_error,
+    EpochTable, LocalReplicas, MutationGuard, ReplicaGate, ReplicaService, ResyncTrackers,
+    WrittenBlocks, digest, remote_error,
 };

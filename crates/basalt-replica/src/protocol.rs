@@ -1,7 +1,7 @@
 //! The replica service's messages (service [`SERVICE_REPLICA`] of
 //! `basalt-net`).
 //!
-//! Every request is a fixed 40-byte body; a write's bytes travel as the
+//! Every request is a fixed 56-byte body; a write's bytes travel as the
 //! frame's data part and a read's bytes come back the same way, so block
 //! data is never encoded. Layout (little-endian), documented in
 //! `docs/cluster-protocol.md`:
@@ -16,6 +16,11 @@
 //! | 16 | 8 | epoch of the sender's ownership |
 //! | 24 | 8 | byte offset |
 //! | 32 | 8 | byte length (reads, trims, zeroes; writes use the data length) |
+//! | 40 | 8 | mutation sequence number under the epoch (0: not tracked) |
+//! | 48 | 8 | settled mark: every mutation of this epoch numbered below it has settled |
+//!
+//! The last two fields feed the replica's dirty-region table (see
+//! [`crate::dirty`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -23,7 +28,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const SERVICE_REPLICA: u16 = 3;
 
 /// Size of a request body.
-pub const REQUEST_BYTES: usize = 40;
+pub const REQUEST_BYTES: usize = 56;
 
 /// Error code: the sender's epoch is older than one this replica has seen.
 pub const CODE_STALE_EPOCH: u16 = 1;
@@ -54,6 +59,9 @@ pub enum Op {
     /// CRC-32C of every [`DIGEST_PIECE`] of `[offset, offset + length)`,
     /// as little-endian u32s in the reply's data (resync compares them).
     Digest = 7,
+    /// The owner under `epoch` has reconciled what the replica reported
+    /// unsettled when fenced: older records can go.
+    Settle = 8,
 }
 
 /// Granularity of [`Op::Digest`] and of resync copies.
@@ -78,9 +86,28 @@ pub struct Request {
     pub offset: u64,
     /// Byte length.
     pub length: u64,
+    /// The mutation's number under `epoch` (0: not tracked).
+    pub seq: u64,
+    /// Every mutation of `epoch` numbered below this has settled.
+    pub settled: u64,
 }
 
 impl Request {
+    /// A request with no flags and no sequence number.
+    pub fn new(op: Op, vdisk: u64, epoch: u64, offset: u64, length: u64) -> Request {
+        Request {
+            op,
+            fua: false,
+            allocate: false,
+            vdisk,
+            epoch,
+            offset,
+            length,
+            seq: 0,
+            settled: 0,
+        }
+    }
+
     /// Encodes the body.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(REQUEST_BYTES);
@@ -92,6 +119,8 @@ impl Request {
         out.put_u64_le(self.epoch);
         out.put_u64_le(self.offset);
         out.put_u64_le(self.length);
+        out.put_u64_le(self.seq);
+        out.put_u64_le(self.settled);
         out.freeze()
     }
 
@@ -111,6 +140,7 @@ impl Request {
             5 => Op::Zero,
             6 => Op::Fence,
             7 => Op::Digest,
+            8 => Op::Settle,
             other => return Err(format!("unknown replica operation {other}")),
         };
         let flags = body.get_u8();
@@ -127,6 +157,8 @@ impl Request {
             epoch: body.get_u64_le(),
             offset: body.get_u64_le(),
             length: body.get_u64_le(),
+            seq: body.get_u64_le(),
+            settled: body.get_u64_le(),
         })
     }
 }
@@ -145,6 +177,8 @@ mod tests {
             epoch: 3,
             offset: 4096,
             length: 1 << 20,
+            seq: 11,
+            settled: 9,
         };
         assert_eq!(Request::decode(&request.encode()), Ok(request));
         let mut bad = request.encode().to_vec();
@@ -153,6 +187,6 @@ mod tests {
         let mut bad = request.encode().to_vec();
         bad[1] = 0x80;
         assert!(Request::decode(&bad).is_err());
-        assert!(Request::decode(&request.encode()[..39]).is_err());
+        assert!(Request::decode(&request.encode()[..REQUEST_BYTES - 1]).is_err());
     }
 }

@@ -1,5 +1,10 @@
 //! The replica side: serves the owner's requests against the local copy,
 //! refusing owners whose epoch has been superseded.
+//!
+//! Every access to a local replica — from a remote owner through the
+//! [`ReplicaService`], or from an owner on this node — passes the node's
+//! [`ReplicaGate`], so that the epoch fence, the dirty-region notes and the
+//! resync's record of owner writes hold for both alike.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -10,6 +15,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use parking_lot::RwLock;
 
+use crate::dirty::{DirtyReport, DirtyTable};
 use crate::protocol::{
     CODE_INVALID, CODE_IO, CODE_NO_REPLICA, CODE_NO_SPACE, CODE_STALE_EPOCH, DIGEST_PIECE,
     MAX_DIGEST_BYTES, Op, Request,
@@ -124,26 +130,109 @@ impl ResyncTrackers {
     }
 }
 
+/// What every access to this node's replicas passes (see the module docs).
+///
+/// A mutation holds its vdisk's gate shared from admission until it has
+/// been applied; a fence takes it exclusively. So when a new owner's fence
+/// returns, every mutation of an older owner has either been applied — and
+/// noted in the [`DirtyTable`] the fence reports — or will be refused.
+#[derive(Debug, Default)]
+pub struct ReplicaGate {
+    epochs: EpochTable,
+    dirty: DirtyTable,
+    resyncs: ResyncTrackers,
+    gates: parking_lot::Mutex<HashMap<u64, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+/// An admitted mutation; the gate stays shared until it is dropped.
+pub struct MutationGuard {
+    _gate: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+impl ReplicaGate {
+    /// The gate of a process that just started (every vdisk's notes unknown).
+    pub fn new() -> ReplicaGate {
+        ReplicaGate::default()
+    }
+
+    /// Newest epochs seen.
+    pub fn epochs(&self) -> &EpochTable {
+        &self.epochs
+    }
+
+    /// Dirty-region notes.
+    pub fn dirty(&self) -> &DirtyTable {
+        &self.dirty
+    }
+
+    /// Resyncs running on this node.
+    pub fn resyncs(&self) -> &ResyncTrackers {
+        &self.resyncs
+    }
+
+    fn gate(&self, vdisk: u64) -> Arc<tokio::sync::RwLock<()>> {
+        self.gates.lock().entry(vdisk).or_default().clone()
+    }
+
+    /// Admits a mutation (write, trim, zeroes, flush) of `request`, which
+    /// covers `len` bytes: `Err` with the newer epoch when the sender has
+    /// been fenced. Notes it as unsettled and applies the sender's settled
+    /// mark.
+    pub async fn begin_mutation(&self, request: &Request, len: u64) -> Result<MutationGuard, u64> {
+        let gate = self.gate(request.vdisk).read_owned().await;
+        self.epochs.admit(request.vdisk, request.epoch)?;
+        if matches!(request.op, Op::Write | Op::Trim | Op::Zero) {
+            self.dirty.record(
+                request.vdisk,
+                request.epoch,
+                request.seq,
+                request.offset,
+                len,
+            );
+            if let Some(written) = self.resyncs.get(request.vdisk) {
+                written.record(request.offset, len).await;
+            }
+        }
+        self.dirty
+            .sweep(request.vdisk, request.epoch, request.settled);
+        Ok(MutationGuard { _gate: gate })
+    }
+
+    /// Fences `vdisk` at `epoch` once no older mutation is still being
+    /// applied, and returns what may be unsettled.
+    pub async fn fence(&self, vdisk: u64, epoch: u64) -> Result<DirtyReport, u64> {
+        let _exclusive = self.gate(vdisk).write_owned().await;
+        self.epochs.admit(vdisk, epoch)?;
+        Ok(self.dirty.report(vdisk))
+    }
+
+    /// The owner under `epoch` reconciled what it was reported, and its own
+    /// repairs numbered below `settled` have settled.
+    pub fn settle(&self, vdisk: u64, epoch: u64, settled: u64) -> Result<(), u64> {
+        self.epochs.admit(vdisk, epoch)?;
+        self.dirty.settle(vdisk, epoch);
+        self.dirty.sweep(vdisk, epoch, settled);
+        Ok(())
+    }
+
+    /// Forgets a deleted vdisk.
+    pub fn forget(&self, vdisk: u64) {
+        self.epochs.forget(vdisk);
+        self.dirty.forget(vdisk);
+        self.gates.lock().remove(&vdisk);
+    }
+}
+
 /// Serves [`crate::SERVICE_REPLICA`].
 pub struct ReplicaService {
     local: Arc<dyn LocalReplicas>,
-    epochs: Arc<EpochTable>,
-    resyncs: Arc<ResyncTrackers>,
+    gate: Arc<ReplicaGate>,
 }
 
 impl ReplicaService {
-    /// Serves the replicas in `local`, fenced by `epochs`; owner writes to
-    /// copies being resynced are recorded in `resyncs`.
-    pub fn new(
-        local: Arc<dyn LocalReplicas>,
-        epochs: Arc<EpochTable>,
-        resyncs: Arc<ResyncTrackers>,
-    ) -> ReplicaService {
-        ReplicaService {
-            local,
-            epochs,
-            resyncs,
-        }
+    /// Serves the replicas in `local` through `gate`.
+    pub fn new(local: Arc<dyn LocalReplicas>, gate: Arc<ReplicaGate>) -> ReplicaService {
+        ReplicaService { local, gate }
     }
 }
 
@@ -179,25 +268,45 @@ pub fn remote_error(error: BlockError) -> RemoteError {
     RemoteError::new(code, error.to_string())
 }
 
+fn fenced(request: &Request, newer: u64) -> RemoteError {
+    RemoteError::new(
+        CODE_STALE_EPOCH,
+        format!(
+            "epoch {} of vdisk {} is fenced: epoch {newer} owns it now",
+            request.epoch, request.vdisk
+        ),
+    )
+}
+
 async fn serve(
     local: Arc<dyn LocalReplicas>,
-    epochs: Arc<EpochTable>,
-    resyncs: Arc<ResyncTrackers>,
+    gate: Arc<ReplicaGate>,
     body: Bytes,
     data: Bytes,
 ) -> Result<Reply, RemoteError> {
     let request = Request::decode(&body).map_err(|why| RemoteError::new(CODE_INVALID, why))?;
-    if let Err(newer) = epochs.admit(request.vdisk, request.epoch) {
-        return Err(RemoteError::new(
-            CODE_STALE_EPOCH,
-            format!(
-                "epoch {} of vdisk {} is fenced: epoch {newer} owns it now",
-                request.epoch, request.vdisk
-            ),
-        ));
-    }
-    if request.op == Op::Fence {
-        return Ok(Reply::default());
+    match request.op {
+        Op::Fence => {
+            let report = gate
+                .fence(request.vdisk, request.epoch)
+                .await
+                .map_err(|newer| fenced(&request, newer))?;
+            return Ok(Reply {
+                body: Bytes::new(),
+                data: Bytes::from(report.encode()),
+            });
+        }
+        Op::Settle => {
+            gate.settle(request.vdisk, request.epoch, request.settled)
+                .map_err(|newer| fenced(&request, newer))?;
+            return Ok(Reply::default());
+        }
+        Op::Read | Op::Digest => {
+            gate.epochs()
+                .admit(request.vdisk, request.epoch)
+                .map_err(|newer| fenced(&request, newer))?;
+        }
+        Op::Write | Op::Flush | Op::Trim | Op::Zero => {}
     }
     let replica = local.replica(request.vdisk).ok_or_else(|| {
         RemoteError::new(
@@ -206,15 +315,6 @@ async fn serve(
         )
     })?;
     let flags = WriteFlags { fua: request.fua };
-    if matches!(request.op, Op::Write | Op::Trim | Op::Zero)
-        && let Some(written) = resyncs.get(request.vdisk)
-    {
-        let len = match request.op {
-            Op::Write => data.len() as u64,
-            _ => request.length,
-        };
-        written.record(request.offset, len).await;
-    }
     match request.op {
         Op::Write => {
             if data.len() > MAX_REQUEST_BYTES as usize {
@@ -223,6 +323,10 @@ async fn serve(
                     "write exceeds the maximum request",
                 ));
             }
+            let _admitted = gate
+                .begin_mutation(&request, data.len() as u64)
+                .await
+                .map_err(|newer| fenced(&request, newer))?;
             replica
                 .write(request.offset, IoBuf::from_slice(&data), flags)
                 .await
@@ -246,21 +350,29 @@ async fn serve(
             })
         }
         Op::Flush => {
+            let _admitted = gate
+                .begin_mutation(&request, 0)
+                .await
+                .map_err(|newer| fenced(&request, newer))?;
             replica.flush().await.map_err(remote_error)?;
             Ok(Reply::default())
         }
-        Op::Trim => {
-            replica
-                .trim(request.offset, request.length)
+        Op::Trim | Op::Zero => {
+            let _admitted = gate
+                .begin_mutation(&request, request.length)
                 .await
-                .map_err(remote_error)?;
-            Ok(Reply::default())
-        }
-        Op::Zero => {
-            replica
-                .write_zeroes(request.offset, request.length, request.allocate, flags)
-                .await
-                .map_err(remote_error)?;
+                .map_err(|newer| fenced(&request, newer))?;
+            if request.op == Op::Trim {
+                replica
+                    .trim(request.offset, request.length)
+                    .await
+                    .map_err(remote_error)?;
+            } else {
+                replica
+                    .write_zeroes(request.offset, request.length, request.allocate, flags)
+                    .await
+                    .map_err(remote_error)?;
+            }
             Ok(Reply::default())
         }
         Op::Digest => {
@@ -276,7 +388,7 @@ async fn serve(
                 data: Bytes::from(bytes),
             })
         }
-        Op::Fence => Ok(Reply::default()),
+        Op::Fence | Op::Settle => Ok(Reply::default()),
     }
 }
 
@@ -284,8 +396,7 @@ impl Handler for ReplicaService {
     fn handle(&self, request: Incoming) -> BoxFuture<'static, Result<Reply, RemoteError>> {
         Box::pin(serve(
             self.local.clone(),
-            self.epochs.clone(),
-            self.resyncs.clone(),
+            self.gate.clone(),
             request.body,
             request.data,
         ))

@@ -11,8 +11,8 @@ use basalt_core::{BlockBackend, BlockError, BoxFuture, IoBuf, WriteFlags};
 use basalt_disk::sim::SimDisk;
 use basalt_net::{Identity, Transport, TransportConfig};
 use basalt_replica::{
-    Coordinator, EpochTable, LocalReplicas, ReplicaService, ReplicaSet, ReplicaTarget,
-    ReplicatedVdisk, SERVICE_REPLICA,
+    Acquired, Coordinator, DirtyReport, LocalReplicas, Op, ReplicaGate, ReplicaService, ReplicaSet,
+    ReplicaTarget, ReplicatedVdisk, Request, SERVICE_REPLICA,
 };
 use basalt_store::{OpenedDisk, Store, StoreConfig};
 use basalt_vdisk::VdiskRegistry;
@@ -36,7 +36,7 @@ struct TestNode {
     addr: String,
     transport: Transport,
     registry: VdiskRegistry,
-    epochs: Arc<EpochTable>,
+    gate: Arc<ReplicaGate>,
     _dir: tempfile::TempDir,
 }
 
@@ -60,13 +60,14 @@ async fn node(id: u64, cluster: Uuid) -> Result<TestNode> {
         },
         TransportConfig::default(),
     );
-    let epochs = Arc::new(EpochTable::new());
+    let gate = Arc::new(ReplicaGate::new());
+    // The copy was created by this "process": nothing unsettled predates it.
+    gate.dirty().mark_known(VDISK);
     transport.register(
         SERVICE_REPLICA,
         Arc::new(ReplicaService::new(
             Arc::new(Local(registry.clone())),
-            epochs.clone(),
-            Arc::new(basalt_replica::ResyncTrackers::new()),
+            gate.clone(),
         )),
         false,
     );
@@ -78,29 +79,56 @@ async fn node(id: u64, cluster: Uuid) -> Result<TestNode> {
         addr,
         transport,
         registry,
-        epochs,
+        gate,
         _dir: dir,
     })
 }
 
-/// Plays Raft's part: epochs, in-sync set, stale records.
+/// Plays Raft's part: epochs, in-sync set, stale records. Fencing is real:
+/// it goes through the local gate and the replica service, as the control
+/// plane's coordinator does.
 struct FakeCoordinator {
     epoch: u64,
     local: (u64, Arc<dyn BlockBackend>),
+    gate: Arc<ReplicaGate>,
+    transport: Transport,
     remotes: Vec<ReplicaTarget>,
     stale: Mutex<BTreeSet<u64>>,
     refuse: Mutex<bool>,
 }
 
 impl Coordinator for FakeCoordinator {
-    fn acquire(&self, _vdisk: u64) -> BoxFuture<'static, Result<ReplicaSet, BlockError>> {
+    fn acquire(&self, _vdisk: u64) -> BoxFuture<'static, Result<Acquired, BlockError>> {
         let set = ReplicaSet {
             epoch: self.epoch,
             local: Some(self.local.clone()),
             local_in_sync: true,
             remotes: self.remotes.clone(),
         };
-        Box::pin(async move { Ok(set) })
+        let gate = self.gate.clone();
+        let transport = self.transport.clone();
+        Box::pin(async move {
+            let mut reports = Vec::new();
+            let local = gate
+                .fence(VDISK, set.epoch)
+                .await
+                .map_err(|newer| BlockError::Io(format!("fenced by {newer}")))?;
+            reports.push((set.local.as_ref().map_or(0, |(n, _)| *n), local));
+            for target in &set.remotes {
+                let reply = transport
+                    .call(
+                        &target.addr,
+                        basalt_net::TrafficClass::Control,
+                        SERVICE_REPLICA,
+                        Request::new(Op::Fence, VDISK, set.epoch, 0, 0).encode(),
+                        bytes::Bytes::new(),
+                    )
+                    .await
+                    .map_err(|e| BlockError::Io(e.to_string()))?;
+                reports.push((target.node, DirtyReport::decode(&reply.data)));
+            }
+            Ok(Acquired { set, reports })
+        })
     }
 
     fn mark_stale(
@@ -144,12 +172,30 @@ struct Cluster {
 async fn cluster(epoch: u64) -> Result<Cluster> {
     let id = Uuid::new_v4();
     let nodes = vec![node(1, id).await?, node(2, id).await?, node(3, id).await?];
-    let local = nodes[0].registry.get_by_id(VDISK).context("local")?;
+    let (coordinator, owner) = owner_on(&nodes, 0, epoch)?;
+    Ok(Cluster {
+        nodes,
+        coordinator,
+        owner,
+    })
+}
+
+/// An owner on `nodes[at]` under `epoch`, every replica in sync.
+fn owner_on(
+    nodes: &[TestNode],
+    at: usize,
+    epoch: u64,
+) -> Result<(Arc<FakeCoordinator>, ReplicatedVdisk)> {
+    let me = &nodes[at];
+    let local = me.registry.get_by_id(VDISK).context("local")?;
     let coordinator = Arc::new(FakeCoordinator {
         epoch,
-        local: (1, local as Arc<dyn BlockBackend>),
-        remotes: nodes[1..]
+        local: (me.id, local as Arc<dyn BlockBackend>),
+        gate: me.gate.clone(),
+        transport: me.transport.clone(),
+        remotes: nodes
             .iter()
+            .filter(|n| n.id != me.id)
             .map(|n| ReplicaTarget {
                 node: n.id,
                 addr: n.addr.clone(),
@@ -163,14 +209,37 @@ async fn cluster(epoch: u64) -> Result<Cluster> {
         VDISK,
         "v".into(),
         SIZE,
-        nodes[0].transport.clone(),
+        me.transport.clone(),
         coordinator.clone(),
+        me.gate.clone(),
     );
-    Ok(Cluster {
-        nodes,
-        coordinator,
-        owner,
-    })
+    Ok((coordinator, owner))
+}
+
+/// What an owner that crashed part-way through a write leaves behind: the
+/// write applied on `node` only, under `epoch`, never settled.
+async fn unsettled_write(
+    from: &TestNode,
+    node: &TestNode,
+    epoch: u64,
+    offset: u64,
+    data: IoBuf,
+) -> Result<()> {
+    let request = Request {
+        seq: 10,
+        settled: 2,
+        ..Request::new(Op::Write, VDISK, epoch, offset, data.len() as u64)
+    };
+    from.transport
+        .call(
+            &node.addr,
+            basalt_net::TrafficClass::Foreground,
+            SERVICE_REPLICA,
+            request.encode(),
+            bytes::Bytes::copy_from_slice(data.as_slice()),
+        )
+        .await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +342,7 @@ async fn a_fenced_owner_can_never_write_again() -> Result<()> {
         .await?;
     // A new owner took epoch 2 and fenced the remote replicas.
     for node in &c.nodes[1..] {
-        node.epochs.raise(VDISK, 2);
+        node.gate.epochs().raise(VDISK, 2);
     }
     let result = c
         .owner
@@ -314,15 +383,7 @@ async fn malformed_replica_requests_are_refused() -> Result<()> {
     assert!(
         matches!(result, Err(basalt_net::NetError::Remote(e)) if e.code == basalt_replica::CODE_INVALID)
     );
-    let request = basalt_replica::Request {
-        op: basalt_replica::Op::Read,
-        fua: false,
-        allocate: false,
-        vdisk: 99,
-        epoch: 1,
-        offset: 0,
-        length: 4096,
-    };
+    let request = Request::new(Op::Read, 99, 1, 0, 4096);
     let result = c.nodes[0]
         .transport
         .call(
@@ -336,5 +397,127 @@ async fn malformed_replica_requests_are_refused() -> Result<()> {
     assert!(
         matches!(result, Err(basalt_net::NetError::Remote(e)) if e.code == basalt_replica::CODE_NO_REPLICA)
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_repairs_what_an_unsettled_write_left_diverging() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 3 << 20), WriteFlags::default())
+        .await?;
+    // The flush carries the settled mark past that write.
+    c.owner.flush().await?;
+    // The owner dies part-way through two writes: one reached node 2 only,
+    // the other node 1 (its own copy) and node 3.
+    unsettled_write(&c.nodes[0], &c.nodes[1], 1, 4096, pattern(7, 8192)).await?;
+    unsettled_write(&c.nodes[1], &c.nodes[2], 1, 2 << 20, pattern(8, 4096)).await?;
+    unsettled_write(&c.nodes[1], &c.nodes[0], 1, 2 << 20, pattern(8, 4096)).await?;
+    let report = c.nodes[1].gate.dirty().report(VDISK);
+    assert_eq!(report.regions, vec![0], "node 2 noted the unsettled region");
+    drop(c.owner);
+    // Node 3 takes over under epoch 2: before it serves anything, the
+    // in-sync replicas agree again, on its own copy's data.
+    let (_coordinator, owner) = owner_on(&c.nodes, 2, 2)?;
+    let expected = owner.read(0, 3 << 20).await?.as_slice().to_vec();
+    assert_eq!(
+        &expected[4096..4096 + 8192],
+        &pattern(1, 3 << 20).as_slice()[4096..4096 + 8192]
+    );
+    assert_eq!(
+        &expected[2 << 20..(2 << 20) + 4096],
+        pattern(8, 4096).as_slice()
+    );
+    for node in &c.nodes {
+        assert_eq!(
+            read_local(node, 0, 3 << 20).await?,
+            expected,
+            "node {} disagrees after the takeover",
+            node.id
+        );
+        assert_eq!(
+            node.gate.dirty().report(VDISK),
+            DirtyReport {
+                complete: true,
+                regions: vec![]
+            },
+            "node {} still has notes after the settle",
+            node.id
+        );
+    }
+    // Settled writes leave no notes behind.
+    owner
+        .write(8 << 20, pattern(3, 1 << 20), WriteFlags::default())
+        .await?;
+    owner.flush().await?;
+    for node in &c.nodes {
+        assert!(
+            node.gate.dirty().report(VDISK).regions.is_empty(),
+            "node {}",
+            node.id
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_restarted_gets_its_whole_copy_compared() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 1 << 20), WriteFlags::default())
+        .await?;
+    drop(c.owner);
+    // Node 2 restarted: whatever it applied before is unknown to it. Its
+    // copy differs far from any note.
+    let far = SIZE - (1 << 20);
+    c.nodes[1]
+        .registry
+        .get_by_id(VDISK)
+        .context("replica")?
+        .write(far, pattern(5, 65536), WriteFlags::default())
+        .await?;
+    c.nodes[1].gate.dirty().forget(VDISK);
+    assert!(!c.nodes[1].gate.dirty().report(VDISK).complete);
+    let (_coordinator, owner) = owner_on(&c.nodes, 0, 2)?;
+    let expected = owner.read(far, 65536).await?.as_slice().to_vec();
+    assert!(expected.iter().all(|b| *b == 0));
+    for node in &c.nodes {
+        assert_eq!(
+            read_local(node, far, 65536).await?,
+            expected,
+            "node {}",
+            node.id
+        );
+        assert!(node.gate.dirty().report(VDISK).complete);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_owner_cannot_write_its_own_copy_either() -> Result<()> {
+    let c = cluster(1).await?;
+    c.owner
+        .write(0, pattern(1, 4096), WriteFlags::default())
+        .await?;
+    // A new owner elsewhere fenced this node's copy too.
+    let (_coordinator, owner) = owner_on(&c.nodes, 1, 2)?;
+    owner
+        .write(0, pattern(2, 4096), WriteFlags::default())
+        .await?;
+    assert!(
+        c.owner
+            .write(0, pattern(9, 4096), WriteFlags::default())
+            .await
+            .is_err()
+    );
+    assert!(c.owner.read(0, 4096).await.is_err());
+    for node in &c.nodes {
+        assert_eq!(
+            read_local(node, 0, 4096).await?,
+            pattern(2, 4096).as_slice(),
+            "node {}",
+            node.id
+        );
+    }
     Ok(())
 }
