@@ -130,6 +130,9 @@ pub struct Vdisk {
     pub owner: Option<u64>,
     /// Where its copies are.
     pub replicas: Vec<VdiskReplica>,
+    /// While a rebalance moves a replica: the node giving its copy up (it
+    /// goes once the new, stale copy is in sync).
+    pub moving_from: Option<u64>,
     /// The resync of a stale copy on the answering node, while one runs.
     pub resync: Option<ResyncProgress>,
 }

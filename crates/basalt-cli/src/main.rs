@@ -275,7 +275,12 @@ fn show_vdisk(v: &Vdisk) {
         .iter()
         .map(|r| {
             let down = if r.node_up { "" } else { ", node down" };
-            format!("node {} ({}{down})", r.node, r.state)
+            let moving = if v.moving_from == Some(r.node) {
+                ", moving away (rebalance)"
+            } else {
+                ""
+            };
+            format!("node {} ({}{down}{moving})", r.node, r.state)
         })
         .collect();
     t.add_row(vec!["replicas".to_string(), replicas.join("\n")]);

@@ -398,6 +398,7 @@ impl Node {
                     node_up: state.is_up(r.node),
                 })
                 .collect(),
+            moving_from: record.leaving,
             resync,
         }
     }

@@ -95,6 +95,9 @@ pub struct MetaConfig {
     pub ping_interval: Duration,
     /// How long a member may stay silent before the leader declares it down.
     pub dead_after: Duration,
+    /// Whether the leader moves replicas onto less loaded members (e.g.
+    /// one that just joined) when nothing is degraded.
+    pub rebalance: bool,
 }
 
 impl Default for MetaConfig {
@@ -104,6 +107,7 @@ impl Default for MetaConfig {
             election_timeout: (Duration::from_millis(1000), Duration::from_millis(2000)),
             ping_interval: Duration::from_secs(1),
             dead_after: Duration::from_secs(60),
+            rebalance: true,
         }
     }
 }
@@ -659,6 +663,13 @@ impl MetaNode {
                 new,
             })
             .await?;
+        }
+        // Rebalance, one replica at a time, when nothing is degraded.
+        if self.inner.config.rebalance
+            && let Some(step) = self.cluster().rebalance_move()
+        {
+            tracing::info!(?step, "rebalancing");
+            self.propose_local(step).await?;
         }
         Ok(())
     }

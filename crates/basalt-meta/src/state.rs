@@ -67,9 +67,14 @@ pub struct VdiskRecord {
     pub epoch: u64,
     /// The node serving the vdisk under `epoch`.
     pub owner: Option<NodeId>,
-    /// Where its data lives: `rf` nodes, each holding a full copy.
+    /// Where its data lives: `rf` nodes, each holding a full copy (one more
+    /// while a replica moves).
     #[serde(default)]
     pub replicas: Vec<Replica>,
+    /// A rebalance moves the replica on this node to the stale replica
+    /// added for it; it goes once that one is in sync.
+    #[serde(default)]
+    pub leaving: Option<NodeId>,
 }
 
 /// One copy of a vdisk.
@@ -190,6 +195,17 @@ pub enum Command {
         dead: NodeId,
         /// The up node that takes its place.
         new: NodeId,
+    },
+    /// Rebalance: adds a stale replica on `to` (up, holding none) that will
+    /// take over from the in-sync one on `from`; `from`'s goes once the new
+    /// one is in sync. Only for a healthy vdisk with nothing else moving.
+    MoveReplica {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The node giving its replica up.
+        from: NodeId,
+        /// The node taking it.
+        to: NodeId,
     },
     /// A resync of `node`'s replica that started at `seq` copied everything:
     /// the replica is in sync, unless it missed a write since (seq moved).
@@ -352,6 +368,73 @@ impl ClusterState {
             .find(|node| !vdisk.has_replica_on(*node))
     }
 
+    /// Bytes of replicas each up member holds.
+    pub fn load(&self) -> BTreeMap<NodeId, u64> {
+        let mut load: BTreeMap<NodeId, u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up)
+            .map(|n| (n.id, 0))
+            .collect();
+        for vdisk in self.vdisks.values() {
+            for replica in &vdisk.replicas {
+                if let Some(bytes) = load.get_mut(&replica.node) {
+                    *bytes += vdisk.size;
+                }
+            }
+        }
+        load
+    }
+
+    /// The next rebalance step, if the cluster needs one: a replica moving
+    /// from a more loaded up node to a less loaded one (by bytes held).
+    ///
+    /// Only when every member is up and no vdisk is degraded or moving
+    /// (rebuilds go first; one move at a time keeps rebalance in the
+    /// background). A replica of size `s` moves from a node holding `a`
+    /// bytes to one holding `b` only if `s < a - b`: every move lowers the
+    /// sum of squared loads, so rebalancing ends. Replicas not on their
+    /// owner's node move first (the owner's local copy serves its reads),
+    /// larger ones first.
+    pub fn rebalance_move(&self) -> Option<Command> {
+        if self.nodes.values().any(|n| n.state != NodeState::Up) {
+            return None;
+        }
+        let busy = self.vdisks.values().any(|v| {
+            v.leaving.is_some()
+                || v.replicas.len() != usize::from(v.rf)
+                || v.replicas.iter().any(|r| r.state != ReplicaState::InSync)
+        });
+        if busy {
+            return None;
+        }
+        let load = self.load();
+        let mut by_load: Vec<(u64, NodeId)> = load.iter().map(|(n, b)| (*b, *n)).collect();
+        by_load.sort_unstable();
+        for (from_load, from) in by_load.iter().rev() {
+            for (to_load, to) in &by_load {
+                if to_load >= from_load {
+                    break;
+                }
+                let gap = from_load - to_load;
+                let best = self
+                    .vdisks
+                    .values()
+                    .filter(|v| v.has_replica_on(*from) && !v.has_replica_on(*to))
+                    .filter(|v| v.size < gap)
+                    .max_by_key(|v| (v.owner != Some(*from), v.size, std::cmp::Reverse(v.id)));
+                if let Some(vdisk) = best {
+                    return Some(Command::MoveReplica {
+                        vdisk: vdisk.id,
+                        from: *from,
+                        to: *to,
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// Applies one command; a refusal changes nothing.
     pub fn apply(&mut self, command: &Command) -> CommandResult {
         match self.try_apply(command) {
@@ -451,6 +534,7 @@ impl ClusterState {
                         epoch: 0,
                         owner: None,
                         replicas,
+                        leaving: None,
                     },
                 );
                 Ok(CommandResult::Id(id))
@@ -489,6 +573,7 @@ impl ClusterState {
                             state: ReplicaState::InSync,
                             seq: 0,
                         }],
+                        leaving: None,
                     },
                 );
                 Ok(CommandResult::Id(*id))
@@ -568,6 +653,12 @@ impl ClusterState {
                     )));
                 }
                 let record = self.vdisk_mut(*vdisk)?;
+                if record.leaving == Some(*dead) {
+                    // It was moving away anyway: its successor is placed.
+                    record.replicas.retain(|r| r.node != *dead);
+                    record.leaving = None;
+                    return Ok(CommandResult::Done);
+                }
                 if record.has_replica_on(*new) {
                     return Err(conflict(format!(
                         "node {new} already holds a replica of {}",
@@ -587,6 +678,41 @@ impl ClusterState {
                 };
                 Ok(CommandResult::Done)
             }
+            Command::MoveReplica { vdisk, from, to } => {
+                if !self.is_up(*to) {
+                    return Err(conflict(format!("node {to} is not an up member")));
+                }
+                let record = self.vdisk_mut(*vdisk)?;
+                let name = record.name.clone();
+                let healthy = record.leaving.is_none()
+                    && record.replicas.len() == usize::from(record.rf)
+                    && record
+                        .replicas
+                        .iter()
+                        .all(|r| r.state == ReplicaState::InSync);
+                if !healthy {
+                    return Err(conflict(format!(
+                        "vdisk {name} is not healthy or already moving a replica"
+                    )));
+                }
+                if !record.in_sync().any(|n| n == *from) {
+                    return Err(not_found(format!(
+                        "node {from} holds no in-sync replica of {name}"
+                    )));
+                }
+                if record.has_replica_on(*to) {
+                    return Err(conflict(format!(
+                        "node {to} already holds a replica of {name}"
+                    )));
+                }
+                record.replicas.push(Replica {
+                    node: *to,
+                    state: ReplicaState::Stale,
+                    seq: 1,
+                });
+                record.leaving = Some(*from);
+                Ok(CommandResult::Done)
+            }
             Command::ResyncDone { vdisk, node, seq } => {
                 let record = self.vdisk_mut(*vdisk)?;
                 let name = record.name.clone();
@@ -601,6 +727,13 @@ impl ClusterState {
                     )));
                 }
                 replica.state = ReplicaState::InSync;
+                // A move completes: the replica it replaces goes.
+                if let Some(from) = record.leaving
+                    && record.in_sync().filter(|n| *n != from).count() >= usize::from(record.rf)
+                {
+                    record.replicas.retain(|r| r.node != from);
+                    record.leaving = None;
+                }
                 Ok(CommandResult::Done)
             }
         }
@@ -934,5 +1067,135 @@ mod tests {
             CommandResult::Done
         );
         assert_eq!(state.vdisks[&1].in_sync().count(), 2);
+    }
+
+    #[test]
+    fn rebalance_spreads_replicas_onto_joined_nodes_and_ends() {
+        let mut state = bootstrapped(1);
+        for (i, rf) in [(1u64, 1u8), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)] {
+            state.apply(&Command::CreateVdisk {
+                name: format!("v{i}"),
+                size: (i % 3 + 1) << 30,
+                rf,
+                created: 0,
+                preferred: Some(1),
+            });
+        }
+        assert_eq!(state.rebalance_move(), None, "one node: nothing to do");
+        for id in 2..=3 {
+            state.apply(&Command::AddNode { node: node(id) });
+        }
+        let total: u64 = state.load().values().sum();
+        let mut moves = 0;
+        while let Some(command) = state.rebalance_move() {
+            let Command::MoveReplica { vdisk, to, .. } = command else {
+                panic!("not a move: {command:?}");
+            };
+            assert_eq!(state.apply(&command), CommandResult::Done);
+            // Nothing else moves while one is under way.
+            assert_eq!(state.rebalance_move(), None);
+            assert_eq!(state.vdisks[&vdisk].replicas.len(), 2);
+            assert_eq!(
+                state.apply(&Command::ResyncDone {
+                    vdisk,
+                    node: to,
+                    seq: 1
+                }),
+                CommandResult::Done
+            );
+            let record = &state.vdisks[&vdisk];
+            assert_eq!(record.replicas.len(), 1, "the old replica went");
+            assert_eq!(record.in_sync().collect::<Vec<_>>(), vec![to]);
+            assert_eq!(record.leaving, None);
+            moves += 1;
+            assert!(moves < 20, "rebalance does not end");
+        }
+        assert!(moves >= 2, "only {moves} moves");
+        let load = state.load();
+        assert_eq!(load.values().sum::<u64>(), total, "no data lost or doubled");
+        let spread = load.values().max().unwrap_or(&0) - load.values().min().unwrap_or(&0);
+        assert!(spread <= 3 << 30, "still unbalanced: {load:?}");
+        assert!(
+            load.values().all(|b| *b > 0),
+            "a node got nothing: {load:?}"
+        );
+    }
+
+    #[test]
+    fn moves_are_refused_unless_healthy_and_a_leaving_node_that_dies_is_just_dropped() {
+        let mut state = bootstrapped(3);
+        state.apply(&with_preference("a", 2, 1));
+        let replicas: Vec<NodeId> = state.vdisks[&1].replicas.iter().map(|r| r.node).collect();
+        assert_eq!(replicas, vec![1, 2]);
+        let before = state.clone();
+        for bad in [
+            Command::MoveReplica {
+                vdisk: 1,
+                from: 3,
+                to: 2,
+            },
+            Command::MoveReplica {
+                vdisk: 1,
+                from: 1,
+                to: 2,
+            },
+            Command::MoveReplica {
+                vdisk: 1,
+                from: 1,
+                to: 9,
+            },
+            Command::MoveReplica {
+                vdisk: 9,
+                from: 1,
+                to: 3,
+            },
+        ] {
+            assert!(
+                matches!(state.apply(&bad), CommandResult::Refused { .. }),
+                "{bad:?} was applied"
+            );
+        }
+        assert_eq!(state, before);
+        let ok = Command::MoveReplica {
+            vdisk: 1,
+            from: 1,
+            to: 3,
+        };
+        assert_eq!(state.apply(&ok), CommandResult::Done);
+        assert!(
+            matches!(
+                state.apply(&Command::MoveReplica {
+                    vdisk: 1,
+                    from: 2,
+                    to: 3
+                }),
+                CommandResult::Refused { .. }
+            ),
+            "two moves at once"
+        );
+        // The leaving node dies before the move completes: its replica is
+        // dropped, not replaced, since node 3's is on its way.
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Down,
+        });
+        assert_eq!(
+            state.apply(&Command::ReplaceReplica {
+                vdisk: 1,
+                dead: 1,
+                new: 3
+            }),
+            CommandResult::Done
+        );
+        let record = &state.vdisks[&1];
+        assert_eq!(record.leaving, None);
+        assert_eq!(
+            record
+                .replicas
+                .iter()
+                .map(|r| (r.node, r.state))
+                .collect::<Vec<_>>(),
+            vec![(2, ReplicaState::InSync), (3, ReplicaState::Stale)]
+        );
     }
 }

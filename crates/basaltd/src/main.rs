@@ -65,6 +65,11 @@ struct Args {
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     dead_after: u64,
 
+    /// Do not move existing replicas onto less loaded members (e.g. one that
+    /// just joined). Give it to every node: the Raft leader decides.
+    #[arg(long)]
+    no_rebalance: bool,
+
     /// Serve fault-injection endpoints (network partitions) for tests.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -208,6 +213,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let peer_task = transport.serve(peer_listener);
     let meta_config = MetaConfig {
         dead_after: Duration::from_secs(args.dead_after),
+        rebalance: !args.no_rebalance,
         ..MetaConfig::default()
     };
     let cluster = MetaNode::open(

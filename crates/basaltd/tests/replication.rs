@@ -372,3 +372,89 @@ fn an_owner_behind_a_partition_cannot_complete_writes_and_nothing_diverges() {
         client.disconnect();
     }
 }
+
+#[test]
+fn a_joining_node_takes_its_share_of_existing_replicas() {
+    let first = member(None);
+    let names: Vec<String> = (0..4).map(|i| format!("spread{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let created = first.cli_json(&["vdisk", "create", name, "--size", "16M"]);
+        assert_eq!(created["rf"], 1, "one node: rf 1 by default");
+        let mut client = first.nbd(name);
+        for block in 0..512u64 {
+            client
+                .write(
+                    block * 4096,
+                    &common::tagged_block(block, i as u64 + 1),
+                    false,
+                )
+                .expect("write");
+        }
+        client.flush().expect("flush");
+        client.disconnect();
+    }
+    // The second node joins an unbalanced cluster (64 MiB against 0): the
+    // leader moves replicas to it, one at a time, until moving another
+    // would not make things better (32 MiB each).
+    let second = member(Some(first.listen_port));
+    let first_id = node_id(&first);
+    let second_id = node_id(&second);
+    let placement = || -> Vec<(String, Vec<u64>, Value)> {
+        let list = first.cli_json(&["vdisk", "list"]);
+        list.as_array()
+            .map(|vdisks| {
+                vdisks
+                    .iter()
+                    .map(|v| {
+                        (
+                            v["name"].as_str().unwrap_or_default().to_string(),
+                            replica_nodes(v),
+                            v.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for(
+        "the replicas are rebalanced",
+        Duration::from_secs(90),
+        || {
+            let now = placement();
+            let on_second = now.iter().filter(|(_, r, _)| r == &vec![second_id]).count();
+            let on_first = now.iter().filter(|(_, r, _)| r == &vec![first_id]).count();
+            on_second == 2
+                && on_first == 2
+                && now
+                    .iter()
+                    .all(|(_, _, v)| v["state"] == "healthy" && v["moving_from"].is_null())
+        },
+    );
+    // Nothing moves any more, and the moved data is all there, through
+    // either node; the first node's copies of the moved vdisks are gone.
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = placement();
+    assert_eq!(
+        settled
+            .iter()
+            .filter(|(_, r, _)| r == &vec![second_id])
+            .count(),
+        2,
+        "rebalance went on: {settled:?}"
+    );
+    for (i, name) in names.iter().enumerate() {
+        for daemon in [&first, &second] {
+            let mut client = daemon.nbd(name);
+            check_blocks(daemon, &mut client, 512, |_| i as u64 + 1);
+            client.disconnect();
+        }
+        let (_, replicas, _) = settled.iter().find(|(n, _, _)| n == name).expect("listed");
+        if replicas == &vec![second_id] {
+            let on_first = first.cli_json(&["vdisk", "show", name]);
+            assert_eq!(
+                on_first["allocated"], 0,
+                "the first node still holds a copy of {name}"
+            );
+        }
+    }
+}
