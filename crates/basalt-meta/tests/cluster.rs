@@ -26,6 +26,7 @@ fn fast() -> MetaConfig {
         election_timeout: (Duration::from_millis(400), Duration::from_millis(800)),
         ping_interval: Duration::from_millis(200),
         dead_after: Duration::from_secs(2),
+        rebalance: true,
     }
 }
 
