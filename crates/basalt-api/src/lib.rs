@@ -155,7 +155,8 @@ pub struct ResyncProgress {
 pub struct VdiskReplica {
     /// The node holding it.
     pub node: u64,
-    /// `in_sync`, or `stale` when it missed writes.
+    /// `in_sync`, `stale` when it missed writes, or `lost` when its node
+    /// reported it unreadable (failed or missing disk; it is being replaced).
     pub state: String,
     /// Whether that node is up.
     pub node_up: bool,

@@ -195,7 +195,8 @@ pub(crate) async fn replica_set(
     let mut local = None;
     let mut local_in_sync = false;
     let mut remotes = Vec::new();
-    for replica in &record.replicas {
+    // A lost copy (failed disk) takes no writes; it is being replaced.
+    for replica in record.replicas.iter().filter(|r| !r.lost) {
         let in_sync = replica.state == basalt_meta::ReplicaState::InSync;
         if replica.node == me {
             let copy = local_copy(node, vdisk)
@@ -500,4 +501,65 @@ async fn reconcile(node: &Node, state: &ClusterState) {
         }
     }
     node.forget_deleted_backends(state);
+}
+
+/// Watches this node's copies: one whose data sits on a failed or missing
+/// disk for longer than the dead-after time is reported lost through Raft,
+/// and the leader replaces it on another node.
+pub(crate) async fn watch_local_copies(node: Weak<Node>) {
+    let mut unreadable_since: std::collections::HashMap<u64, tokio::time::Instant> =
+        std::collections::HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = node.upgrade() else { return };
+        let me = node.node_id();
+        if me == 0 {
+            continue;
+        }
+        let state = node.cluster().cluster();
+        let mine: Vec<u64> = state
+            .vdisks
+            .values()
+            .filter(|v| v.replicas.iter().any(|r| r.node == me && !r.lost))
+            .map(|v| v.id)
+            .collect();
+        unreadable_since.retain(|id, _| mine.contains(id));
+        for id in mine {
+            if !node.store().vdisk_unavailable(id) {
+                unreadable_since.remove(&id);
+                continue;
+            }
+            let since = *unreadable_since
+                .entry(id)
+                .or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < node.config.dead_after {
+                continue;
+            }
+            let name = state
+                .vdisks
+                .get(&id)
+                .map(|v| v.name.clone())
+                .unwrap_or_default();
+            match node
+                .cluster()
+                .propose(Command::ReplicaLost {
+                    vdisk: id,
+                    node: me,
+                })
+                .await
+            {
+                Ok(CommandResult::Refused { reason, .. }) => {
+                    tracing::warn!(vdisk = %name, %reason, "local copy unreadable but kept")
+                }
+                Ok(_) => {
+                    tracing::error!(vdisk = %name, "local copy unreadable (failed or missing disk): reported lost, the cluster rebuilds it elsewhere")
+                }
+                Err(error) => {
+                    tracing::warn!(vdisk = %name, %error, "cannot report a lost local copy yet")
+                }
+            }
+            // Asked once per dead-after period at most.
+            unreadable_since.insert(id, tokio::time::Instant::now());
+        }
+    }
 }

@@ -37,13 +37,16 @@ pub struct NodeConfig {
     pub vhost_dir: PathBuf,
     /// Serve the fault-injection endpoints (tests only).
     pub fault_injection: bool,
+    /// How long a local copy may stay unreadable (failed or missing disk)
+    /// before it is reported lost and rebuilt elsewhere.
+    pub dead_after: std::time::Duration,
 }
 
 /// One node's services.
 pub struct Node {
     store: Store,
     registry: VdiskRegistry,
-    config: NodeConfig,
+    pub(crate) config: NodeConfig,
     runtime: tokio::runtime::Handle,
     exports: Mutex<HashMap<String, VhostBlkExport>>,
     started: Instant,
@@ -111,6 +114,7 @@ impl Node {
         );
         tokio::spawn(reconcile_forever(Arc::downgrade(&node)));
         tokio::spawn(crate::resync::resync_forever(Arc::downgrade(&node)));
+        tokio::spawn(crate::cluster::watch_local_copies(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -391,6 +395,7 @@ impl Node {
                 .map(|r| basalt_api::VdiskReplica {
                     node: r.node,
                     state: match r.state {
+                        _ if r.lost => "lost",
                         ReplicaState::InSync => "in_sync",
                         ReplicaState::Stale => "stale",
                     }
@@ -496,13 +501,18 @@ impl Node {
 
     /// Waits until this node holds (or, if it holds no replica, knows) the
     /// vdisk as the cluster defines it, so that it is reachable at once.
-    async fn settle(&self, name: &str) -> Result<Vdisk, ControlError> {
+    /// Waits until this node has applied the vdisk at `size` (at least) and
+    /// its local replica, if it holds one, follows: a node that lags behind
+    /// the leader must not answer "no such vdisk" to its own create.
+    async fn settle(&self, name: &str, size: u64) -> Result<Vdisk, ControlError> {
         let me = self.node_id();
         let store = self.store.clone();
         let ready = |state: &ClusterState| match state.vdisk_by_name(name) {
-            None => true,
+            None => false,
             Some(record) => {
-                !record.has_replica_on(me) || store.vdisk_size(record.id) == Some(record.size)
+                record.size >= size
+                    && (!record.has_replica_on(me)
+                        || store.vdisk_size(record.id) == Some(record.size))
             }
         };
         if wait_applied(self, ready).await.is_none() {
@@ -544,7 +554,7 @@ impl Node {
         )
         .await?;
         tracing::info!(name, size, rf, "created vdisk");
-        self.settle(name).await
+        self.settle(name, size).await
     }
 
     /// Grows a vdisk.
@@ -560,7 +570,7 @@ impl Node {
         )
         .await?;
         tracing::info!(name, size, "resized vdisk");
-        self.settle(name).await
+        self.settle(name, size).await
     }
 
     /// Deletes a vdisk everywhere. Refused while it is exported over

@@ -75,7 +75,7 @@ pub(crate) async fn resync_forever(node: std::sync::Weak<Node>) {
                 let mine = v
                     .replicas
                     .iter()
-                    .find(|r| r.node == me && r.state == ReplicaState::Stale)?;
+                    .find(|r| r.node == me && r.state == ReplicaState::Stale && !r.lost)?;
                 let has_source = v.in_sync().any(|n| n != me && state.is_up(n));
                 has_source.then_some((v.id, mine.seq))
             })

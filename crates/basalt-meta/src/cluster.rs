@@ -638,11 +638,16 @@ impl MetaNode {
             self.propose_local(Command::SetNodeState { node, state })
                 .await?;
         }
-        // Restore the replication factor: replicas on down nodes move to up
-        // nodes that hold none (they start stale and are resynced there).
+        // Restore the replication factor: replicas on down nodes, and copies
+        // their nodes reported lost, move to up nodes that hold none (they
+        // start stale and are resynced there).
         let state = self.cluster();
         for vdisk in state.vdisks.values() {
-            let Some(dead) = vdisk.replicas.iter().find(|r| !state.is_up(r.node)) else {
+            let Some(dead) = vdisk
+                .replicas
+                .iter()
+                .find(|r| r.lost || !state.is_up(r.node))
+            else {
                 continue;
             };
             let survivors = vdisk
@@ -656,7 +661,7 @@ impl MetaNode {
             let Some(new) = state.replacement_candidate(vdisk) else {
                 continue;
             };
-            tracing::warn!(vdisk = %vdisk.name, dead = dead.node, new, "moving a replica off a down node");
+            tracing::warn!(vdisk = %vdisk.name, dead = dead.node, lost = dead.lost, new, "moving a replica off a down node or a lost copy");
             self.propose_local(Command::ReplaceReplica {
                 vdisk: vdisk.id,
                 dead: dead.node,

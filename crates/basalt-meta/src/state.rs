@@ -88,6 +88,10 @@ pub struct Replica {
     /// resync that started at an older value did not see everything.
     #[serde(default)]
     pub seq: u64,
+    /// Its node reported the copy unreadable (its disk failed or is
+    /// missing): it is replaced like a replica on a down node.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 /// Whether a replica can be read from.
@@ -195,6 +199,16 @@ pub enum Command {
         dead: NodeId,
         /// The up node that takes its place.
         new: NodeId,
+    },
+    /// `node` reports its copy of the vdisk unreadable (a failed or missing
+    /// disk) for longer than the dead-after time: it becomes stale and
+    /// lost, and is replaced like a replica on a down node. Refused for the
+    /// last in-sync replica.
+    ReplicaLost {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The node whose copy is lost.
+        node: NodeId,
     },
     /// Rebalance: adds a stale replica on `to` (up, holding none) that will
     /// take over from the in-sync one on `from`; `from`'s goes once the new
@@ -521,6 +535,7 @@ impl ClusterState {
                         node,
                         state: ReplicaState::InSync,
                         seq: 0,
+                        lost: false,
                     })
                     .collect();
                 self.vdisks.insert(
@@ -572,6 +587,7 @@ impl ClusterState {
                             node: *node,
                             state: ReplicaState::InSync,
                             seq: 0,
+                            lost: false,
                         }],
                         leaving: None,
                     },
@@ -630,10 +646,34 @@ impl ClusterState {
                 replica.seq += 1;
                 Ok(CommandResult::Done)
             }
-            Command::ReplaceReplica { vdisk, dead, new } => {
-                if self.is_up(*dead) {
+            Command::ReplicaLost { vdisk, node } => {
+                let record = self.vdisk_mut(*vdisk)?;
+                let in_sync = record.in_sync().count();
+                let name = record.name.clone();
+                let replica = record
+                    .replicas
+                    .iter_mut()
+                    .find(|r| r.node == *node)
+                    .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
+                if replica.state == ReplicaState::InSync && in_sync <= 1 {
                     return Err(conflict(format!(
-                        "node {dead} is up; only a down node's replica is replaced"
+                        "node {node} holds the last in-sync replica of {name}; it is kept (the disk may come back)"
+                    )));
+                }
+                replica.state = ReplicaState::Stale;
+                replica.seq += 1;
+                replica.lost = true;
+                Ok(CommandResult::Done)
+            }
+            Command::ReplaceReplica { vdisk, dead, new } => {
+                let lost = self
+                    .vdisks
+                    .get(vdisk)
+                    .and_then(|v| v.replicas.iter().find(|r| r.node == *dead))
+                    .is_some_and(|r| r.lost);
+                if self.is_up(*dead) && !lost {
+                    return Err(conflict(format!(
+                        "node {dead} is up and its replica is not lost; only those are replaced"
                     )));
                 }
                 if !self.is_up(*new) {
@@ -675,6 +715,7 @@ impl ClusterState {
                     node: *new,
                     state: ReplicaState::Stale,
                     seq: replica.seq + 1,
+                    lost: false,
                 };
                 Ok(CommandResult::Done)
             }
@@ -709,6 +750,7 @@ impl ClusterState {
                     node: *to,
                     state: ReplicaState::Stale,
                     seq: 1,
+                    lost: false,
                 });
                 record.leaving = Some(*from);
                 Ok(CommandResult::Done)

@@ -293,6 +293,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             nbd_address: args.nbd.to_string(),
             vhost_dir,
             fault_injection: args.fault_injection,
+            dead_after: Duration::from_secs(args.dead_after),
         },
         cluster.clone(),
         transport.clone(),

@@ -45,6 +45,10 @@ fn three_daemons_form_a_cluster_and_notice_a_dead_member() {
     let second = member(Some(first.listen_port));
     // The third joins through the second, not the leader.
     let mut third = member(Some(second.listen_port));
+    // A node that has just joined (and may still lag behind the leader)
+    // answers its own create with the new vdisk, not "no such vdisk".
+    let created = third.cli_json(&["vdisk", "create", "early", "--size", "16M"]);
+    assert_eq!(created["name"], "early", "{created}");
     let cluster_id = one["cluster_id"].clone();
     for (daemon, id) in [(&second, 2), (&third, 3)] {
         let s = status(daemon);

@@ -458,3 +458,86 @@ fn a_joining_node_takes_its_share_of_existing_replicas() {
         }
     }
 }
+
+#[test]
+fn a_copy_on_a_missing_disk_is_reported_lost_and_rebuilt_on_another_node() {
+    // A longer dead-after than the restart below takes, so the node itself
+    // is never declared down: only its disk is.
+    let slow = |join: Option<u16>, extra: &[&str]| common::cluster_member(join, "256M", 8, extra);
+    let first = slow(None, &[]);
+    let second = slow(Some(first.listen_port), &[]);
+    let spare = common::test_dir("spare-disk");
+    let spare_disk = spare.path().join("d1.img");
+    let spare_flag = format!("{}:256M", spare_disk.display());
+    let mut third = slow(Some(first.listen_port), &["--disk", &spare_flag]);
+    wait_for("three voters", Duration::from_secs(30), || {
+        let status = first.cli_json(&["cluster", "status"]);
+        status["nodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.len() == 3 && nodes.iter().all(|n| n["role"] == "voter"))
+    });
+    let third_id = node_id(&third);
+    // Created through the third node, which holds its first replica.
+    third.cli_ok(&["vdisk", "create", "lostdisk", "--size", "32M", "--rf", "2"]);
+    let mut client = third.nbd("lostdisk");
+    let mut all = Vec::new();
+    for block in 0..8192u64 {
+        all.extend(common::tagged_block(block, 3));
+    }
+    for (i, chunk) in all.chunks(1 << 20).enumerate() {
+        client
+            .write(i as u64 * (1 << 20), chunk, false)
+            .expect("write");
+    }
+    client.flush().expect("flush");
+    client.disconnect();
+    assert!(replica_nodes(&third.cli_json(&["vdisk", "show", "lostdisk"])).contains(&third_id));
+
+    // The third node restarts without the disk holding (some of) the data.
+    let disks = third.cli_json(&["disk", "list"]);
+    let used = disks
+        .as_array()
+        .expect("disks")
+        .iter()
+        .find(|d| d["slots_total"].as_u64() != d["slots_free"].as_u64())
+        .expect("a disk with data")
+        .clone();
+    third.stop();
+    std::fs::remove_file(used["path"].as_str().expect("path")).expect("remove the disk");
+    let options = third.options_mut();
+    options.no_disk_flag = true;
+    options
+        .extra
+        .retain(|flag| flag != "--disk" && flag != &spare_flag);
+    third.restart();
+
+    // After the dead-after time the node reports its copy lost; the leader
+    // places a new one on the node that had none; it is resynced.
+    let first_id = node_id(&first);
+    let second_id = node_id(&second);
+    wait_for(
+        "the lost copy is rebuilt elsewhere",
+        Duration::from_secs(90),
+        || {
+            let shown = first.cli_json(&["vdisk", "show", "lostdisk"]);
+            let mut nodes = replica_nodes(&shown);
+            nodes.sort_unstable();
+            shown["state"] == "healthy" && nodes == vec![first_id, second_id]
+        },
+    );
+    assert!(
+        third.log_text().contains("reported lost"),
+        "the copy was not reported lost by its node:\n{}",
+        third.log_tail(30)
+    );
+    let status = first.cli_json(&["cluster", "status"]);
+    let third_state = status["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"] == third_id))
+        .map(|n| n["state"].clone());
+    assert_eq!(third_state, Some(Value::from("up")), "{status}");
+    // Everything reads back, even through the node whose disk went.
+    let mut client = third.nbd("lostdisk");
+    check_blocks(&third, &mut client, 8192, |_| 3);
+    client.disconnect();
+}
