@@ -46,6 +46,8 @@ class Node:
             "--disk", f"{self.dir}/disk0.img:{disk_bytes}",
             "--api", f"127.0.0.1:{self.api}", "--nbd", f"127.0.0.1:{self.nbd}",
             "--listen", f"127.0.0.1:{self.listen}", "--dead-after", str(dead_after),
+            # Placement stays as created: RF1 must stay on the node serving it.
+            "--no-rebalance",
         ] + (["--join", f"127.0.0.1:{join}"] if join else [])
         self.log = open(os.path.join(self.dir, "basaltd.log"), "a")
         self.start()
