@@ -614,13 +614,26 @@ impl Transport {
         if self.is_shut_down() {
             return Err(NetError::Disconnected);
         }
-        let slot = self
-            .inner
-            .links
-            .lock()
-            .entry(addr.to_string())
-            .or_default()
-            .clone();
+        // Fast path, taken by nearly every call: an open link, found without
+        // allocating or waiting.
+        let existing = self.inner.links.lock().get(addr).cloned();
+        if let Some(slot) = &existing
+            && let Ok(guard) = slot.try_lock()
+            && let Some(link) = guard.as_ref()
+            && !link.closed.load(Ordering::Acquire)
+        {
+            return Ok(link.clone());
+        }
+        let slot = match existing {
+            Some(slot) => slot,
+            None => self
+                .inner
+                .links
+                .lock()
+                .entry(addr.to_string())
+                .or_default()
+                .clone(),
+        };
         let mut guard = slot.lock().await;
         if let Some(link) = guard.as_ref()
             && !link.closed.load(Ordering::Acquire)
@@ -720,12 +733,7 @@ async fn write_frame(
 }
 
 /// Matches replies on an outbound connection to their requests.
-async fn read_replies(
-    transport: Transport,
-    link: Arc<Link>,
-    reader: OwnedReadHalf,
-    addr: String,
-) {
+async fn read_replies(transport: Transport, link: Arc<Link>, reader: OwnedReadHalf, addr: String) {
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let mut shutdown = transport.inner.shutdown.subscribe();
     loop {
