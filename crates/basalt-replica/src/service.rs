@@ -52,10 +52,11 @@ impl EpochTable {
     /// Admits a request under `epoch`, raising the table to it; `Err` with
     /// the newer epoch when it is stale.
     pub fn admit(&self, vdisk: u64, epoch: u64) -> Result<(), u64> {
-        if let Some(current) = self.epochs.read().get(&vdisk)
-            && *current > epoch
-        {
-            return Err(*current);
+        // Nearly always the current epoch: settled under the read lock.
+        match self.epochs.read().get(&vdisk) {
+            Some(current) if *current > epoch => return Err(*current),
+            Some(current) if *current == epoch => return Ok(()),
+            _ => {}
         }
         let mut epochs = self.epochs.write();
         let entry = epochs.entry(vdisk).or_insert(0);
