@@ -46,7 +46,7 @@ Usage as a module:
 Run as a script, it is a smoke test (bring-up, a 5 s fio randwrite and
 randread on a 256 MiB image, tear-down):
 
-    bench/ceph_cluster.py [--dir /var/tmp/ceph-smoke]
+    bench/ceph_cluster.py [--dir /var/tmp/ceph-smoke] [--runtime 5]
 
 Needs the Debian packages ceph-mon, ceph-osd, ceph-mgr and ceph-common
 (installed by ensure_packages()) and fio built with the rbd engine.
@@ -60,7 +60,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 
@@ -101,7 +100,11 @@ def free_port():
 
 
 def _die_with_parent():
-    """Returns a preexec_fn that has the kernel SIGKILL the child when we die."""
+    """Returns a preexec_fn that has the kernel SIGKILL the child when we die.
+
+    (Strictly: when the thread that started it ends, so start the cluster from
+    the thread that will outlive it.)
+    """
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     pr_set_pdeathsig = 1
 
@@ -191,14 +194,13 @@ class CephCluster:
 
     def _kill_stale_daemons(self):
         """Kills daemons of an earlier run in this workdir, found by their pid files."""
-        run_dir = os.path.join(self.workdir, "run")
-        if not os.path.isdir(run_dir):
+        if not os.path.isdir(self.run_dir):
             return
-        for name in os.listdir(run_dir):
+        for name in os.listdir(self.run_dir):
             if not name.endswith(".pid"):
                 continue
             try:
-                with open(os.path.join(run_dir, name)) as f:
+                with open(os.path.join(self.run_dir, name)) as f:
                     pid = int(f.read().strip())
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().decode(errors="replace")
@@ -414,6 +416,18 @@ class CephCluster:
     def daemon_pids(self):
         return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
 
+    def rss_kib(self):
+        """Resident memory of each running daemon, in KiB."""
+        rss = {}
+        for name, pid in self.daemon_pids().items():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    rss[name] = next(int(line.split()[1]) for line in f
+                                     if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                pass
+        return rss
+
     # -- tear-down --------------------------------------------------------
 
     def stop(self, grace=20):
@@ -472,6 +486,9 @@ def main():
         for rw in ["randwrite", "randread"]:
             iops = _fio(ceph, "img", rw, args.runtime)
             print(f"{rw} 4k qd32 {args.runtime}s: {iops:.0f} IOPS")
+        rss = ceph.rss_kib()
+        print("daemon RSS: " + ", ".join(f"{n} {kib >> 10} MiB" for n, kib in rss.items())
+              + f" (total {sum(rss.values()) >> 10} MiB)")
     print(f"torn down; {args.dir} exists: {os.path.exists(args.dir)}")
 
 
