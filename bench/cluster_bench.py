@@ -5,14 +5,19 @@
      cluster on 127.0.0.1 (each vdisk created through node 1, which holds
      its first replica and serves it), next to a raw file and
      qemu-storage-daemon, with the jobs of bench/nbd_bench.py;
-  2. rebuild: an RF2 vdisk is filled, the node holding its second replica is
+  2. with --ceph, the same jobs against a Ceph RF3 pool (bench/ceph_cluster.py:
+     1 monitor, 3 BlueStore OSDs on files, fio's rbd engine) brought up after
+     the basaltd cluster and the peers are stopped, so neither runs idle
+     beside the other;
+  3. rebuild: an RF2 vdisk is filled, the node holding its second replica is
      killed (kill -9), and the time from the replica's move to a healthy
      vdisk gives the rebuild throughput; once alone, once under a foreground
      fio randwrite load whose IOPS are compared with the same load without a
      rebuild.
 
 Usage: bench/cluster_bench.py [--dir /var/tmp/basalt-cluster-bench] [--size 2G]
-                              [--runtime 10] [--repeat 1] [--jobs ...] [--json out.json]
+                              [--runtime 10] [--repeat 1] [--jobs ...] [--ceph]
+                              [--json out.json]
 All nodes, fio and the peers share this machine: the ratios between RF
 levels and against the peers are the figures to read.
 """
@@ -30,6 +35,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ceph_cluster  # noqa: E402  (the Ceph peer)
 import nbd_bench  # noqa: E402  (shared fio helpers and peers)
 
 ROOT = nbd_bench.ROOT
@@ -157,6 +163,26 @@ class SkipFio(Exception):
     pass
 
 
+def ceph_runs(args, size, wanted):
+    """The jobs against a Ceph pool of size 3 on this machine (medians)."""
+    ceph_cluster.ensure_packages()
+    with ceph_cluster.CephCluster(os.path.join(args.dir, "ceph"),
+                                  osd_size_bytes=size + (2 << 30)) as ceph:
+        print(f"== ceph: up in {ceph.bringup_seconds:.0f} s; prefilling {args.size}", flush=True)
+        ceph.create_image("bench", size)
+        target = ceph.fio_args("bench")
+        nbd_bench.prefill(target, size, env=ceph.fio_env())
+        out = {}
+        for job, job_args, _ in wanted:
+            reps = []
+            for rep in range(args.repeat):
+                print(f"   {job} #{rep + 1} ceph", flush=True)
+                reps.append(nbd_bench.fio(target, job_args, args.runtime, size, job,
+                                          env=ceph.fio_env()))
+            out[job] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+        return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="/var/tmp/basalt-cluster-bench")
@@ -166,6 +192,7 @@ def main():
     p.add_argument("--jobs", default=",".join(j[0] for j in nbd_bench.JOBS))
     p.add_argument("--skip-rebuild", action="store_true")
     p.add_argument("--only-rebuild", action="store_true")
+    p.add_argument("--ceph", action="store_true", help="also measure Ceph RF3 (installs Debian's ceph)")
     p.add_argument("--json")
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
@@ -209,9 +236,14 @@ def main():
             node.stop()
         for peer in peers.values():
             peer.stop()
+    pairs = [("rf2", "rf1"), ("rf3", "rf1"), ("rf3", "qsd")]
+    if args.ceph and wanted:
+        results["ceph"] = ceph_runs(args, size, wanted)
+        names.append("ceph")
+        pairs.append(("rf3", "ceph"))
     print()
     header = f"{'job':28} {'metric':10}" + "".join(f"{t:>11}" for t in names) + \
-        "   rf2/rf1   rf3/rf1   rf3/qsd"
+        "".join(f"{a + '/' + b:>10}" for a, b in pairs)
     print(header)
     print("-" * len(header))
     for job, _, kind in wanted:
@@ -219,7 +251,7 @@ def main():
                    "lat": [("lat_mean_us", "mean µs"), ("lat_p99_us", "p99 µs")]}[kind]
         for key, label in metrics:
             row = f"{job:28} {label:10}" + "".join(f"{results[t][job][key]:>11.1f}" for t in names)
-            for a, b in (("rf2", "rf1"), ("rf3", "rf1"), ("rf3", "qsd")):
+            for a, b in pairs:
                 x, y = results[a][job][key], results[b][job][key]
                 ratio = (y / x if key.startswith("lat") else x / y) if x and y else 0
                 row += f"{ratio:>9.2f}x"

@@ -89,11 +89,11 @@ def rss_kib(pid):
     return 0
 
 
-def fio(target_args, job_args, runtime, size, name):
+def fio(target_args, job_args, runtime, size, name, env=None):
     cmd = ["fio", "--name=" + name, "--output-format=json", "--time_based",
            f"--runtime={runtime}", "--ramp_time=1", f"--size={size}", "--randrepeat=0",
            "--norandommap", "--numjobs=1", "--group_reporting"] + target_args + job_args
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
     lat = side.get("clat_ns") or side.get("lat_ns")
@@ -106,10 +106,10 @@ def fio(target_args, job_args, runtime, size, name):
     }
 
 
-def prefill(target_args, size):
+def prefill(target_args, size, env=None):
     subprocess.run(["fio", "--name=prefill", "--rw=write", "--bs=1M", "--iodepth=8",
                     f"--size={size}", "--output-format=json"] + target_args,
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
 
 
 class Target:
