@@ -630,39 +630,11 @@ impl ClusterState {
                         record.name, record.epoch
                     )));
                 }
-                let in_sync = record.in_sync().count();
-                let name = record.name.clone();
-                let replica = record
-                    .replicas
-                    .iter_mut()
-                    .find(|r| r.node == *node)
-                    .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
-                if replica.state == ReplicaState::InSync && in_sync <= 1 {
-                    return Err(conflict(format!(
-                        "node {node} holds the last in-sync replica of {name}"
-                    )));
-                }
-                replica.state = ReplicaState::Stale;
-                replica.seq += 1;
+                demote(record, *node, false)?;
                 Ok(CommandResult::Done)
             }
             Command::ReplicaLost { vdisk, node } => {
-                let record = self.vdisk_mut(*vdisk)?;
-                let in_sync = record.in_sync().count();
-                let name = record.name.clone();
-                let replica = record
-                    .replicas
-                    .iter_mut()
-                    .find(|r| r.node == *node)
-                    .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
-                if replica.state == ReplicaState::InSync && in_sync <= 1 {
-                    return Err(conflict(format!(
-                        "node {node} holds the last in-sync replica of {name}; it is kept (the disk may come back)"
-                    )));
-                }
-                replica.state = ReplicaState::Stale;
-                replica.seq += 1;
-                replica.lost = true;
+                demote(self.vdisk_mut(*vdisk)?, *node, true)?;
                 Ok(CommandResult::Done)
             }
             Command::ReplaceReplica { vdisk, dead, new } => {
@@ -780,6 +752,27 @@ impl ClusterState {
             }
         }
     }
+}
+
+/// Makes `node`'s replica stale (and `lost`, if so), raising its seq;
+/// never the last in-sync replica: it may hold the only good data.
+fn demote(record: &mut VdiskRecord, node: NodeId, lost: bool) -> Result<(), Refused> {
+    let in_sync = record.in_sync().count();
+    let name = record.name.clone();
+    let replica = record
+        .replicas
+        .iter_mut()
+        .find(|r| r.node == node)
+        .ok_or_else(|| not_found(format!("node {node} holds no replica of {name}")))?;
+    if replica.state == ReplicaState::InSync && in_sync <= 1 {
+        return Err(conflict(format!(
+            "node {node} holds the last in-sync replica of {name}; it is kept"
+        )));
+    }
+    replica.state = ReplicaState::Stale;
+    replica.seq += 1;
+    replica.lost |= lost;
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), Refused> {
