@@ -90,10 +90,13 @@ class Node:
                 self.kill9()
 
 
-def cluster(workdir, binary, disk_bytes, count=3):
+def cluster(workdir, binary, disk_bytes, count=3, others_dir=None):
+    """`count` nodes; nodes 2.. put their data and disk under `others_dir`
+    when given (e.g. a RAM disk: what replication costs without sharing the
+    one device of this machine)."""
     nodes = [Node(workdir, 1, binary, disk_bytes)]
     for i in range(2, count + 1):
-        nodes.append(Node(workdir, i, binary, disk_bytes, join=nodes[0].listen))
+        nodes.append(Node(others_dir or workdir, i, binary, disk_bytes, join=nodes[0].listen))
     deadline = time.time() + 60
     while time.time() < deadline:
         status = nodes[0].get("/cluster")
@@ -192,6 +195,8 @@ def main():
     p.add_argument("--jobs", default=",".join(j[0] for j in nbd_bench.JOBS))
     p.add_argument("--skip-rebuild", action="store_true")
     p.add_argument("--only-rebuild", action="store_true")
+    p.add_argument("--replica-dir", help="data and disks of nodes 2 and 3 here (e.g. under /dev/shm) "
+                   "instead of on node 1's device, for the fio phase")
     p.add_argument("--ceph", action="store_true", help="also measure Ceph RF3 (installs Debian's ceph)")
     p.add_argument("--json")
     p.add_argument("--no-build", action="store_true")
@@ -210,7 +215,9 @@ def main():
     try:
         if args.only_rebuild:
             raise SkipFio()
-        nodes = cluster(os.path.join(args.dir, "fio"), binary, max(size * 4, 8 << 30))
+        others = os.path.join(args.replica_dir, "fio") if args.replica_dir else None
+        nodes = cluster(os.path.join(args.dir, "fio"), binary, max(size * 4, 8 << 30),
+                        others_dir=others)
         targets = {"raw": nbd_bench.Raw(args.dir, size), "qsd": nbd_bench.Qsd(args.dir, size)}
         peers = dict(targets)
         for rf in (1, 2, 3):
@@ -278,6 +285,8 @@ def main():
                        "runtime": args.runtime, "repeat": args.repeat,
                        "date": time.strftime("%Y-%m-%d")}, f, indent=2)
     shutil.rmtree(args.dir, ignore_errors=True)
+    if args.replica_dir:
+        shutil.rmtree(os.path.join(args.replica_dir, "fio"), ignore_errors=True)
 
 
 if __name__ == "__main__":

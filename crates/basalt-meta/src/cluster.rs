@@ -14,7 +14,7 @@
 //! * **Proposals** go to the leader: a follower forwards them over the meta
 //!   service, so any node can change the metadata.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -358,6 +358,55 @@ impl MetaNode {
         Ok(membership)
     }
 
+    /// A member that restarted with other addresses than the cluster has
+    /// for it announces them through any other member it can reach (the
+    /// leader cannot reach it at the old address). Nothing to do when they
+    /// did not change.
+    pub async fn announce_addresses(&self, me: NodeAnnouncement) -> Result<(), MetaError> {
+        let Some(membership) = self.membership() else {
+            return Err(MetaError::Raft("this node is not in a cluster".into()));
+        };
+        let state = self.cluster();
+        let Some(record) = state.nodes.get(&membership.node_id) else {
+            return Ok(());
+        };
+        if record.listen == me.listen && record.api == me.api && record.nbd == me.nbd {
+            return Ok(());
+        }
+        let mut last_error = MetaError::Raft("no other member to tell".into());
+        for _round in 0..10 {
+            for other in state.nodes.values().filter(|n| n.id != membership.node_id) {
+                let reply = self
+                    .inner
+                    .transport
+                    .call_timeout(
+                        &other.listen,
+                        TrafficClass::Control,
+                        SERVICE_META,
+                        encode_body(&MetaRequest::Join(me.clone()))?,
+                        Bytes::new(),
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                match reply
+                    .map_err(MetaError::from)
+                    .and_then(|r| decode_body(&r.body))
+                {
+                    Ok(MetaReply::Joined(answer)) if answer == membership => {
+                        tracing::info!(listen = %me.listen, via = %other.listen, "the cluster knows this node's new addresses");
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        last_error = MetaError::Raft("unexpected reply to an address change".into())
+                    }
+                    Err(error) => last_error = error,
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(last_error)
+    }
+
     /// Applies a command through Raft, forwarding it to the leader if this
     /// node is not the leader. Returns what applying it produced (which may
     /// be a refusal).
@@ -434,12 +483,37 @@ impl MetaNode {
         let state = self.cluster();
         let node_id = match state.nodes.values().find(|n| n.uuid == me.uuid) {
             // A retry of a join that got this far before.
-            Some(existing) if existing.listen == me.listen => existing.id,
+            Some(existing) if existing.listen == me.listen => {
+                if existing.api != me.api || existing.nbd != me.nbd {
+                    self.propose_local(Command::SetNodeAddress {
+                        node: existing.id,
+                        listen: me.listen.clone(),
+                        api: me.api.clone(),
+                        nbd: me.nbd.clone(),
+                    })
+                    .await?;
+                }
+                existing.id
+            }
+            // A member that restarted with another --listen: the same node
+            // (its disks' identity), reachable elsewhere now.
             Some(existing) => {
-                return Err(MetaError::Raft(format!(
-                    "node {} is already member {} at {}",
-                    me.uuid, existing.id, existing.listen
-                )));
+                tracing::warn!(node = existing.id, old = %existing.listen, new = %me.listen, "a member moved to another address");
+                self.propose_local(Command::SetNodeAddress {
+                    node: existing.id,
+                    listen: me.listen.clone(),
+                    api: me.api.clone(),
+                    nbd: me.nbd.clone(),
+                })
+                .await?;
+                let nodes = BTreeMap::from([(existing.id, Node::new(me.listen.clone()))]);
+                raft.change_membership(ChangeMembers::SetNodes(nodes), false)
+                    .await
+                    .map_err(raft_error)?;
+                return Ok(Membership {
+                    cluster_id: state.cluster_id,
+                    node_id: existing.id,
+                });
             }
             None => {
                 let node_id = state.next_node_id();
@@ -728,7 +802,13 @@ impl Handler for MetaService {
             let fail = |error: MetaError| RemoteError::new(CODE_META, error.to_string());
             let reply = match meta_request {
                 MetaRequest::Join(me) => {
-                    if !request.peer.joining {
+                    // A member may only announce itself (new addresses).
+                    let announces_itself = node
+                        .cluster()
+                        .nodes
+                        .get(&request.peer.node_id)
+                        .is_some_and(|n| n.uuid == me.uuid);
+                    if !request.peer.joining && !announces_itself {
                         return Err(RemoteError::new(CODE_META, "this node is already a member"));
                     }
                     MetaReply::Joined(node.join_via_leader(me).await.map_err(fail)?)

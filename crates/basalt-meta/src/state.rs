@@ -141,6 +141,18 @@ pub enum Command {
         /// Its state.
         state: NodeState,
     },
+    /// A member restarted with other addresses (`--listen`, `--api`,
+    /// `--nbd`): the cluster reaches it there from now on.
+    SetNodeAddress {
+        /// Which node.
+        node: NodeId,
+        /// Node-to-node address.
+        listen: String,
+        /// REST API address.
+        api: String,
+        /// NBD address.
+        nbd: String,
+    },
     /// Defines a vdisk and places its replicas: on `preferred` first (the
     /// node it was created through, so its owner reads locally), then on the
     /// up nodes holding the fewest replicas.
@@ -490,6 +502,31 @@ impl ClusterState {
                     )));
                 }
                 self.nodes.insert(node.id, node.clone());
+                Ok(CommandResult::Done)
+            }
+            Command::SetNodeAddress {
+                node,
+                listen,
+                api,
+                nbd,
+            } => {
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.id != *node && n.listen == *listen)
+                {
+                    return Err(conflict(format!(
+                        "node {} already listens at {listen}",
+                        other.id
+                    )));
+                }
+                let record = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or_else(|| not_found(format!("no node {node}")))?;
+                record.listen = listen.clone();
+                record.api = api.clone();
+                record.nbd = nbd.clone();
                 Ok(CommandResult::Done)
             }
             Command::SetNodeState { node, state } => {
@@ -1232,5 +1269,38 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(2, ReplicaState::InSync), (3, ReplicaState::Stale)]
         );
+    }
+
+    #[test]
+    fn a_member_moves_to_a_free_address_only() {
+        let mut state = bootstrapped(2);
+        let taken = state.nodes[&1].listen.clone();
+        let before = state.clone();
+        for bad in [
+            Command::SetNodeAddress {
+                node: 2,
+                listen: taken,
+                api: String::new(),
+                nbd: String::new(),
+            },
+            Command::SetNodeAddress {
+                node: 9,
+                listen: "127.0.0.1:1".into(),
+                api: String::new(),
+                nbd: String::new(),
+            },
+        ] {
+            assert!(matches!(state.apply(&bad), CommandResult::Refused { .. }));
+        }
+        assert_eq!(state, before);
+        let moved = Command::SetNodeAddress {
+            node: 2,
+            listen: "127.0.0.1:9".into(),
+            api: "127.0.0.1:10".into(),
+            nbd: "127.0.0.1:11".into(),
+        };
+        assert_eq!(state.apply(&moved), CommandResult::Done);
+        assert_eq!(state.nodes[&2].listen, "127.0.0.1:9");
+        assert_eq!(state.nodes[&2].nbd, "127.0.0.1:11");
     }
 }

@@ -230,17 +230,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nbd: args.nbd.to_string(),
     };
     match (cluster.membership(), &args.join) {
-        (Some(membership), Some(member)) => tracing::warn!(
-            cluster = %membership.cluster_id,
-            node = membership.node_id,
-            %member,
-            "this node already belongs to a cluster; --join is ignored"
-        ),
-        (Some(membership), None) => tracing::info!(
-            cluster = %membership.cluster_id,
-            node = membership.node_id,
-            "rejoining the cluster"
-        ),
+        (Some(membership), join) => {
+            if let Some(member) = join {
+                tracing::warn!(%member, "this node already belongs to a cluster; --join is ignored");
+            }
+            tracing::info!(
+                cluster = %membership.cluster_id,
+                node = membership.node_id,
+                "rejoining the cluster"
+            );
+            // Restarted with another --listen (or --api, --nbd): tell the
+            // cluster, in the background (the others may not be up yet).
+            let cluster = cluster.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                if let Err(error) = cluster.announce_addresses(me).await {
+                    tracing::error!(%error, "cannot tell the cluster this node's new addresses");
+                }
+            });
+        }
         (None, Some(member)) => {
             let local = store.list_vdisks();
             if !local.is_empty() {

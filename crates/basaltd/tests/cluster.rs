@@ -183,3 +183,69 @@ fn a_dead_voter_is_replaced_by_a_live_learner() {
     assert_eq!(created["name"], "still");
     assert_eq!(status(&fourth)["nodes"].as_array().map(Vec::len), Some(4));
 }
+
+#[test]
+fn a_member_restarted_on_another_address_is_reached_there() {
+    let first = member(None);
+    let second = member(Some(first.listen_port));
+    let mut third = member(Some(first.listen_port));
+    wait_for("three voters", Duration::from_secs(30), || {
+        let s = status(&first);
+        (1..=3).all(|id| node_field(&s, id, "role") == "voter")
+    });
+    first.cli_ok(&[
+        "vdisk",
+        "create",
+        "everywhere",
+        "--size",
+        "16M",
+        "--rf",
+        "3",
+    ]);
+
+    // The third node comes back with a new --listen port.
+    third.stop();
+    let old_port = third.listen_port;
+    third.listen_port = common::pick_port();
+    assert_ne!(third.listen_port, old_port);
+    third.restart();
+    let new_address = format!("127.0.0.1:{}", third.listen_port);
+    wait_for(
+        "every member knows the new address and sees the node up",
+        Duration::from_secs(60),
+        || {
+            [&first, &second, &third].iter().all(|d| {
+                let s = status(d);
+                node_field(&s, 3, "address") == new_address.as_str()
+                    && node_field(&s, 3, "state") == "up"
+            })
+        },
+    );
+    // Raft reaches it there: a change made through the leader reaches the
+    // third node's state; replication reaches its replica there.
+    first.cli_ok(&[
+        "vdisk",
+        "create",
+        "after-move",
+        "--size",
+        "16M",
+        "--rf",
+        "3",
+    ]);
+    wait_for(
+        "the third node applies a change made after the move",
+        Duration::from_secs(30),
+        || third.cli_json(&["vdisk", "list"]).as_array().map(Vec::len) == Some(2),
+    );
+    let mut client = first.nbd("everywhere");
+    client
+        .write(0, &common::tagged_block(0, 7), true)
+        .expect("write to all three replicas");
+    client.disconnect();
+    let shown = first.cli_json(&["vdisk", "show", "everywhere"]);
+    assert_eq!(shown["state"], "healthy", "{shown}");
+    let in_sync = shown["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter(|r| r["state"] == "in_sync").count());
+    assert_eq!(in_sync, Some(3), "the moved node missed the write: {shown}");
+}
