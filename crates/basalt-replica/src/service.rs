@@ -408,6 +408,36 @@ impl Handler for ReplicaService {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_fence_waits_for_older_mutations_and_then_refuses_them() {
+        let gate = Arc::new(ReplicaGate::new());
+        gate.dirty().mark_known(1);
+        let write = |epoch, seq| Request {
+            seq,
+            settled: 1,
+            ..Request::new(Op::Write, 1, epoch, 3 << 20, 4096)
+        };
+        let applying = gate
+            .begin_mutation(&write(1, 1), 4096)
+            .await
+            .expect("admitted");
+        let fencing = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.fence(1, 2).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !fencing.is_finished(),
+            "the fence did not wait for the mutation being applied"
+        );
+        drop(applying);
+        let report = fencing.await.expect("fence task").expect("fence");
+        assert_eq!(report.regions, vec![3], "the applied mutation is reported");
+        assert!(gate.begin_mutation(&write(1, 2), 4096).await.is_err());
+        assert!(gate.begin_mutation(&write(2, 1), 4096).await.is_ok());
+        assert_eq!(gate.fence(1, 1).await, Err(2), "an older fence is refused");
+    }
+
     #[test]
     fn older_epochs_are_refused_and_newer_ones_raise_the_table() {
         let table = EpochTable::new();
