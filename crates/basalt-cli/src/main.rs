@@ -368,6 +368,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 });
                 println!("vdisk {}: {}{progress}", v.name, v.state);
             }
+            // Rebalance moves keep a vdisk healthy; say which are under way.
+            let vdisks: Vec<Vdisk> = client.get("/vdisks")?;
+            for (v, from) in vdisks
+                .iter()
+                .filter_map(|v| v.moving_from.map(|from| (v, from)))
+            {
+                let to: Vec<String> = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == "stale")
+                    .map(|r| format!("node {}", r.node))
+                    .collect();
+                println!(
+                    "vdisk {}: rebalancing, copy moving from node {} to {}",
+                    v.name,
+                    from,
+                    to.join(", ")
+                );
+            }
             if watch {
                 for v in &unhealthy {
                     watch_vdisk(&client, &format!("/vdisks/{}", escape(&v.name)), false)?;
