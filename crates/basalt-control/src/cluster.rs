@@ -175,6 +175,14 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<Acquired, BlockError> {
         mark_stale(&node, vdisk, *replica, epoch).await?;
     }
     set.remotes.retain(|r| !unreachable.contains(&r.node));
+    // Taken over from another node, which may still be alive behind a
+    // partition: wait until its read lease has surely run out, so that it
+    // can never serve a read older than a write acknowledged here.
+    if let Some(previous) = record.previous_owner.filter(|p| *p != me) {
+        let wait = node.cluster().takeover_wait();
+        tracing::info!(vdisk = %name, previous, ?wait, "waiting out the previous owner's read lease");
+        tokio::time::sleep(wait).await;
+    }
     tracing::info!(vdisk = %name, epoch, replicas = set.remotes.len() + usize::from(set.local.is_some()), "took ownership");
     Ok(Acquired { set, reports })
 }
@@ -287,7 +295,7 @@ impl basalt_net::Handler for ControlService {
                     if known.is_none() {
                         return Err(fail("this node has not learned of the replica yet".into()));
                     }
-                    node.refresh_backend(vdisk).await;
+                    node.refresh_backend(vdisk, true).await;
                     Ok(basalt_net::Reply::default())
                 }
                 ControlRequest::ResyncProgress { vdisk } => {
@@ -360,6 +368,12 @@ impl Coordinator for NodeCoordinator {
     fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<Acquired, BlockError>> {
         let node = self.node();
         Box::pin(async move { acquire(node?, vdisk).await })
+    }
+
+    fn holds_read_lease(&self) -> bool {
+        self.node
+            .upgrade()
+            .is_some_and(|node| node.cluster().holds_read_lease())
     }
 
     fn mark_stale(
@@ -451,7 +465,7 @@ async fn reconcile(node: &Node, state: &ClusterState) {
             if state.vdisks.contains_key(&local.id) {
                 // The replica moved elsewhere but the vdisk lives on: if this
                 // node serves it, it stops writing to the local copy first.
-                node.refresh_backend(local.id).await;
+                node.refresh_backend(local.id, false).await;
             } else {
                 node.forget_backend(local.id);
             }
@@ -473,7 +487,7 @@ async fn reconcile(node: &Node, state: &ClusterState) {
         if record.owner == Some(me) {
             // Replicas may have been added, resynced or lost: write to the
             // ones the cluster places now.
-            node.refresh_backend(record.id).await;
+            node.refresh_backend(record.id, false).await;
         }
         if !record.has_replica_on(me) {
             continue;

@@ -185,9 +185,18 @@ impl Node {
     /// Points this node's backend of `vdisk` (if it owns it) at the replicas
     /// the cluster places now, and returns once every later write reaches
     /// them (the resync barrier).
-    pub(crate) async fn refresh_backend(&self, vdisk: u64) {
+    ///
+    /// With `after_acquisition`, an acquisition under way is waited for
+    /// first: it computed its replica set before it fenced and waited out
+    /// the previous owner's lease, so a resync barrier must not pass until
+    /// that set is brought up to date. (The reconciler does not wait: an
+    /// acquisition may be waiting for it to create the local copy.)
+    pub(crate) async fn refresh_backend(&self, vdisk: u64, after_acquisition: bool) {
         let backend = self.backends.lock().get(&vdisk).cloned();
         let Some(backend) = backend else { return };
+        if after_acquisition {
+            backend.wait_for_acquisition().await;
+        }
         let Some(epoch) = backend.epoch() else { return };
         let state = self.cluster.cluster();
         let current = state.vdisks.get(&vdisk).is_some_and(|v| v.epoch == epoch);

@@ -256,7 +256,7 @@ async fn barrier(node: &Node, vdisk: u64) -> Result<(), String> {
         return Ok(());
     };
     if owner == me {
-        node.refresh_backend(vdisk).await;
+        node.refresh_backend(vdisk, true).await;
         return Ok(());
     }
     let addr = state

@@ -129,6 +129,8 @@ struct Inner {
     join_lock: tokio::sync::Mutex<()>,
     /// When each member last answered a ping from this node.
     last_seen: parking_lot::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>,
+    /// When pings last reached a majority of the members (this node counts).
+    majority_contact: parking_lot::Mutex<Option<tokio::time::Instant>>,
     /// Since when this node has been leader (None when it is not).
     leader_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -188,6 +190,7 @@ impl MetaNode {
                 config,
                 join_lock: tokio::sync::Mutex::new(()),
                 last_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+                majority_contact: parking_lot::Mutex::new(None),
                 leader_since: parking_lot::Mutex::new(None),
                 tasks: parking_lot::Mutex::new(Vec::new()),
             }),
@@ -622,11 +625,42 @@ impl MetaNode {
             .flatten()
             .collect();
         let now = tokio::time::Instant::now();
+        let majority = self.cluster().nodes.len() / 2 + 1;
+        if answered.len() + 1 >= majority {
+            *self.inner.majority_contact.lock() = Some(now);
+        }
         let mut last_seen = self.inner.last_seen.lock();
         last_seen.insert(me, now);
         for id in answered {
             last_seen.insert(id, now);
         }
+    }
+
+    /// How long an owner may serve reads after it last reached a majority
+    /// of the members (its read lease).
+    pub fn read_lease(&self) -> Duration {
+        self.inner.config.ping_interval * 4
+    }
+
+    /// How long a node taking a vdisk over from another live node waits
+    /// before it serves: the old owner's read lease runs out first, so it
+    /// can never read data older than what the new owner acknowledged.
+    pub fn takeover_wait(&self) -> Duration {
+        self.read_lease() + self.inner.config.ping_interval * 2
+    }
+
+    /// Whether this node reached a majority of the members within its read
+    /// lease (always, for a cluster of one). A node cut off from the
+    /// majority may have been replaced as owner without knowing it.
+    pub fn holds_read_lease(&self) -> bool {
+        let members = self.inner.machine.cluster_members();
+        if members <= 1 {
+            return true;
+        }
+        self.inner
+            .majority_contact
+            .lock()
+            .is_some_and(|at| at.elapsed() < self.read_lease())
     }
 
     /// Whether this node heard from `node` within three ping intervals.

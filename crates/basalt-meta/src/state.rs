@@ -71,6 +71,10 @@ pub struct VdiskRecord {
     /// while a replica moves).
     #[serde(default)]
     pub replicas: Vec<Replica>,
+    /// The owner before the current one (a new owner that took over from
+    /// another live node waits out that node's read lease).
+    #[serde(default)]
+    pub previous_owner: Option<NodeId>,
     /// A rebalance moves the replica on this node to the stale replica
     /// added for it; it goes once that one is in sync.
     #[serde(default)]
@@ -586,6 +590,7 @@ impl ClusterState {
                         epoch: 0,
                         owner: None,
                         replicas,
+                        previous_owner: None,
                         leaving: None,
                     },
                 );
@@ -626,6 +631,7 @@ impl ClusterState {
                             seq: 0,
                             lost: false,
                         }],
+                        previous_owner: None,
                         leaving: None,
                     },
                 );
@@ -656,6 +662,7 @@ impl ClusterState {
                 }
                 let vdisk = self.vdisk_mut(id)?;
                 vdisk.epoch += 1;
+                vdisk.previous_owner = vdisk.owner;
                 vdisk.owner = Some(*node);
                 Ok(CommandResult::Epoch(vdisk.epoch))
             }

@@ -337,6 +337,11 @@ impl StateMachine {
         self.inner.applied.read().cluster.clone()
     }
 
+    /// How many members the cluster has (without copying the state).
+    pub fn cluster_members(&self) -> usize {
+        self.inner.applied.read().cluster.nodes.len()
+    }
+
     /// Notified with the new state after every change.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<ClusterState>> {
         self.inner.changes.subscribe()

@@ -48,6 +48,9 @@ use crate::service::{MutationGuard, ReplicaGate, digest};
 /// How long a replica may take to answer before it is recorded stale.
 const REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a read waits for this node to regain its read lease.
+const READ_LEASE_WAIT: Duration = Duration::from_secs(3);
+
 /// How much a new owner compares (and at most copies) per step.
 const RECONCILE_CHUNK: u64 = 16 << 20;
 
@@ -151,6 +154,13 @@ pub trait Coordinator: Send + Sync + 'static {
     /// the replicas (recording stale those it cannot reach) and returns them
     /// with what each fenced replica reported unsettled.
     fn acquire(&self, vdisk: u64) -> BoxFuture<'static, Result<Acquired, BlockError>>;
+    /// Whether this node may still serve reads as owner: it has reached a
+    /// majority of the cluster recently enough that no other node can have
+    /// taken the vdisk over and acknowledged writes without it knowing.
+    fn holds_read_lease(&self) -> bool {
+        true
+    }
+
     /// Records durably that `node`'s replica missed a write under `epoch`.
     fn mark_stale(
         &self,
@@ -294,6 +304,12 @@ impl ReplicatedVdisk {
             }
         }
         drop(self.inflight.write().await);
+    }
+
+    /// Returns once no acquisition is under way (its replica set, computed
+    /// when it started, is published by then and can be refreshed).
+    pub async fn wait_for_acquisition(&self) {
+        drop(self.acquiring.lock().await);
     }
 
     /// Follows a resize.
@@ -788,6 +804,22 @@ impl ReplicatedVdisk {
         self.remote(target, request, data).await.map(|_| ())
     }
 
+    /// Waits a little for the read lease (a node that just started has not
+    /// reached the others yet); fails the read if it stays lost.
+    async fn await_read_lease(&self) -> Result<(), BlockError> {
+        let deadline = tokio::time::Instant::now() + READ_LEASE_WAIT;
+        while !self.coordinator.holds_read_lease() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BlockError::Io(format!(
+                    "this node lost contact with the cluster majority; reads of {} are refused until it is back (another node may own the vdisk now)",
+                    self.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Admits a mutation of the only (local) replica through this node's gate.
     async fn admit_local(&self, request: &Request) -> Result<MutationGuard, BlockError> {
         match self.gate.begin_mutation(request, request.length).await {
@@ -808,6 +840,7 @@ impl ReplicatedVdisk {
             )));
         }
         let set = self.current_set().await?;
+        self.await_read_lease().await?;
         let mut last_error = None;
         if let Some((_, local)) = set.local.as_ref().filter(|_| set.local_in_sync) {
             if self.gate.epochs().admit(self.vdisk, set.epoch).is_err() {
