@@ -129,7 +129,8 @@ struct Inner {
     join_lock: tokio::sync::Mutex<()>,
     /// When each member last answered a ping from this node.
     last_seen: parking_lot::Mutex<std::collections::HashMap<NodeId, tokio::time::Instant>>,
-    /// When pings last reached a majority of the members (this node counts).
+    /// When pings last reached a majority of the Raft voters (this node
+    /// counts if it votes).
     majority_contact: parking_lot::Mutex<Option<tokio::time::Instant>>,
     /// Since when this node has been leader (None when it is not).
     leader_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
@@ -625,8 +626,14 @@ impl MetaNode {
             .flatten()
             .collect();
         let now = tokio::time::Instant::now();
-        let majority = self.cluster().nodes.len() / 2 + 1;
-        if answered.len() + 1 >= majority {
+        // Contact that counts: a majority of the Raft voters (this node
+        // included if it votes) — without them nobody can take a vdisk over.
+        let voters = self.voters();
+        let reached = voters
+            .iter()
+            .filter(|v| **v == me || answered.contains(v))
+            .count();
+        if reached > voters.len() / 2 {
             *self.inner.majority_contact.lock() = Some(now);
         }
         let mut last_seen = self.inner.last_seen.lock();
@@ -649,12 +656,14 @@ impl MetaNode {
         self.read_lease() + self.inner.config.ping_interval * 2
     }
 
-    /// Whether this node reached a majority of the members within its read
-    /// lease (always, for a cluster of one). A node cut off from the
-    /// majority may have been replaced as owner without knowing it.
+    /// Whether this node reached a majority of the Raft voters within its
+    /// read lease (always, for a cluster of one or when it is the only
+    /// voter). A node cut off from them may have been replaced as owner
+    /// without knowing it.
     pub fn holds_read_lease(&self) -> bool {
-        let members = self.inner.machine.cluster_members();
-        if members <= 1 {
+        let me = self.inner.transport.identity().node_id;
+        if self.inner.machine.cluster_members() <= 1 || self.voters() == BTreeSet::from([me]) {
+            // The only voter: no other node can take anything over.
             return true;
         }
         self.inner

@@ -555,3 +555,24 @@ fn a_copy_on_a_missing_disk_is_reported_lost_and_rebuilt_on_another_node() {
     check_blocks(&third, &mut client, 8192, |_| 3);
     client.disconnect();
 }
+
+#[test]
+fn a_two_node_cluster_keeps_serving_when_its_learner_dies() {
+    // Two members: one Raft voter (the first), one learner. The learner's
+    // death takes no quorum away, so the voter keeps reading and writing.
+    let first = member(None);
+    let mut second = member(Some(first.listen_port));
+    first.cli_ok(&["vdisk", "create", "pair", "--size", "16M", "--rf", "2"]);
+    let mut client = first.nbd("pair");
+    write_range(&mut client, 0..16, 1);
+    second.kill9();
+    std::thread::sleep(Duration::from_secs(6));
+    write_range(&mut client, 0..8, 2);
+    check_blocks(
+        &first,
+        &mut client,
+        16,
+        |block| if block < 8 { 2 } else { 1 },
+    );
+    client.disconnect();
+}
