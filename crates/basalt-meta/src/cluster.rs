@@ -132,6 +132,13 @@ struct Inner {
     /// When pings last reached a majority of the Raft voters (this node
     /// counts if it votes).
     majority_contact: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    /// The read lease, cached for the read path (no lock, no allocation):
+    /// this node is the only voter (or the only member)...
+    sole_voter: std::sync::atomic::AtomicBool,
+    /// ...or it holds the lease until this many milliseconds after
+    /// `lease_base` (0: not at all).
+    lease_until_ms: std::sync::atomic::AtomicU64,
+    lease_base: std::time::Instant,
     /// Since when this node has been leader (None when it is not).
     leader_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -192,6 +199,9 @@ impl MetaNode {
                 join_lock: tokio::sync::Mutex::new(()),
                 last_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
                 majority_contact: parking_lot::Mutex::new(None),
+                sole_voter: std::sync::atomic::AtomicBool::new(false),
+                lease_until_ms: std::sync::atomic::AtomicU64::new(0),
+                lease_base: std::time::Instant::now(),
                 leader_since: parking_lot::Mutex::new(None),
                 tasks: parking_lot::Mutex::new(Vec::new()),
             }),
@@ -636,6 +646,7 @@ impl MetaNode {
         if reached > voters.len() / 2 {
             *self.inner.majority_contact.lock() = Some(now);
         }
+        self.refresh_read_lease();
         let mut last_seen = self.inner.last_seen.lock();
         last_seen.insert(me, now);
         for id in answered {
@@ -661,15 +672,37 @@ impl MetaNode {
     /// voter). A node cut off from them may have been replaced as owner
     /// without knowing it.
     pub fn holds_read_lease(&self) -> bool {
-        let me = self.inner.transport.identity().node_id;
-        if self.inner.machine.cluster_members() <= 1 || self.voters() == BTreeSet::from([me]) {
-            // The only voter: no other node can take anything over.
+        if self.cached_read_lease() {
             return true;
         }
-        self.inner
-            .majority_contact
-            .lock()
-            .is_some_and(|at| at.elapsed() < self.read_lease())
+        // Not held as cached: recompute (membership may have changed).
+        self.refresh_read_lease();
+        self.cached_read_lease()
+    }
+
+    fn cached_read_lease(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.inner.sole_voter.load(Ordering::Acquire)
+            || self.inner.lease_base.elapsed().as_millis()
+                < u128::from(self.inner.lease_until_ms.load(Ordering::Acquire))
+    }
+
+    /// Recomputes the cached read lease from the membership and the last
+    /// majority contact.
+    fn refresh_read_lease(&self) {
+        use std::sync::atomic::Ordering;
+        let me = self.inner.transport.identity().node_id;
+        // The only voter: no other node can take anything over.
+        let sole =
+            self.inner.machine.cluster_members() <= 1 || self.voters() == BTreeSet::from([me]);
+        self.inner.sole_voter.store(sole, Ordering::Release);
+        let until = self.inner.majority_contact.lock().map_or(0, |at| {
+            let at = at
+                .into_std()
+                .saturating_duration_since(self.inner.lease_base);
+            u64::try_from((at + self.read_lease()).as_millis()).unwrap_or(u64::MAX)
+        });
+        self.inner.lease_until_ms.store(until, Ordering::Release);
     }
 
     /// Whether this node heard from `node` within three ping intervals.
