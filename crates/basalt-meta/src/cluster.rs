@@ -345,21 +345,7 @@ impl MetaNode {
                 membership.cluster_id
             )));
         }
-        let reply = self
-            .inner
-            .transport
-            .call_timeout(
-                member,
-                TrafficClass::Control,
-                SERVICE_META,
-                encode_body(&MetaRequest::Join(me))?,
-                Bytes::new(),
-                Duration::from_secs(30),
-            )
-            .await?;
-        let MetaReply::Joined(membership) = decode_body(&reply.body)? else {
-            return Err(MetaError::Raft("unexpected reply to a join".into()));
-        };
+        let membership = send_join(&self.inner.transport, member, &me).await?;
         // The identity must be in place before the leader's Raft messages
         // arrive; until then they are refused and retried.
         self.inner.transport.set_identity(Identity {
@@ -390,23 +376,8 @@ impl MetaNode {
         let mut last_error = MetaError::Raft("no other member to tell".into());
         for _round in 0..10 {
             for other in state.nodes.values().filter(|n| n.id != membership.node_id) {
-                let reply = self
-                    .inner
-                    .transport
-                    .call_timeout(
-                        &other.listen,
-                        TrafficClass::Control,
-                        SERVICE_META,
-                        encode_body(&MetaRequest::Join(me.clone()))?,
-                        Bytes::new(),
-                        Duration::from_secs(30),
-                    )
-                    .await;
-                match reply
-                    .map_err(MetaError::from)
-                    .and_then(|r| decode_body(&r.body))
-                {
-                    Ok(MetaReply::Joined(answer)) if answer == membership => {
+                match send_join(&self.inner.transport, &other.listen, &me).await {
+                    Ok(answer) if answer == membership => {
                         tracing::info!(listen = %me.listen, via = %other.listen, "the cluster knows this node's new addresses");
                         return Ok(());
                     }
@@ -947,20 +918,30 @@ impl MetaNode {
             },
             basalt_net::TransportConfig::default(),
         );
-        let reply = proxy
-            .call_timeout(
-                leader,
-                TrafficClass::Control,
-                SERVICE_META,
-                encode_body(&MetaRequest::Join(me.clone()))?,
-                Bytes::new(),
-                Duration::from_secs(30),
-            )
-            .await;
+        let joined = send_join(&proxy, leader, me).await;
         proxy.shutdown();
-        match decode_body(&reply?.body)? {
-            MetaReply::Joined(membership) => Ok(membership),
-            _ => Err(MetaError::Raft("unexpected reply to a join".into())),
-        }
+        joined
+    }
+}
+
+/// Sends a join (or a member's address announcement) to the node at `addr`.
+async fn send_join(
+    transport: &Transport,
+    addr: &str,
+    me: &NodeAnnouncement,
+) -> Result<Membership, MetaError> {
+    let reply = transport
+        .call_timeout(
+            addr,
+            TrafficClass::Control,
+            SERVICE_META,
+            encode_body(&MetaRequest::Join(me.clone()))?,
+            Bytes::new(),
+            Duration::from_secs(30),
+        )
+        .await?;
+    match decode_body(&reply.body)? {
+        MetaReply::Joined(membership) => Ok(membership),
+        _ => Err(MetaError::Raft("unexpected reply to a join".into())),
     }
 }

@@ -364,26 +364,14 @@ impl ClusterState {
     /// Up to `count` up nodes for new replicas: `preferred` first, then
     /// those holding the fewest replicas, lowest id first.
     fn place(&self, count: usize, preferred: Option<NodeId>) -> Vec<NodeId> {
-        let mut load: BTreeMap<NodeId, usize> = self
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Up)
-            .map(|n| (n.id, 0))
-            .collect();
-        for vdisk in self.vdisks.values() {
-            for replica in &vdisk.replicas {
-                if let Some(count) = load.get_mut(&replica.node) {
-                    *count += 1;
-                }
-            }
-        }
+        let mut load = self.tally(|_| 1);
         let mut chosen = Vec::new();
         if let Some(node) = preferred
             && load.remove(&node).is_some()
         {
             chosen.push(node);
         }
-        let mut rest: Vec<(usize, NodeId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
+        let mut rest: Vec<(u64, NodeId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
         rest.sort_unstable();
         chosen.extend(rest.into_iter().map(|(_, id)| id));
         chosen.truncate(count);
@@ -400,6 +388,11 @@ impl ClusterState {
 
     /// Bytes of replicas each up member holds.
     pub fn load(&self) -> BTreeMap<NodeId, u64> {
+        self.tally(|vdisk| vdisk.size)
+    }
+
+    /// Sums `weight` of every replica each up member holds.
+    fn tally(&self, weight: impl Fn(&VdiskRecord) -> u64) -> BTreeMap<NodeId, u64> {
         let mut load: BTreeMap<NodeId, u64> = self
             .nodes
             .values()
@@ -408,8 +401,8 @@ impl ClusterState {
             .collect();
         for vdisk in self.vdisks.values() {
             for replica in &vdisk.replicas {
-                if let Some(bytes) = load.get_mut(&replica.node) {
-                    *bytes += vdisk.size;
+                if let Some(total) = load.get_mut(&replica.node) {
+                    *total += weight(vdisk);
                 }
             }
         }
