@@ -31,6 +31,11 @@
 #   flush          a small write followed by fsync (a FLUSH request)
 #   soak           SOAK_ROUNDS rounds of: write a fresh pattern, read it back,
 #                  compare; prints "BASALT-SOAK: round N" (a live-migration load)
+#   seq            writes a sequence: block i (from SEQ_OFFSET) holds "basalt seq <i>",
+#                  for i below basalt.seq=N (default 1000), one O_DIRECT write each,
+#                  printing "BASALT-SEQ: i" every 10 blocks; every 100 blocks it reads
+#                  the last 100 back and compares ("BASALT-SEQ: mismatch ..." if not)
+#   idle           prints "BASALT-ALIVE: n" every second, forever
 # Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
 # the guest ends with "BASALT-DONE" and powers off.
 #
@@ -41,6 +46,7 @@
 #     from byte HOST_OFFSET.
 #   discard range: DISCARD_LEN bytes from DISCARD_OFFSET.
 #   soak pattern: SOAK_BLOCKS blocks from SOAK_OFFSET, word "soak<round>".
+#   sequence: block i at SEQ_OFFSET + 4096 * i, "basalt seq <i>" padded like the pattern.
 set -eu
 
 OUTDIR=${1:?usage: build-guest.sh OUTDIR}
@@ -191,6 +197,7 @@ DISCARD_LEN=1048576
 SOAK_OFFSET=16777216
 SOAK_BLOCKS=64
 SOAK_ROUNDS=100
+SEQ_OFFSET=33554432
 
 for m in $(cat /lib/modules/order); do
     insmod "/lib/modules/$m.ko" || echo "BASALT-GUEST: insmod $m failed"
@@ -288,6 +295,49 @@ cmd_soak() {
     fi
 }
 
+cmd_seq() {
+    n=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.seq=//p')
+    n=${n:-1000}
+    base=$((SEQ_OFFSET / 4096))
+    fails=0
+    i=0
+    while [ $i -lt "$n" ]; do
+        printf "%-4095s\n" "basalt seq $i" >/tmp/seq.block
+        dd if=/tmp/seq.block of=/dev/vda bs=4096 seek=$((base + i)) count=1 \
+            oflag=direct conv=notrunc 2>/dev/null || fails=$((fails + 1))
+        i=$((i + 1))
+        [ $((i % 10)) = 0 ] && echo "BASALT-SEQ: $i"
+        if [ $((i % 100)) = 0 ]; then
+            j=$((i - 100))
+            : >/tmp/seq.expect
+            while [ $j -lt $i ]; do
+                printf "%-4095s\n" "basalt seq $j" >>/tmp/seq.expect
+                j=$((j + 1))
+            done
+            dd if=/dev/vda of=/tmp/seq.got bs=4096 skip=$((base + i - 100)) count=100 \
+                iflag=direct 2>/dev/null || fails=$((fails + 1))
+            if ! cmp /tmp/seq.expect /tmp/seq.got >/tmp/cmp.out 2>&1; then
+                fails=$((fails + 1))
+                echo "BASALT-SEQ: mismatch before $i: $(cat /tmp/cmp.out)"
+            fi
+        fi
+    done
+    if [ "$fails" = 0 ]; then
+        result seq PASS
+    else
+        result seq FAIL "$fails failures"
+    fi
+}
+
+cmd_idle() {
+    n=0
+    while true; do
+        echo "BASALT-ALIVE: $n"
+        n=$((n + 1))
+        sleep 1
+    done
+}
+
 cmds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.test=//p' | tr ',' ' ')
 if [ ! -b /dev/vda ]; then
     echo "BASALT-TEST: boot FAIL no /dev/vda"
@@ -302,6 +352,8 @@ for c in $cmds; do
     discard) cmd_discard ;;
     flush) cmd_flush ;;
     soak) cmd_soak ;;
+    seq) cmd_seq ;;
+    idle) cmd_idle ;;
     shell) setsid cttyhack sh ;;
     *) result "$c" FAIL unknown command ;;
     esac

@@ -174,6 +174,10 @@ pub struct CreateVdisk {
     /// nodes, else 1].
     #[serde(default)]
     pub rf: Option<u32>,
+    /// Clone this vdisk (an imported image): its data is copied. `size` may
+    /// be 0 (the source's size) or larger than the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// Body of `POST /api/v1/vdisks/{name}/resize`.
@@ -230,4 +234,136 @@ pub struct ClusterStatus {
     /// Vdisks that are not `healthy` (degraded, rebuilding, unavailable),
     /// with resync progress where one runs.
     pub unhealthy_vdisks: Vec<Vdisk>,
+}
+
+/// A file stored in the cluster (kernel, initrd): the first `length` bytes
+/// of a vdisk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredFile {
+    /// The vdisk holding it (uploaded with `PUT /api/v1/vdisks/{name}/content`).
+    pub vdisk: String,
+    /// Its length in bytes.
+    pub length: u64,
+}
+
+/// Body of `POST /api/v1/vms`. Exactly one boot source: `boot_disk`, or
+/// `kernel` (with `initrd` and `cmdline`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Name: 1 to 64 letters, digits, `-`, `_`.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in bytes (a multiple of 1 MiB).
+    pub memory: u64,
+    /// Vdisks, in the order the guest sees them (the first is its first
+    /// virtio disk).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Boot from this vdisk (one of `disks`) through the firmware.
+    #[serde(default)]
+    pub boot_disk: Option<String>,
+    /// Direct kernel boot: the kernel.
+    #[serde(default)]
+    pub kernel: Option<StoredFile>,
+    /// Direct kernel boot: the initrd.
+    #[serde(default)]
+    pub initrd: Option<StoredFile>,
+    /// Direct kernel boot: the command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// NICs with user-mode networking.
+    #[serde(default)]
+    pub nics: u32,
+    /// Vdisks that belong to the VM (its uploaded boot files): deleted with it.
+    #[serde(default)]
+    pub owned_vdisks: Vec<String>,
+    /// Only check the request against the cluster; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Body of `POST /api/v1/vms/{name}/stop`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StopVm {
+    /// Stop at once, without asking the guest to power off.
+    #[serde(default)]
+    pub force: bool,
+    /// Seconds to wait for the guest to power off before forcing [default 30].
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// Body of `POST /api/v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// Destination node id.
+    pub to: u64,
+}
+
+/// A live migration under way.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VmMigration {
+    /// Source node.
+    pub from: u64,
+    /// Destination node.
+    pub to: u64,
+    /// Guest memory bytes sent so far.
+    pub transferred: u64,
+    /// Guest memory bytes in all (0 until known).
+    pub total: u64,
+}
+
+/// A VM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Vm {
+    /// Name.
+    pub name: String,
+    /// `running`, `stopped`, `starting`, `stopping`, `migrating` or `failed`.
+    pub state: String,
+    /// What the operator wants: `running` or `stopped`.
+    pub desired: String,
+    /// The node it runs on (or last ran on), as `cluster status` lists it.
+    pub node: Option<u64>,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+    /// Vdisks, in guest order.
+    pub disks: Vec<String>,
+    /// Boot source, for people (`disk NAME` or `kernel NAME`).
+    pub boot: String,
+    /// Kernel command line (direct kernel boot).
+    pub cmdline: Option<String>,
+    /// NICs (user-mode networking).
+    pub nics: u32,
+    /// Why it is where and how it is.
+    pub reason: String,
+    /// Placement generation (raised at every start and fail-over).
+    pub generation: u64,
+    /// A live migration under way.
+    pub migration: Option<VmMigration>,
+    /// The last migration's downtime, ms.
+    pub last_migration_downtime_ms: Option<u64>,
+    /// The last migration's total time, ms.
+    pub last_migration_total_ms: Option<u64>,
+    /// Creation time, unix seconds.
+    pub created: u64,
+}
+
+/// A piece of a VM's serial console (`GET /api/v1/vms/{name}/console`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ConsoleChunk {
+    /// The node whose console log this is.
+    pub node: u64,
+    /// Byte offset of `data` in the log.
+    pub offset: u64,
+    /// The next offset to ask for.
+    pub next: u64,
+    /// Console output (lossy UTF-8).
+    pub data: String,
 }

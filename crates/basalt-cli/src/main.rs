@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
 use basalt_api::{
-    ClusterStatus, CreateVdisk, Disk, ErrorBody, NodeStatus, ResizeVdisk, Vdisk, VhostExport,
+    ClusterStatus, ConsoleChunk, CreateVdisk, CreateVm, Disk, ErrorBody, MigrateVm, NodeStatus,
+    ResizeVdisk, StopVm, StoredFile, Vdisk, VhostExport, Vm,
 };
 use basalt_core::size::{format_size, parse_size};
 use clap::{Args, Parser, Subcommand};
@@ -49,6 +50,114 @@ enum Command {
     /// Virtual disks.
     #[command(subcommand)]
     Vdisk(VdiskCommand),
+    /// Disk images: raw or qcow2 files turned into vdisks.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Import a raw or qcow2 file as a vdisk (needs qemu-img; written over NBD).
+    Import {
+        /// Name of the new vdisk.
+        name: String,
+        /// The image file.
+        file: std::path::PathBuf,
+        /// Replication factor of the vdisk.
+        #[arg(long)]
+        rf: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Define a VM (stopped; `vm start` runs it).
+    Create(Box<VmCreateArgs>),
+    /// Start a VM on a node with room for it.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM: the guest is asked to power off, then forced after the timeout.
+    Stop {
+        /// VM name.
+        name: String,
+        /// Stop at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Stop and start a VM.
+    Restart {
+        /// VM name.
+        name: String,
+        /// Stop at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a stopped VM (its vdisks stay, its uploaded kernel and initrd go).
+    Delete {
+        /// VM name.
+        name: String,
+    },
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// List VMs.
+    List,
+    /// Print a VM's serial console.
+    Console {
+        /// VM name.
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Live-migrate a running VM to another node.
+    Migrate {
+        /// VM name.
+        name: String,
+        /// Destination node id (see `basalt cluster status`).
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct VmCreateArgs {
+    /// VM name.
+    name: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Memory, e.g. 512M or 2G.
+    #[arg(long, value_parser = size_arg, default_value = "512M")]
+    memory: u64,
+    /// A vdisk for the guest, in order (the first is its first virtio disk).
+    #[arg(long = "disk", value_name = "VDISK")]
+    disks: Vec<String>,
+    /// Boot from this vdisk (BIOS); it is added to the disks if missing.
+    #[arg(long, value_name = "VDISK", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    boot_disk: Option<String>,
+    /// Direct kernel boot: the kernel file (uploaded into the cluster).
+    #[arg(long, value_name = "FILE", required_unless_present = "boot_disk")]
+    kernel: Option<std::path::PathBuf>,
+    /// Direct kernel boot: the initrd file (uploaded into the cluster).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// Direct kernel boot: the kernel command line.
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    cmdline: Option<String>,
+    /// NICs with user-mode networking.
+    #[arg(long, default_value_t = 0)]
+    nics: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,13 +183,16 @@ enum VdiskCommand {
     Create {
         /// Name (also the NBD export name).
         name: String,
-        /// Size, e.g. 512M or 10G.
-        #[arg(long, value_parser = size_arg)]
-        size: u64,
+        /// Size, e.g. 512M or 10G [default with --from: the source's size].
+        #[arg(long, value_parser = size_arg, required_unless_present = "from")]
+        size: Option<u64>,
         /// Replication factor: nodes holding a full copy, 1 to 3
         /// [default: 2 on clusters of two or more nodes, else 1].
         #[arg(long)]
         rf: Option<u32>,
+        /// Clone this vdisk or image (its data is copied).
+        #[arg(long, value_name = "IMAGE")]
+        from: Option<String>,
     },
     /// List vdisks.
     List,
@@ -192,6 +304,45 @@ impl Client {
         let body = serde_json::to_value(body)?;
         self.call(self.agent.post(&self.url(path)), Some(body))?
             .ok_or_else(|| anyhow!("empty answer from {path}"))
+    }
+
+    fn put_bytes<T: DeserializeOwned>(&self, path: &str, data: &[u8]) -> anyhow::Result<T> {
+        let url = self.url(path);
+        match self
+            .agent
+            .put(&url)
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(data)
+        {
+            Ok(response) => {
+                let text = response
+                    .into_string()
+                    .with_context(|| format!("reading the answer of {url}"))?;
+                serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+            }
+            Err(ureq::Error::Status(code, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|e| e.error)
+                    .unwrap_or(text);
+                Err(anyhow!("{message} (HTTP {code})"))
+            }
+            Err(ureq::Error::Transport(t)) => Err(anyhow!(
+                "cannot reach the Basalt API at {}: {} (is basaltd running?)",
+                self.base,
+                t
+            )),
+        }
+    }
+
+    /// POST whose answer may be empty (204).
+    fn post_maybe<T: DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<Option<T>> {
+        let body = serde_json::to_value(body)?;
+        self.call(self.agent.post(&self.url(path)), Some(body))
     }
 
     fn delete(&self, path: &str) -> anyhow::Result<()> {
@@ -424,14 +575,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{t}");
         }
         Command::Vdisk(command) => vdisk(&client, cli.json, command)?,
+        Command::Image(command) => image(&client, cli.json, command)?,
+        Command::Vm(command) => vm(&client, cli.json, command)?,
     }
     Ok(())
 }
 
 fn vdisk(client: &Client, json: bool, command: VdiskCommand) -> anyhow::Result<()> {
     match command {
-        VdiskCommand::Create { name, size, rf } => {
-            let v: Vdisk = client.post("/vdisks", &CreateVdisk { name, size, rf })?;
+        VdiskCommand::Create {
+            name,
+            size,
+            rf,
+            from: Some(from),
+        } => {
+            let v: Vdisk = client.post(
+                "/vdisks",
+                &CreateVdisk {
+                    name,
+                    size: size.unwrap_or(0),
+                    rf,
+                    from: Some(from.clone()),
+                },
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "created vdisk {} ({}) from {from}, NBD {}",
+                v.name,
+                format_size(v.size),
+                v.nbd_uri
+            );
+        }
+        VdiskCommand::Create {
+            name,
+            size,
+            rf,
+            from: None,
+        } => {
+            let size = size.ok_or_else(|| anyhow!("--size is required (or --from IMAGE)"))?;
+            let v: Vdisk = client.post(
+                "/vdisks",
+                &CreateVdisk {
+                    name,
+                    size,
+                    rf,
+                    from: None,
+                },
+            )?;
             if json {
                 return print_json(&v);
             }
@@ -508,6 +700,440 @@ fn vdisk(client: &Client, json: bool, command: VdiskCommand) -> anyhow::Result<(
             println!("stopped the vhost-user export of {}", args.name);
         }
     }
+    Ok(())
+}
+
+/// A vdisk name for a VM's boot file (`web1-kernel`).
+fn boot_file_vdisk(vm: &str, what: &str) -> String {
+    format!("{vm}-{what}")
+}
+
+/// Uploads `path` into a new vdisk `vdisk` sized to hold it.
+fn upload_file(client: &Client, vdisk: &str, path: &std::path::Path) -> anyhow::Result<StoredFile> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if data.is_empty() {
+        return Err(anyhow!("{} is empty", path.display()));
+    }
+    let size = (data.len() as u64).div_ceil(4096) * 4096;
+    let _: Vdisk = client.post(
+        "/vdisks",
+        &CreateVdisk {
+            name: vdisk.to_string(),
+            size,
+            rf: None,
+            from: None,
+        },
+    )?;
+    let stored = client.put_bytes(&format!("/vdisks/{}/content", escape(vdisk)), &data);
+    if stored.is_err() {
+        let _ = client.delete(&format!("/vdisks/{}", escape(vdisk)));
+    }
+    stored
+}
+
+fn create_vm(client: &Client, json: bool, args: VmCreateArgs) -> anyhow::Result<()> {
+    let mut disks = args.disks.clone();
+    if let Some(boot) = &args.boot_disk
+        && !disks.contains(boot)
+    {
+        disks.push(boot.clone());
+    }
+    // Local files first: a missing kernel changes nothing in the cluster.
+    for file in args.kernel.iter().chain(args.initrd.iter()) {
+        let meta =
+            std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+        if !meta.is_file() {
+            return Err(anyhow!("{} is not a file", file.display()));
+        }
+    }
+    let placeholder = |path: &Option<std::path::PathBuf>| {
+        path.as_ref().map(|_| StoredFile {
+            vdisk: String::new(),
+            length: 0,
+        })
+    };
+    let mut request = CreateVm {
+        name: args.name.clone(),
+        vcpus: args.vcpus,
+        memory: args.memory,
+        disks,
+        boot_disk: args.boot_disk.clone(),
+        kernel: placeholder(&args.kernel),
+        initrd: placeholder(&args.initrd),
+        cmdline: args.cmdline.clone(),
+        nics: args.nics,
+        owned_vdisks: Vec::new(),
+        dry_run: true,
+    };
+    // Check everything but the boot files before uploading them.
+    let _: Option<Vm> = client.post_maybe("/vms", &request)?;
+    let mut uploaded = Vec::new();
+    let result = (|| -> anyhow::Result<Vm> {
+        if let Some(kernel) = &args.kernel {
+            let vdisk = boot_file_vdisk(&args.name, "kernel");
+            request.kernel = Some(upload_file(client, &vdisk, kernel)?);
+            uploaded.push(vdisk);
+        }
+        if let Some(initrd) = &args.initrd {
+            let vdisk = boot_file_vdisk(&args.name, "initrd");
+            request.initrd = Some(upload_file(client, &vdisk, initrd)?);
+            uploaded.push(vdisk);
+        }
+        request.owned_vdisks = uploaded.clone();
+        request.dry_run = false;
+        client
+            .post_maybe("/vms", &request)?
+            .ok_or_else(|| anyhow!("empty answer to the VM creation"))
+    })();
+    let vm = match result {
+        Ok(vm) => vm,
+        Err(error) => {
+            for vdisk in &uploaded {
+                let _ = client.delete(&format!("/vdisks/{}", escape(vdisk)));
+            }
+            return Err(error);
+        }
+    };
+    if json {
+        return print_json(&vm);
+    }
+    println!(
+        "created VM {} ({} vCPUs, {}, boot {}); start it with: basalt vm start {}",
+        vm.name,
+        vm.vcpus,
+        format_size(vm.memory),
+        vm.boot,
+        vm.name
+    );
+    Ok(())
+}
+
+fn show_vm(v: &Vm) {
+    let mut t = table(&["Field", "Value"]);
+    let node = v
+        .node
+        .map_or_else(|| "-".to_string(), |n| format!("node {n}"));
+    let rows = [
+        ("name", v.name.clone()),
+        ("state", v.state.clone()),
+        ("desired", v.desired.clone()),
+        ("node", node),
+        ("why", v.reason.clone()),
+        ("vcpus", v.vcpus.to_string()),
+        ("memory", format_size(v.memory)),
+        ("disks", v.disks.join(", ")),
+        ("boot", v.boot.clone()),
+        ("cmdline", v.cmdline.clone().unwrap_or_else(|| "-".into())),
+        ("nics", v.nics.to_string()),
+        ("generation", v.generation.to_string()),
+    ];
+    for (k, value) in rows {
+        t.add_row(vec![k.to_string(), value]);
+    }
+    if let Some(m) = &v.migration {
+        t.add_row(vec![
+            "migration".to_string(),
+            format!(
+                "node {} -> node {}: {} of {}",
+                m.from,
+                m.to,
+                format_size(m.transferred),
+                format_size(m.total)
+            ),
+        ]);
+    }
+    if let (Some(down), Some(total)) = (v.last_migration_downtime_ms, v.last_migration_total_ms) {
+        t.add_row(vec![
+            "last migration".to_string(),
+            format!("{down} ms downtime, {total} ms in all"),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// Follows a migration with a progress bar until it ends.
+fn follow_migration(client: &Client, name: &str, to: u64, json: bool) -> anyhow::Result<()> {
+    let path = format!("/vms/{}", escape(name));
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .map_err(|e| anyhow!("progress bar: {e}"))?
+        .progress_chars("=> "),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_message(format!("migrating {name} to node {to}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    loop {
+        let v: Vm = client.get(&path)?;
+        match &v.migration {
+            Some(m) => {
+                bar.set_length(m.total);
+                bar.set_position(m.transferred);
+            }
+            None => {
+                bar.finish_and_clear();
+                if v.node != Some(to) {
+                    return Err(anyhow!("{}", v.reason));
+                }
+                if json {
+                    return print_json(&v);
+                }
+                println!("{}", v.reason);
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(anyhow!(
+                "the migration of {name} did not end within 15 minutes"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
+    match command {
+        VmCommand::Create(args) => create_vm(client, json, *args)?,
+        VmCommand::Start { name } => {
+            let v: Vm = client.post(
+                &format!("/vms/{}/start", escape(&name)),
+                &serde_json::json!({}),
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "VM {} is {} on node {}",
+                v.name,
+                v.state,
+                v.node.map_or_else(|| "-".into(), |n| n.to_string())
+            );
+        }
+        VmCommand::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            let v: Vm = client.post(
+                &format!("/vms/{}/stop", escape(&name)),
+                &StopVm {
+                    force,
+                    timeout: Some(timeout),
+                },
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            println!("VM {} is {} ({})", v.name, v.state, v.reason);
+        }
+        VmCommand::Restart { name, force } => {
+            let v: Vm = client.post(
+                &format!("/vms/{}/restart", escape(&name)),
+                &StopVm {
+                    force,
+                    timeout: None,
+                },
+            )?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "VM {} is {} on node {}",
+                v.name,
+                v.state,
+                v.node.map_or_else(|| "-".into(), |n| n.to_string())
+            );
+        }
+        VmCommand::Delete { name } => {
+            client.delete(&format!("/vms/{}", escape(&name)))?;
+            if json {
+                return print_json(&serde_json::json!({ "deleted": name }));
+            }
+            println!("deleted VM {name}");
+        }
+        VmCommand::Show { name } => {
+            let v: Vm = client.get(&format!("/vms/{}", escape(&name)))?;
+            if json {
+                return print_json(&v);
+            }
+            show_vm(&v);
+        }
+        VmCommand::List => {
+            let list: Vec<Vm> = client.get("/vms")?;
+            if json {
+                return print_json(&list);
+            }
+            let mut t = table(&["Name", "State", "Node", "vCPUs", "Memory", "Disks"]);
+            for v in list {
+                t.add_row(vec![
+                    v.name,
+                    v.state,
+                    v.node.map_or_else(|| "-".into(), |n| n.to_string()),
+                    v.vcpus.to_string(),
+                    format_size(v.memory),
+                    v.disks.join(", "),
+                ]);
+            }
+            println!("{t}");
+        }
+        VmCommand::Console { name, follow } => {
+            use std::io::Write;
+            let mut offset = 0;
+            let mut stdout = std::io::stdout();
+            loop {
+                let chunk: ConsoleChunk =
+                    client.get(&format!("/vms/{}/console?offset={offset}", escape(&name)))?;
+                if chunk.offset < offset {
+                    // A new QEMU process began a new log.
+                    writeln!(stdout, "\n--- console restarted on node {} ---", chunk.node)?;
+                }
+                stdout.write_all(chunk.data.as_bytes())?;
+                stdout.flush()?;
+                let more = chunk.next > chunk.offset;
+                offset = chunk.next;
+                if !follow && !more {
+                    break;
+                }
+                if !more {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            }
+        }
+        VmCommand::Migrate { name, to } => {
+            let _: Vm = client.post(
+                &format!("/vms/{}/migrate", escape(&name)),
+                &MigrateVm { to },
+            )?;
+            follow_migration(client, &name, to, json)?;
+        }
+    }
+    Ok(())
+}
+
+/// `qemu-img info` of an image file: (format, virtual size).
+fn image_info(file: &std::path::Path) -> anyhow::Result<(String, u64)> {
+    let output = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(file)
+        .output()
+        .context("running qemu-img (install qemu-utils)")?;
+    if !output.status.success() {
+        return Err(anyhow!(
+            "qemu-img cannot read {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let info: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("parsing qemu-img info")?;
+    let format = info["format"]
+        .as_str()
+        .ok_or_else(|| anyhow!("qemu-img info gave no format"))?
+        .to_string();
+    if format != "raw" && format != "qcow2" {
+        return Err(anyhow!(
+            "{} is a {format} image; raw and qcow2 are supported",
+            file.display()
+        ));
+    }
+    let size = info["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("qemu-img info gave no virtual size"))?;
+    Ok((format, size))
+}
+
+fn image(client: &Client, json: bool, command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Import { name, file, rf } => {
+            let (format, virtual_size) = image_info(&file)?;
+            let size = virtual_size.max(1).div_ceil(4096) * 4096;
+            let v: Vdisk = client.post(
+                "/vdisks",
+                &CreateVdisk {
+                    name: name.clone(),
+                    size,
+                    rf,
+                    from: None,
+                },
+            )?;
+            let copied = convert_with_progress(&file, &format, &v.nbd_uri, json);
+            if let Err(error) = copied {
+                let _ = client.delete(&format!("/vdisks/{}", escape(&name)));
+                return Err(error);
+            }
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "imported {} ({format}, {}) as vdisk {}",
+                file.display(),
+                format_size(virtual_size),
+                v.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies an image into a vdisk over NBD with `qemu-img convert`, showing
+/// its progress as a bar.
+fn convert_with_progress(
+    file: &std::path::Path,
+    format: &str,
+    uri: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut child = std::process::Command::new("qemu-img")
+        .args(["convert", "-p", "-n", "-f", format, "-O", "raw"])
+        .arg(file)
+        .arg(uri)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running qemu-img convert")?;
+    let bar = indicatif::ProgressBar::new(10_000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("importing [{bar:40}] {percent}% ({elapsed})")
+            .map_err(|e| anyhow!("progress bar: {e}"))?
+            .progress_chars("=> "),
+    );
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    if let Some(mut out) = child.stdout.take() {
+        // qemu-img -p prints "    (12.34/100%)" lines separated by \r.
+        let mut buf = [0u8; 256];
+        let mut text = String::new();
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(percent) = text
+                .rsplit('(')
+                .find_map(|piece| piece.split('/').next()?.trim().parse::<f64>().ok())
+            {
+                bar.set_position((percent * 100.0) as u64);
+            }
+            if text.len() > 4096 {
+                text.drain(..2048);
+            }
+        }
+    }
+    let output = child.wait_with_output().context("waiting for qemu-img")?;
+    if !output.status.success() {
+        bar.abandon();
+        return Err(anyhow!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    bar.finish();
     Ok(())
 }
 

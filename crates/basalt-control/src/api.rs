@@ -9,13 +9,15 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Query};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use basalt_api::{
-    ClusterNode, ClusterStatus, CreateVdisk, Disk, ErrorBody, Health, IoCounters, NodeStatus,
-    ResizeVdisk, ResyncProgress, Vdisk, VdiskReplica, VhostExport,
+    ClusterNode, ClusterStatus, ConsoleChunk, CreateVdisk, CreateVm, Disk, ErrorBody, Health,
+    IoCounters, MigrateVm, NodeStatus, ResizeVdisk, ResyncProgress, StopVm, StoredFile, Vdisk,
+    VdiskReplica, VhostExport, Vm, VmMigration,
 };
 use utoipa::OpenApi;
 
@@ -27,7 +29,7 @@ use crate::{ControlError, metrics};
 #[openapi(
     info(
         title = "Basalt API",
-        description = "Manage a Basalt node: disks, vdisks and their exports."
+        description = "Manage a Basalt cluster through any node: disks, vdisks, their exports and VMs."
     ),
     paths(
         health,
@@ -40,7 +42,17 @@ use crate::{ControlError, metrics};
         resize_vdisk,
         delete_vdisk,
         export_vhost,
-        unexport_vhost
+        unexport_vhost,
+        upload_content,
+        list_vms,
+        create_vm,
+        get_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        restart_vm,
+        migrate_vm,
+        vm_console
     ),
     components(schemas(
         ErrorBody,
@@ -55,7 +67,14 @@ use crate::{ControlError, metrics};
         ResyncProgress,
         CreateVdisk,
         ResizeVdisk,
-        VhostExport
+        VhostExport,
+        StoredFile,
+        CreateVm,
+        StopVm,
+        MigrateVm,
+        Vm,
+        VmMigration,
+        ConsoleChunk
     ))
 )]
 pub struct ApiDoc;
@@ -124,6 +143,17 @@ pub fn router(node: Arc<Node>) -> Router {
             "/api/v1/vdisks/{name}/vhost",
             post(export_vhost).delete(unexport_vhost),
         )
+        .route(
+            "/api/v1/vdisks/{name}/content",
+            axum::routing::put(upload_content).layer(DefaultBodyLimit::max(MAX_UPLOAD)),
+        )
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/vms/{name}/start", post(start_vm))
+        .route("/api/v1/vms/{name}/stop", post(stop_vm))
+        .route("/api/v1/vms/{name}/restart", post(restart_vm))
+        .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/api/v1/vms/{name}/console", get(vm_console))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(node)
@@ -232,9 +262,16 @@ async fn create_vdisk(
     payload: Result<Json<CreateVdisk>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Vdisk>), ControlError> {
     let request = body(payload)?;
-    let vdisk = node
-        .create_vdisk(&request.name, request.size, request.rf)
-        .await?;
+    let vdisk = match &request.from {
+        Some(from) => {
+            node.clone_vdisk(&request.name, from, request.size, request.rf)
+                .await?
+        }
+        None => {
+            node.create_vdisk(&request.name, request.size, request.rf)
+                .await?
+        }
+    };
     Ok((StatusCode::CREATED, Json(vdisk)))
 }
 
@@ -325,4 +362,209 @@ async fn unexport_vhost(
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Largest boot file (kernel, initrd) one upload takes.
+const MAX_UPLOAD: usize = 512 << 20;
+
+/// Writes the request body at the start of a vdisk (a VM's kernel or
+/// initrd): the vdisk must exist and be large enough.
+#[utoipa::path(
+    put,
+    path = "/api/v1/vdisks/{name}/content",
+    params(("name" = String, Path, description = "vdisk name")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, body = StoredFile),
+        (status = 400, body = ErrorBody, description = "empty or larger than the vdisk"),
+        (status = 404, body = ErrorBody)
+    )
+)]
+async fn upload_content(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    content: axum::body::Bytes,
+) -> Result<Json<StoredFile>, ControlError> {
+    Ok(Json(node.write_vdisk_content(&name, content).await?))
+}
+
+/// All VMs.
+#[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [Vm])))]
+async fn list_vms(State(node): State<Arc<Node>>) -> Json<Vec<Vm>> {
+    Json(node.vms())
+}
+
+/// Defines a VM (stopped). With `dry_run`, only checks the request
+/// (answers 204).
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms",
+    request_body = CreateVm,
+    responses(
+        (status = 201, body = Vm),
+        (status = 204, description = "dry run: the request is valid"),
+        (status = 400, body = ErrorBody, description = "bad name, sizes or boot source"),
+        (status = 404, body = ErrorBody, description = "unknown vdisk"),
+        (status = 409, body = ErrorBody, description = "name taken, or a vdisk attached to a running VM")
+    )
+)]
+async fn create_vm(
+    State(node): State<Arc<Node>>,
+    payload: Result<Json<CreateVm>, JsonRejection>,
+) -> Result<Response, ControlError> {
+    let request = body(payload)?;
+    Ok(match node.create_vm(request).await? {
+        Some(vm) => (StatusCode::CREATED, Json(vm)).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// One VM.
+#[utoipa::path(
+    get,
+    path = "/api/v1/vms/{name}",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody))
+)]
+async fn get_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, ControlError> {
+    Ok(Json(node.vm(&name)?))
+}
+
+/// Deletes a stopped VM (and the vdisks holding its uploaded boot files).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/vms/{name}",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not stopped")
+    )
+)]
+async fn delete_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ControlError> {
+    node.delete_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a VM on the node with the most free memory that has room for it;
+/// answers once its QEMU runs.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms/{name}/start",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 200, body = Vm),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "no node has room, or a vdisk is attached to another running VM"),
+        (status = 500, body = ErrorBody, description = "QEMU could not start")
+    )
+)]
+async fn start_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, ControlError> {
+    Ok(Json(node.start_vm(&name).await?))
+}
+
+/// The optional JSON body of `stop` and `restart` (empty: defaults).
+fn stop_options(payload: &[u8]) -> Result<StopVm, ControlError> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(StopVm::default());
+    }
+    serde_json::from_slice(payload)
+        .map_err(|e| ControlError::BadRequest(format!("invalid stop options: {e}")))
+}
+
+/// Default seconds a graceful stop waits for the guest.
+const STOP_TIMEOUT: u64 = 30;
+
+/// Stops a VM: asks the guest to power off (ACPI), forced after the
+/// timeout, or at once with `force`; answers once QEMU is gone.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms/{name}/stop",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = StopVm,
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody))
+)]
+async fn stop_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    payload: axum::body::Bytes,
+) -> Result<Json<Vm>, ControlError> {
+    let options = stop_options(&payload)?;
+    let timeout = options.timeout.unwrap_or(STOP_TIMEOUT);
+    Ok(Json(node.stop_vm(&name, options.force, timeout).await?))
+}
+
+/// Stops a VM (as `stop` does) and starts it again.
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms/{name}/restart",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = StopVm,
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody))
+)]
+async fn restart_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    payload: axum::body::Bytes,
+) -> Result<Json<Vm>, ControlError> {
+    let options = stop_options(&payload)?;
+    let timeout = options.timeout.unwrap_or(STOP_TIMEOUT);
+    node.stop_vm(&name, options.force, timeout).await?;
+    Ok(Json(node.start_vm(&name).await?))
+}
+
+/// Starts a live migration to another node; answers at once. Follow it
+/// with `GET /api/v1/vms/{name}` (`migration` shows the progress).
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms/{name}/migrate",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = MigrateVm,
+    responses(
+        (status = 200, body = Vm),
+        (status = 400, body = ErrorBody, description = "already on that node"),
+        (status = 404, body = ErrorBody, description = "unknown VM or node"),
+        (status = 409, body = ErrorBody, description = "not running, already migrating, or no room there")
+    )
+)]
+async fn migrate_vm(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    payload: Result<Json<MigrateVm>, JsonRejection>,
+) -> Result<Json<Vm>, ControlError> {
+    let request = body(payload)?;
+    Ok(Json(node.migrate_vm(&name, request.to).await?))
+}
+
+/// Query of `GET /api/v1/vms/{name}/console`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct ConsoleQuery {
+    /// Byte offset to read from.
+    #[serde(default)]
+    offset: u64,
+}
+
+/// A piece (up to 1 MiB) of a VM's serial console, from the node that runs it.
+#[utoipa::path(
+    get,
+    path = "/api/v1/vms/{name}/console",
+    params(("name" = String, Path, description = "VM name"), ConsoleQuery),
+    responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody))
+)]
+async fn vm_console(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    query: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ConsoleChunk>, ControlError> {
+    let Query(query) = query.map_err(|e| ControlError::BadRequest(e.body_text()))?;
+    Ok(Json(node.vm_console(&name, query.offset).await?))
 }

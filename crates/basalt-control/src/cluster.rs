@@ -25,6 +25,7 @@ use basalt_replica::{
 };
 use bytes::Bytes;
 
+use crate::ControlError;
 use crate::node::Node;
 
 /// How long to wait for this node to apply a change it proposed.
@@ -92,6 +93,14 @@ async fn acquire(node: Arc<Node>, vdisk: u64) -> Result<Acquired, BlockError> {
         .get(&vdisk)
         .map(|v| v.name.clone())
         .ok_or_else(|| io(format!("vdisk {vdisk} was deleted")))?;
+    // A VM using the vdisk is migrating here: its source serves the vdisk
+    // until the switch-over and releases it then (no read lease to wait out).
+    let me_now = me;
+    let pending = |state: &ClusterState| crate::vms::migration_pending(state, me_now, &name);
+    if pending(&node.cluster().cluster()) {
+        tracing::info!(vdisk = %name, "waiting for the migration's switch-over before taking the vdisk");
+        let _ = wait_applied(&node, |state| !pending(state)).await;
+    }
     let epoch = match node
         .cluster()
         .propose(Command::AcquireVdisk {
@@ -264,6 +273,13 @@ pub enum ControlRequest {
         /// Vdisk id.
         vdisk: u64,
     },
+    /// A piece of the serial console log of a VM this node runs.
+    Console {
+        /// VM name.
+        name: String,
+        /// Byte offset.
+        offset: u64,
+    },
 }
 
 /// Serves [`SERVICE_CONTROL`].
@@ -298,6 +314,14 @@ impl basalt_net::Handler for ControlService {
                     node.refresh_backend(vdisk, true).await;
                     Ok(basalt_net::Reply::default())
                 }
+                ControlRequest::Console { name, offset } => {
+                    let chunk = node
+                        .local_console(&name, offset)
+                        .map_err(|e| fail(e.to_string()))?;
+                    serde_json::to_vec(&chunk)
+                        .map(basalt_net::Reply::body)
+                        .map_err(|e| fail(e.to_string()))
+                }
                 ControlRequest::ResyncProgress { vdisk } => {
                     let progress = node
                         .resync_progress
@@ -311,6 +335,34 @@ impl basalt_net::Handler for ControlService {
             }
         })
     }
+}
+
+/// Asks the node at `addr` for a piece of VM `name`'s console log.
+pub(crate) async fn remote_console(
+    node: &Node,
+    addr: &str,
+    name: &str,
+    offset: u64,
+) -> Result<basalt_api::ConsoleChunk, ControlError> {
+    let body = serde_json::to_vec(&ControlRequest::Console {
+        name: name.to_string(),
+        offset,
+    })
+    .map_err(|e| ControlError::Internal(e.to_string()))?;
+    let reply = node
+        .transport()
+        .call_timeout(
+            addr,
+            TrafficClass::Control,
+            SERVICE_CONTROL,
+            Bytes::from(body),
+            Bytes::new(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| ControlError::Cluster(format!("reading the console on {addr}: {e}")))?;
+    serde_json::from_slice(&reply.body)
+        .map_err(|e| ControlError::Internal(format!("console answer from {addr}: {e}")))
 }
 
 /// Asks `node_id` (at `addr`) how far its resync of `vdisk` has come.

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod metrics;
 pub mod node;
 pub mod resync;
+pub mod vms;
 
 pub use node::{Node, NodeConfig};
 

@@ -40,6 +40,8 @@ pub struct NodeConfig {
     /// How long a local copy may stay unreadable (failed or missing disk)
     /// before it is reported lost and rebuilt elsewhere.
     pub dead_after: std::time::Duration,
+    /// How this node runs VMs.
+    pub vm: crate::vms::VmConfig,
 }
 
 /// One node's services.
@@ -60,6 +62,8 @@ pub struct Node {
     pub(crate) resync_copied: std::sync::atomic::AtomicU64,
     /// The vdisks this node serves as owner, by id.
     backends: Mutex<HashMap<u64, Arc<ReplicatedVdisk>>>,
+    /// The QEMU processes of this node's VMs.
+    pub(crate) vm_supervisor: crate::vms::Supervisor,
     me: std::sync::Weak<Node>,
 }
 
@@ -103,6 +107,7 @@ impl Node {
             resync_progress: Mutex::new(HashMap::new()),
             resync_copied: std::sync::atomic::AtomicU64::new(0),
             backends: Mutex::new(HashMap::new()),
+            vm_supervisor: crate::vms::Supervisor::default(),
             me: me.clone(),
         });
         node.transport.register(
@@ -115,6 +120,7 @@ impl Node {
         tokio::spawn(reconcile_forever(Arc::downgrade(&node)));
         tokio::spawn(crate::resync::resync_forever(Arc::downgrade(&node)));
         tokio::spawn(crate::cluster::watch_local_copies(Arc::downgrade(&node)));
+        tokio::spawn(crate::vms::supervise_forever(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -218,6 +224,15 @@ impl Node {
         }
         self.transport.set_partition(nodes);
         Ok(())
+    }
+
+    /// Fences this node's backend of vdisk `id` (if any) and drops it: it
+    /// serves nothing more; the next client gets a backend that acquires
+    /// the vdisk anew.
+    pub(crate) fn fence_backend(&self, id: u64) {
+        if let Some(backend) = self.backends.lock().remove(&id) {
+            backend.fence();
+        }
     }
 
     /// Drops the backend of a vdisk (deleted or moved away).

@@ -790,6 +790,31 @@ impl MetaNode {
             })
             .await?;
         }
+        // High availability: VMs that should run on a down node start
+        // elsewhere (their new node takes their vdisks with a new epoch,
+        // which fences the dead node).
+        let state = self.cluster();
+        for vm in state.vms.values() {
+            let Some(node) = vm.node else { continue };
+            if vm.desired == crate::VmDesired::Running
+                && vm.state != crate::VmRunState::Failed
+                && state
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.state == NodeState::Down)
+            {
+                tracing::warn!(vm = %vm.spec.name, node, "restarting a VM of a down node elsewhere");
+                let failover = Command::Vm {
+                    command: crate::VmCommand::FailOverVm {
+                        name: vm.spec.name.clone(),
+                        dead: node,
+                    },
+                };
+                if let Err(error) = self.propose_local(failover).await {
+                    tracing::warn!(vm = %vm.spec.name, %error, "cannot restart the VM elsewhere");
+                }
+            }
+        }
         // Rebalance, one replica at a time, when nothing is degraded.
         if self.inner.config.rebalance
             && let Some(step) = self.cluster().rebalance_move()

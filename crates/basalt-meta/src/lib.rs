@@ -19,6 +19,7 @@ pub mod cluster;
 pub mod network;
 pub mod state;
 pub mod storage;
+pub mod vm;
 
 pub use cluster::{
     Membership, MetaConfig, MetaNode, NodeAnnouncement, SERVICE_META, read_membership,
@@ -26,6 +27,10 @@ pub use cluster::{
 pub use state::{
     ClusterState, Command, CommandResult, NodeId, NodeRecord, NodeState, Refusal, Replica,
     ReplicaState, VdiskRecord,
+};
+pub use vm::{
+    NodeResources, StoredFile, VmBoot, VmCommand, VmDesired, VmMigration, VmRecord, VmRunState,
+    VmSpec,
 };
 
 /// What Raft knows of a node: its node-to-node address.

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::vm::{NodeResources, VmBoot, VmCommand, VmRecord};
+
 /// Raft node ids.
 pub type NodeId = u64;
 
@@ -258,6 +260,11 @@ pub enum Command {
         /// The epoch the requester writes under.
         epoch: u64,
     },
+    /// A change to a VM (see [`crate::vm`]).
+    Vm {
+        /// The change.
+        command: VmCommand,
+    },
 }
 
 /// What applying a command produced.
@@ -293,17 +300,17 @@ pub enum Refusal {
     Conflict,
 }
 
-type Refused = (Refusal, String);
+pub(crate) type Refused = (Refusal, String);
 
-fn invalid(reason: impl Into<String>) -> Refused {
+pub(crate) fn invalid(reason: impl Into<String>) -> Refused {
     (Refusal::Invalid, reason.into())
 }
 
-fn conflict(reason: impl Into<String>) -> Refused {
+pub(crate) fn conflict(reason: impl Into<String>) -> Refused {
     (Refusal::Conflict, reason.into())
 }
 
-fn not_found(reason: impl Into<String>) -> Refused {
+pub(crate) fn not_found(reason: impl Into<String>) -> Refused {
     (Refusal::NotFound, reason.into())
 }
 
@@ -318,6 +325,12 @@ pub struct ClusterState {
     pub vdisks: BTreeMap<u64, VdiskRecord>,
     /// The next vdisk id to hand out (ids are never reused).
     pub next_vdisk_id: u64,
+    /// VMs by name.
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmRecord>,
+    /// VM capacity each node offers.
+    #[serde(default)]
+    pub node_resources: BTreeMap<NodeId, NodeResources>,
 }
 
 /// Largest replication factor.
@@ -645,6 +658,18 @@ impl ClusterState {
             }
             Command::DeleteVdisk { name } => {
                 let id = self.vdisk_id(name)?;
+                if let Some(vm) = self.vms.values().find(|vm| {
+                    vm.spec.disks.contains(name)
+                        || vm.spec.owned_vdisks.contains(name)
+                        || matches!(&vm.spec.boot, VmBoot::Kernel { kernel, initrd, .. }
+                            if kernel.vdisk == *name
+                                || initrd.as_ref().is_some_and(|f| f.vdisk == *name))
+                }) {
+                    return Err(conflict(format!(
+                        "vdisk {name} is used by VM {}; delete the VM first",
+                        vm.spec.name
+                    )));
+                }
                 self.vdisks.remove(&id);
                 Ok(CommandResult::Done)
             }
@@ -764,6 +789,7 @@ impl ClusterState {
                 record.leaving = Some(*from);
                 Ok(CommandResult::Done)
             }
+            Command::Vm { command } => self.apply_vm(command),
             Command::ResyncDone { vdisk, node, seq } => {
                 let record = self.vdisk_mut(*vdisk)?;
                 let name = record.name.clone();

@@ -88,6 +88,27 @@ struct Args {
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
 
+    /// The QEMU binary that runs VMs.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu: PathBuf,
+
+    /// Accelerator of VMs: `auto` uses KVM when a probe shows it runs
+    /// guests (with a timeout), else TCG.
+    #[arg(long, value_enum, default_value_t = VmAccel::Auto)]
+    vm_accel: VmAccel,
+
+    /// vCPUs offered to VMs per host CPU.
+    #[arg(long, default_value_t = 4.0, value_name = "RATIO")]
+    vm_cpu_overcommit: f64,
+
+    /// Memory offered to VMs [default: the host's memory minus 1 GiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    vm_memory: Option<u64>,
+
+    /// Memory offered to VMs per byte of --vm-memory.
+    #[arg(long, default_value_t = 1.0, value_name = "RATIO")]
+    vm_memory_overcommit: f64,
+
     /// Written data held in memory before writers wait for it to drain.
     #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = parse_size_arg)]
     memory_budget: u64,
@@ -101,6 +122,54 @@ enum Engine {
     Uring,
     /// pread/pwrite through the page cache.
     Sync,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VmAccel {
+    /// KVM if it works here, else TCG.
+    Auto,
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's binary translation.
+    Tcg,
+}
+
+/// The host's memory in bytes (`MemTotal` of /proc/meminfo).
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+/// How this node runs VMs, from the flags.
+fn vm_config(args: &Args) -> basalt_control::vms::VmConfig {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let memory = args
+        .vm_memory
+        .unwrap_or_else(|| host_memory().saturating_sub(1 << 30));
+    basalt_control::vms::VmConfig {
+        qemu: args.qemu.clone(),
+        accel: match args.vm_accel {
+            VmAccel::Auto => basalt_control::vms::AccelChoice::Auto,
+            VmAccel::Kvm => basalt_control::vms::AccelChoice::Kvm,
+            VmAccel::Tcg => basalt_control::vms::AccelChoice::Tcg,
+        },
+        run_dir: args.data_dir.join("vms"),
+        migration_host: args.listen.ip().to_string(),
+        vcpus: (cpus * args.vm_cpu_overcommit.max(0.0)) as u64,
+        memory_mib: ((memory >> 20) as f64 * args.vm_memory_overcommit.max(0.0)) as u64,
+    }
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -302,11 +371,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             vhost_dir,
             fault_injection: args.fault_injection,
             dead_after: Duration::from_secs(args.dead_after),
+            vm: vm_config(&args),
         },
         cluster.clone(),
         transport.clone(),
     )?;
 
+    {
+        let node = node.clone();
+        tokio::spawn(async move { node.offer_vm_capacity().await });
+    }
     let (stop, stopped) = watch::channel(false);
     let registry: Arc<dyn basalt_core::ExportRegistry> = Arc::new(node.exports());
     let nbd = basalt_nbd::NbdServer::new(registry);

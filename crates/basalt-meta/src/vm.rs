@@ -1,0 +1,759 @@
+//! Virtual machines in the cluster metadata.
+//!
+//! A VM's definition, where it should run and what its node last reported
+//! all live in the replicated [`ClusterState`], so any node can start it,
+//! answer for it, or restart it after its node died. Scheduling happens *in*
+//! [`ClusterState::apply`]: the node a `StartVm` lands on is chosen against
+//! the state the command is applied to, so two starts racing for the last
+//! free memory cannot both win.
+//!
+//! Every placement (start, fail-over) raises the VM's `generation`. A node
+//! runs a QEMU process for (name, generation) and its reports carry the
+//! generation: a report from a process of an older placement, or from a node
+//! the VM has left, is refused and changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{
+    ClusterState, CommandResult, NodeId, NodeState, Refused, conflict, invalid, not_found,
+};
+
+/// Whether the operator wants the VM running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmDesired {
+    /// Keep it running (restart it after a crash or a dead node).
+    Running,
+    /// Keep it stopped.
+    Stopped,
+}
+
+/// What the VM's node last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmRunState {
+    /// No QEMU process.
+    Stopped,
+    /// Placed on a node that has not reported its QEMU running yet.
+    Starting,
+    /// QEMU runs the guest.
+    Running,
+    /// It cannot run: QEMU keeps crashing or no node can take it.
+    Failed,
+}
+
+/// A file (kernel, initrd) stored in the cluster as the first `length`
+/// bytes of a vdisk, so that any node can start the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// The vdisk holding it.
+    pub vdisk: String,
+    /// Its length in bytes.
+    pub length: u64,
+}
+
+/// How the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VmBoot {
+    /// From a vdisk, through QEMU's firmware (BIOS).
+    Disk {
+        /// The boot vdisk (one of the VM's disks).
+        vdisk: String,
+    },
+    /// Direct kernel boot.
+    Kernel {
+        /// The kernel image.
+        kernel: StoredFile,
+        /// The initial ramdisk, if any.
+        initrd: Option<StoredFile>,
+        /// The kernel command line.
+        cmdline: String,
+    },
+}
+
+/// What an operator defines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Name, unique in the cluster.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Vdisks, in the order the guest sees them.
+    pub disks: Vec<String>,
+    /// Boot source.
+    pub boot: VmBoot,
+    /// NICs with user-mode networking.
+    #[serde(default)]
+    pub nics: u32,
+    /// Vdisks holding the boot files that belong to this VM (deleted with it).
+    #[serde(default)]
+    pub owned_vdisks: Vec<String>,
+}
+
+/// A live migration under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMigration {
+    /// The node the VM leaves.
+    pub from: NodeId,
+    /// The node it moves to.
+    pub to: NodeId,
+    /// Where the destination's QEMU listens, once it does.
+    pub uri: Option<String>,
+    /// Guest memory bytes sent so far.
+    pub transferred: u64,
+    /// Guest memory bytes in all.
+    pub total: u64,
+    /// Unix seconds when it was asked for.
+    pub started: u64,
+}
+
+/// A VM as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Its definition.
+    pub spec: VmSpec,
+    /// Creation time, unix seconds.
+    pub created: u64,
+    /// What the operator wants.
+    pub desired: VmDesired,
+    /// What its node last reported.
+    pub state: VmRunState,
+    /// The node it runs on (or ran on last).
+    pub node: Option<NodeId>,
+    /// Raised at every placement; QEMU processes and reports carry it.
+    pub generation: u64,
+    /// Why it is where and how it is, for people.
+    pub reason: String,
+    /// Stop without asking the guest (`vm stop --force`).
+    pub force_stop: bool,
+    /// Seconds a graceful stop waits for the guest before it is forced.
+    pub stop_timeout: u64,
+    /// A live migration under way.
+    pub migration: Option<VmMigration>,
+    /// The last completed migration's downtime and total time, in ms.
+    #[serde(default)]
+    pub last_migration_ms: Option<(u64, u64)>,
+}
+
+/// VM capacity a node offers (its CPUs and memory times the overcommit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Virtual CPUs it takes.
+    pub vcpus: u64,
+    /// Memory in MiB it takes.
+    pub memory_mib: u64,
+}
+
+/// Smallest guest memory, MiB.
+pub const MIN_VM_MEMORY_MIB: u64 = 16;
+/// Most virtual CPUs of one VM.
+pub const MAX_VM_VCPUS: u32 = 64;
+/// Most disks of one VM.
+pub const MAX_VM_DISKS: usize = 16;
+
+impl ClusterState {
+    /// The VM called `name`.
+    pub fn vm(&self, name: &str) -> Option<&VmRecord> {
+        self.vms.get(name)
+    }
+
+    fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord, Refused> {
+        self.vms
+            .get_mut(name)
+            .ok_or_else(|| not_found(format!("no VM named {name}")))
+    }
+
+    /// vCPUs and MiB taken on `node` by VMs placed there that should run,
+    /// and by migrations coming in; `except` is left out.
+    pub fn vm_usage(&self, node: NodeId, except: Option<&str>) -> (u64, u64) {
+        self.vms
+            .values()
+            .filter(|vm| Some(vm.spec.name.as_str()) != except)
+            .filter(|vm| {
+                let placed = vm.node == Some(node)
+                    && vm.desired == VmDesired::Running
+                    && vm.state != VmRunState::Failed;
+                let incoming = vm.migration.as_ref().is_some_and(|m| m.to == node);
+                placed || incoming
+            })
+            .fold((0, 0), |(cpus, mem), vm| {
+                (cpus + u64::from(vm.spec.vcpus), mem + vm.spec.memory_mib)
+            })
+    }
+
+    /// Whether `node` is up and has room for `spec` (besides VM `except`).
+    fn check_room(&self, node: NodeId, spec: &VmSpec) -> Result<(), String> {
+        if !self.is_up(node) {
+            return Err(format!("node {node} is not up"));
+        }
+        let Some(offer) = self.node_resources.get(&node) else {
+            return Err(format!("node {node} has not reported its VM capacity yet"));
+        };
+        let (cpus, mem) = self.vm_usage(node, Some(&spec.name));
+        let free_cpus = offer.vcpus.saturating_sub(cpus);
+        let free_mem = offer.memory_mib.saturating_sub(mem);
+        if u64::from(spec.vcpus) > free_cpus {
+            return Err(format!(
+                "node {node} has {free_cpus} free vCPUs, VM {} needs {}",
+                spec.name, spec.vcpus
+            ));
+        }
+        if spec.memory_mib > free_mem {
+            return Err(format!(
+                "node {node} has {free_mem} MiB of free VM memory, VM {} needs {} MiB",
+                spec.name, spec.memory_mib
+            ));
+        }
+        Ok(())
+    }
+
+    /// The up node (not in `exclude`) with room for `spec` and the most free
+    /// memory; lowest id on ties. The error says why none fits.
+    pub fn schedule_vm(&self, spec: &VmSpec, exclude: &[NodeId]) -> Result<NodeId, String> {
+        let mut best: Option<(u64, NodeId)> = None;
+        let mut why = Vec::new();
+        for node in self.nodes.values().filter(|n| !exclude.contains(&n.id)) {
+            match self.check_room(node.id, spec) {
+                Ok(()) => {
+                    let offer = self
+                        .node_resources
+                        .get(&node.id)
+                        .map_or(0, |r| r.memory_mib);
+                    let free = offer.saturating_sub(self.vm_usage(node.id, Some(&spec.name)).1);
+                    if best.is_none_or(|(f, _)| free > f) {
+                        best = Some((free, node.id));
+                    }
+                }
+                Err(reason) => why.push(reason),
+            }
+        }
+        best.map(|(_, node)| node).ok_or_else(|| {
+            if why.is_empty() {
+                format!("no node can run VM {}", spec.name)
+            } else {
+                format!("no node can run VM {}: {}", spec.name, why.join("; "))
+            }
+        })
+    }
+
+    /// The running VM (other than `except`) that has `vdisk` attached.
+    fn vdisk_attached_elsewhere(&self, vdisk: &str, except: &str) -> Option<&VmRecord> {
+        self.vms.values().find(|vm| {
+            vm.spec.name != except
+                && (vm.desired == VmDesired::Running || vm.state != VmRunState::Stopped)
+                && vm.spec.disks.iter().any(|d| d == vdisk)
+        })
+    }
+
+    /// Checks a new VM against this state (what `CreateVm` would refuse);
+    /// without `with_boot_files`, the kernel and initrd are not looked at
+    /// (they may not be uploaded yet).
+    pub fn check_new_vm(&self, spec: &VmSpec, with_boot_files: bool) -> Result<(), Refused> {
+        validate_vm_name(&spec.name)?;
+        if self.vms.contains_key(&spec.name) {
+            return Err((
+                crate::state::Refusal::Exists,
+                format!("a VM named {} exists", spec.name),
+            ));
+        }
+        if spec.vcpus == 0 || spec.vcpus > MAX_VM_VCPUS {
+            return Err(invalid(format!(
+                "a VM has 1 to {MAX_VM_VCPUS} vCPUs, not {}",
+                spec.vcpus
+            )));
+        }
+        if spec.memory_mib < MIN_VM_MEMORY_MIB {
+            return Err(invalid(format!(
+                "a VM needs at least {MIN_VM_MEMORY_MIB} MiB of memory, not {} MiB",
+                spec.memory_mib
+            )));
+        }
+        let largest = self
+            .node_resources
+            .values()
+            .map(|r| r.memory_mib)
+            .max()
+            .unwrap_or(0);
+        if spec.memory_mib > largest {
+            return Err(invalid(format!(
+                "VM {} asks for {} MiB of memory; the largest node offers {largest} MiB to VMs",
+                spec.name, spec.memory_mib
+            )));
+        }
+        if spec.disks.len() > MAX_VM_DISKS {
+            return Err(invalid(format!("a VM has at most {MAX_VM_DISKS} disks")));
+        }
+        if spec.nics > 8 {
+            return Err(invalid("a VM has at most 8 NICs"));
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            if spec.disks[..i].contains(disk) {
+                return Err(invalid(format!("vdisk {disk} is given twice")));
+            }
+            if self.vdisk_by_name(disk).is_none() {
+                return Err(not_found(format!("no vdisk named {disk}")));
+            }
+            if let Some(other) = self.vdisk_attached_elsewhere(disk, &spec.name) {
+                return Err(conflict(format!(
+                    "vdisk {disk} is attached to VM {}, which is running",
+                    other.spec.name
+                )));
+            }
+        }
+        match &spec.boot {
+            VmBoot::Disk { vdisk } => {
+                if !spec.disks.contains(vdisk) {
+                    return Err(invalid(format!(
+                        "the boot vdisk {vdisk} must be one of the VM's disks"
+                    )));
+                }
+            }
+            VmBoot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                if cmdline.len() > 4096 {
+                    return Err(invalid("the kernel command line is longer than 4096 bytes"));
+                }
+                if !with_boot_files {
+                    return Ok(());
+                }
+                for file in std::iter::once(kernel).chain(initrd) {
+                    let Some(vdisk) = self.vdisk_by_name(&file.vdisk) else {
+                        return Err(not_found(format!("no vdisk named {}", file.vdisk)));
+                    };
+                    if file.length == 0 || file.length > vdisk.size {
+                        return Err(invalid(format!(
+                            "vdisk {} cannot hold a file of {} bytes",
+                            file.vdisk, file.length
+                        )));
+                    }
+                    if spec.disks.contains(&file.vdisk) {
+                        return Err(invalid(format!(
+                            "vdisk {} holds a boot file; it cannot also be a disk",
+                            file.vdisk
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a VM command (called by [`ClusterState::apply`]).
+    pub(crate) fn apply_vm(&mut self, command: &VmCommand) -> Result<CommandResult, Refused> {
+        match command {
+            VmCommand::SetNodeResources {
+                node,
+                vcpus,
+                memory_mib,
+            } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(not_found(format!("no node {node}")));
+                }
+                self.node_resources.insert(
+                    *node,
+                    NodeResources {
+                        vcpus: *vcpus,
+                        memory_mib: *memory_mib,
+                    },
+                );
+                Ok(CommandResult::Done)
+            }
+            VmCommand::CreateVm { spec, created } => {
+                self.check_new_vm(spec, true)?;
+                self.vms.insert(
+                    spec.name.clone(),
+                    VmRecord {
+                        spec: spec.clone(),
+                        created: *created,
+                        desired: VmDesired::Stopped,
+                        state: VmRunState::Stopped,
+                        node: None,
+                        generation: 0,
+                        reason: "created".into(),
+                        force_stop: false,
+                        stop_timeout: 0,
+                        migration: None,
+                        last_migration_ms: None,
+                    },
+                );
+                Ok(CommandResult::Done)
+            }
+            VmCommand::DeleteVm { name } => {
+                let vm = self.vm_mut(name)?;
+                if vm.desired != VmDesired::Stopped || vm.state != VmRunState::Stopped {
+                    return Err(conflict(format!("VM {name} is not stopped; stop it first")));
+                }
+                self.vms.remove(name);
+                Ok(CommandResult::Done)
+            }
+            VmCommand::StartVm { name, reason } => {
+                let vm = self
+                    .vms
+                    .get(name)
+                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                if vm.desired == VmDesired::Running && vm.state != VmRunState::Failed {
+                    // Already running or starting: nothing to do.
+                    return Ok(CommandResult::Id(vm.node.unwrap_or(0)));
+                }
+                if vm.state != VmRunState::Stopped && vm.state != VmRunState::Failed {
+                    return Err(conflict(format!("VM {name} is still stopping")));
+                }
+                let spec = vm.spec.clone();
+                for disk in &spec.disks {
+                    if self.vdisk_by_name(disk).is_none() {
+                        return Err(not_found(format!(
+                            "VM {name} needs vdisk {disk}, which does not exist"
+                        )));
+                    }
+                    if let Some(other) = self.vdisk_attached_elsewhere(disk, name) {
+                        return Err(conflict(format!(
+                            "vdisk {disk} is attached to VM {}, which is running",
+                            other.spec.name
+                        )));
+                    }
+                }
+                let node = self.schedule_vm(&spec, &[]).map_err(conflict)?;
+                let vm = self.vm_mut(name)?;
+                vm.desired = VmDesired::Running;
+                vm.state = VmRunState::Starting;
+                vm.node = Some(node);
+                vm.generation += 1;
+                vm.force_stop = false;
+                vm.reason = format!("{reason}; placed on node {node}");
+                Ok(CommandResult::Id(node))
+            }
+            VmCommand::StopVm {
+                name,
+                force,
+                timeout,
+            } => {
+                let vm = self.vm_mut(name)?;
+                if vm.migration.is_some() {
+                    return Err(conflict(format!(
+                        "VM {name} is migrating; stop it when the migration ends"
+                    )));
+                }
+                vm.desired = VmDesired::Stopped;
+                vm.force_stop |= *force;
+                vm.stop_timeout = *timeout;
+                if vm.state == VmRunState::Failed {
+                    vm.state = VmRunState::Stopped;
+                }
+                vm.reason = if *force {
+                    "stop forced by the operator".into()
+                } else {
+                    "stop asked by the operator".into()
+                };
+                Ok(CommandResult::Done)
+            }
+            VmCommand::VmReport {
+                name,
+                node,
+                generation,
+                state,
+                reason,
+                powered_off,
+            } => {
+                let vm = self.vm_mut(name)?;
+                if vm.node != Some(*node) || vm.generation != *generation {
+                    return Err(conflict(format!(
+                        "VM {name} no longer runs on node {node} under generation {generation}"
+                    )));
+                }
+                vm.state = *state;
+                vm.reason = reason.clone();
+                if *powered_off || *state == VmRunState::Stopped {
+                    vm.desired = VmDesired::Stopped;
+                    vm.migration = None;
+                }
+                Ok(CommandResult::Done)
+            }
+            VmCommand::BeginMigration { name, to, started } => {
+                let vm = self
+                    .vms
+                    .get(name)
+                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                if !self.nodes.contains_key(to) {
+                    return Err(not_found(format!("no node {to}")));
+                }
+                if vm.desired != VmDesired::Running || vm.state != VmRunState::Running {
+                    return Err(conflict(format!("VM {name} is not running")));
+                }
+                let Some(from) = vm.node else {
+                    return Err(conflict(format!("VM {name} is not placed")));
+                };
+                if from == *to {
+                    return Err(invalid(format!("VM {name} already runs on node {to}")));
+                }
+                if vm.migration.is_some() {
+                    return Err(conflict(format!("VM {name} is already migrating")));
+                }
+                let spec = vm.spec.clone();
+                self.check_room(*to, &spec).map_err(conflict)?;
+                let vm = self.vm_mut(name)?;
+                vm.migration = Some(VmMigration {
+                    from,
+                    to: *to,
+                    uri: None,
+                    transferred: 0,
+                    total: 0,
+                    started: *started,
+                });
+                vm.reason = format!("migrating from node {from} to node {to}");
+                Ok(CommandResult::Done)
+            }
+            VmCommand::MigrationReady {
+                name,
+                generation,
+                uri,
+            } => {
+                let vm = self.vm_mut(name)?;
+                let current = vm.generation == *generation;
+                match vm.migration.as_mut() {
+                    Some(migration) if current && migration.uri.is_none() => {
+                        migration.uri = Some(uri.clone());
+                        Ok(CommandResult::Done)
+                    }
+                    _ => Err(conflict(format!(
+                        "VM {name} is not waiting for a migration"
+                    ))),
+                }
+            }
+            VmCommand::MigrationProgress {
+                name,
+                generation,
+                transferred,
+                total,
+            } => {
+                let vm = self.vm_mut(name)?;
+                let current = vm.generation == *generation;
+                match vm.migration.as_mut() {
+                    Some(migration) if current => {
+                        migration.transferred = *transferred;
+                        migration.total = *total;
+                        Ok(CommandResult::Done)
+                    }
+                    _ => Err(conflict(format!("VM {name} is not migrating"))),
+                }
+            }
+            VmCommand::EndMigration {
+                name,
+                generation,
+                completed,
+                reason,
+                downtime_ms,
+                total_ms,
+            } => {
+                let vm = self
+                    .vms
+                    .get(name)
+                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                let Some(migration) = vm.migration.clone() else {
+                    return Err(conflict(format!("VM {name} is not migrating")));
+                };
+                if vm.generation != *generation {
+                    return Err(conflict(format!(
+                        "VM {name} was placed anew during the migration"
+                    )));
+                }
+                if *completed {
+                    // The source stopped serving the VM's vdisks before it
+                    // asked for this: the destination takes them without
+                    // waiting out a read lease.
+                    let disks = vm.spec.disks.clone();
+                    for vdisk in self.vdisks.values_mut() {
+                        if disks.contains(&vdisk.name) && vdisk.owner == Some(migration.from) {
+                            vdisk.owner = None;
+                            vdisk.previous_owner = None;
+                        }
+                    }
+                }
+                let vm = self.vm_mut(name)?;
+                vm.migration = None;
+                if *completed {
+                    vm.node = Some(migration.to);
+                    vm.state = VmRunState::Running;
+                    vm.last_migration_ms = Some((*downtime_ms, *total_ms));
+                    vm.reason = format!(
+                        "migrated from node {} to node {} ({downtime_ms} ms downtime, {total_ms} ms in all)",
+                        migration.from, migration.to
+                    );
+                } else {
+                    vm.reason = format!(
+                        "migration to node {} failed: {reason}; still on node {}",
+                        migration.to, migration.from
+                    );
+                }
+                Ok(CommandResult::Done)
+            }
+            VmCommand::FailOverVm { name, dead } => {
+                let vm = self
+                    .vms
+                    .get(name)
+                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                if vm.node != Some(*dead) || vm.desired != VmDesired::Running {
+                    return Err(conflict(format!("VM {name} does not run on node {dead}")));
+                }
+                if self
+                    .nodes
+                    .get(dead)
+                    .is_some_and(|n| n.state == NodeState::Up)
+                {
+                    return Err(conflict(format!("node {dead} is up")));
+                }
+                let spec = vm.spec.clone();
+                let placed = self.schedule_vm(&spec, &[*dead]);
+                let vm = self.vm_mut(name)?;
+                vm.migration = None;
+                match placed {
+                    Ok(node) => {
+                        vm.node = Some(node);
+                        vm.generation += 1;
+                        vm.state = VmRunState::Starting;
+                        vm.reason = format!(
+                            "node {dead} died; restarted on node {node} (high availability)"
+                        );
+                        Ok(CommandResult::Id(node))
+                    }
+                    Err(why) => {
+                        vm.state = VmRunState::Failed;
+                        vm.reason = format!("node {dead} died and {why}");
+                        Ok(CommandResult::Done)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Changes to VMs (variants of [`crate::Command`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "vm_op")]
+pub enum VmCommand {
+    /// A node tells what VM capacity it offers.
+    SetNodeResources {
+        /// Which node.
+        node: NodeId,
+        /// vCPUs it takes.
+        vcpus: u64,
+        /// MiB of memory it takes.
+        memory_mib: u64,
+    },
+    /// Defines a VM (stopped).
+    CreateVm {
+        /// The definition.
+        spec: VmSpec,
+        /// Unix seconds.
+        created: u64,
+    },
+    /// Removes a stopped VM.
+    DeleteVm {
+        /// Name.
+        name: String,
+    },
+    /// Wants the VM running, placed on the up node with the most free
+    /// memory that has room for it; answers the node's id.
+    StartVm {
+        /// Name.
+        name: String,
+        /// Why, for people.
+        reason: String,
+    },
+    /// Wants the VM stopped.
+    StopVm {
+        /// Name.
+        name: String,
+        /// Without asking the guest.
+        force: bool,
+        /// Seconds to wait for the guest before forcing.
+        timeout: u64,
+    },
+    /// The VM's node reports on its QEMU process.
+    VmReport {
+        /// Name.
+        name: String,
+        /// The reporting node.
+        node: NodeId,
+        /// The placement the process belongs to.
+        generation: u64,
+        /// Its state.
+        state: VmRunState,
+        /// Why, for people.
+        reason: String,
+        /// The guest powered itself off: it stays stopped.
+        powered_off: bool,
+    },
+    /// Starts a live migration to `to`.
+    BeginMigration {
+        /// Name.
+        name: String,
+        /// Destination node.
+        to: NodeId,
+        /// Unix seconds.
+        started: u64,
+    },
+    /// The destination's QEMU waits for the migration stream at `uri`.
+    MigrationReady {
+        /// Name.
+        name: String,
+        /// The VM's generation.
+        generation: u64,
+        /// `tcp:HOST:PORT`.
+        uri: String,
+    },
+    /// How far the migration has come.
+    MigrationProgress {
+        /// Name.
+        name: String,
+        /// The VM's generation.
+        generation: u64,
+        /// Bytes sent.
+        transferred: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// The migration ended; on success the VM runs on the destination.
+    EndMigration {
+        /// Name.
+        name: String,
+        /// The VM's generation.
+        generation: u64,
+        /// Whether the destination runs the VM now.
+        completed: bool,
+        /// Why it failed, if it did.
+        reason: String,
+        /// Time the guest was paused, ms.
+        downtime_ms: u64,
+        /// Time the migration took, ms.
+        total_ms: u64,
+    },
+    /// The leader restarts a VM of the down node `dead` elsewhere.
+    FailOverVm {
+        /// Name.
+        name: String,
+        /// The down node.
+        dead: NodeId,
+    },
+}
+
+fn validate_vm_name(name: &str) -> Result<(), Refused> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "invalid VM name {name:?}: use 1-64 letters, digits, '-' or '_', not starting with '-'"
+        )))
+    }
+}
