@@ -601,6 +601,18 @@ impl Node {
     /// vhost-user on this node (a VM may be using it).
     pub async fn delete_vdisk(&self, name: &str) -> Result<(), ControlError> {
         let id = self.vdisk(name)?.id;
+        if let Some(vm) = self
+            .cluster
+            .cluster()
+            .vms
+            .values()
+            .find(|vm| vm.spec.disks.iter().any(|d| d == name))
+        {
+            return Err(ControlError::Busy(format!(
+                "vdisk {name} is used by VM {}; delete the VM first",
+                vm.spec.name
+            )));
+        }
         if self.exports.lock().contains_key(name) {
             return Err(ControlError::Busy(format!(
                 "vdisk {name} is exported over vhost-user; remove the export first (basalt vdisk unexport {name} --vhost)"

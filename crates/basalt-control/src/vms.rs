@@ -579,6 +579,9 @@ impl Node {
             .flush()
             .await
             .map_err(|e| ControlError::Internal(format!("flushing vdisk {name}: {e}")))?;
+        drop(backend);
+        // Whichever node starts the VM reads it next: no lease to wait out.
+        self.hand_back(name).await;
         Ok(basalt_api::StoredFile {
             vdisk: name.to_string(),
             length: data.len() as u64,
@@ -661,7 +664,30 @@ impl Node {
             content.extend_from_slice(data.as_slice());
             offset += len;
         }
-        std::fs::write(path, content).map_err(|e| format!("writing {}: {e}", path.display()))
+        std::fs::write(path, content).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        self.hand_back(&file.vdisk).await;
+        Ok(())
+    }
+
+    /// Gives up ownership of a vdisk this node read a boot file from: the
+    /// backend is fenced, then the cluster records no owner, so that the
+    /// next node to start the VM reads it without waiting out a read lease.
+    async fn hand_back(&self, vdisk: &str) {
+        let me = self.node_id();
+        let Some(record) = self.cluster().cluster().vdisk_by_name(vdisk).cloned() else {
+            return;
+        };
+        if record.owner != Some(me) {
+            return;
+        }
+        self.fence_backend(record.id);
+        let release = Command::ReleaseVdisk {
+            name: vdisk.to_string(),
+            node: me,
+        };
+        if let Err(error) = self.cluster().propose(release).await {
+            tracing::debug!(vdisk, %error, "cannot hand the vdisk back");
+        }
     }
 
     /// Stops serving the vdisks of a VM that migrated away: its local
@@ -1158,7 +1184,7 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
                     vm.node == Some(node.node_id()) && vm.generation == instance.generation
                 });
                 if ours {
-                    node.report_vm(&instance, VmRunState::Running, "running".into(), false)
+                    node.report_vm(&instance, VmRunState::Running, String::new(), false)
                         .await;
                     instance.reported_running.store(true, Ordering::Release);
                 }

@@ -208,6 +208,15 @@ pub enum Command {
         /// The new owner.
         node: NodeId,
     },
+    /// The owner `node` stops serving the vdisk (it fenced its own
+    /// backend first): the next owner need not wait out its read lease.
+    /// Used for boot files, read once when a VM starts.
+    ReleaseVdisk {
+        /// Name.
+        name: String,
+        /// The owner giving it up.
+        node: NodeId,
+    },
     /// Puts a new replica on `new` in place of the one on the down node
     /// `dead`; the new one starts stale and is filled by a resync.
     ReplaceReplica {
@@ -683,6 +692,16 @@ impl ClusterState {
                 vdisk.previous_owner = vdisk.owner;
                 vdisk.owner = Some(*node);
                 Ok(CommandResult::Epoch(vdisk.epoch))
+            }
+            Command::ReleaseVdisk { name, node } => {
+                let id = self.vdisk_id(name)?;
+                let vdisk = self.vdisk_mut(id)?;
+                if vdisk.owner != Some(*node) {
+                    return Err(conflict(format!("node {node} does not own vdisk {name}")));
+                }
+                vdisk.owner = None;
+                vdisk.previous_owner = None;
+                Ok(CommandResult::Done)
             }
             Command::MarkStale { vdisk, node, epoch } => {
                 let record = self.vdisk_mut(*vdisk)?;

@@ -467,7 +467,11 @@ impl ClusterState {
                     )));
                 }
                 vm.state = *state;
-                vm.reason = reason.clone();
+                // An empty reason keeps the one that says how it got here
+                // (started, restarted after a node died, migrated).
+                if !reason.is_empty() {
+                    vm.reason = reason.clone();
+                }
                 if *powered_off || *state == VmRunState::Stopped {
                     vm.desired = VmDesired::Stopped;
                     vm.migration = None;
@@ -684,7 +688,7 @@ pub enum VmCommand {
         generation: u64,
         /// Its state.
         state: VmRunState,
-        /// Why, for people.
+        /// Why, for people (empty: keep the current one).
         reason: String,
         /// The guest powered itself off: it stays stopped.
         powered_off: bool,

@@ -12,14 +12,12 @@
 
 mod common;
 
-use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, run_command, tool, workspace_root};
+use common::{Daemon, guest_image, run_command, tool};
 use serde_json::Value;
 
 // Kept in sync with the guest's /init (tests/guest/build-guest.sh).
@@ -45,40 +43,6 @@ fn pattern_block(word: &str, i: u64) -> Vec<u8> {
     let mut block = format!("{:<4095}\n", format!("basalt {word} block {i}")).into_bytes();
     block.truncate(4096);
     block
-}
-
-/// Builds (or reuses) the guest under an exclusive lock; returns (kernel,
-/// initrd).
-fn guest_image() -> (PathBuf, PathBuf) {
-    let dir = std::env::var_os("BASALT_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/basalt-guest"));
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(parent).expect("guest cache parent directory");
-    let lock_path = dir.with_extension("lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", lock_path.display()));
-    // SAFETY: flock(2) on a descriptor this function owns; released when
-    // `lock` is closed at the end of the function.
-    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock {}", lock_path.display());
-    let mut cmd = Command::new(tool("sh"));
-    cmd.arg(workspace_root().join("tests/guest/build-guest.sh"))
-        .arg(&dir);
-    let out = run_command(cmd, "tests/guest/build-guest.sh", Duration::from_secs(900));
-    assert!(
-        out.status.success(),
-        "building the test guest failed ({}); it needs apt-get, dpkg-deb and busybox-static:\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(lock);
-    (dir.join("vmlinuz"), dir.join("initrd"))
 }
 
 /// Boots the guest on `socket` running `commands`; returns its console once

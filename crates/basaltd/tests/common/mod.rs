@@ -796,9 +796,43 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// PIDs of the QEMU processes this node's supervisor started (from the
+    /// run directories' `instance.json`), alive or not.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("vms")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("instance.json")).ok())
+            .filter_map(|text| serde_json::from_slice::<Value>(&text).ok())
+            .filter_map(|v| v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+            .collect()
+    }
+
+    /// Kills (SIGKILL, by PID) the QEMU processes of this node's VMs, as a
+    /// dying host would take them along.
+    pub fn kill_qemus(&self) {
+        for pid in self.qemu_pids() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let marker = self.data_dir.display().to_string();
+            if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                if let Ok(pid) = i32::try_from(pid) {
+                    // SAFETY: kill(2) with plain integers; the pid was checked
+                    // to be a QEMU of this test's data directory just now.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // QEMU outlives basaltd by design: the test's VMs go too.
+        self.kill_qemus();
         if std::thread::panicking() {
             eprintln!(
                 "--- basaltd log ({}) ---\n{}\n--- end of log ---",
@@ -956,4 +990,40 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Builds (or reuses) the tiny test guest (`tests/guest/build-guest.sh`)
+/// under an exclusive lock; returns (kernel, initrd). Cached in
+/// `/var/tmp/basalt-guest` or `$BASALT_GUEST_DIR`.
+pub fn guest_image() -> (PathBuf, PathBuf) {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::var_os("BASALT_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/basalt-guest"));
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent).expect("guest cache parent directory");
+    let lock_path = dir.with_extension("lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", lock_path.display()));
+    // SAFETY: flock(2) on a descriptor this function owns; released when
+    // `lock` is closed at the end of the function.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", lock_path.display());
+    let mut cmd = Command::new(tool("sh"));
+    cmd.arg(workspace_root().join("tests/guest/build-guest.sh"))
+        .arg(&dir);
+    let out = run_command(cmd, "tests/guest/build-guest.sh", Duration::from_secs(900));
+    assert!(
+        out.status.success(),
+        "building the test guest failed ({}); it needs apt-get, dpkg-deb and busybox-static:\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lock);
+    (dir.join("vmlinuz"), dir.join("initrd"))
 }

@@ -1,0 +1,446 @@
+//! VMs run by basaltd's QEMU supervisor, driven only through the `basalt`
+//! CLI: a real Linux guest (tests/guest/build-guest.sh, QEMU under TCG)
+//! boots from a kernel and initrd stored in the cluster, with a data vdisk
+//! over vhost-user-blk; what it writes is read back over NBD.
+//!
+//! Covered: a guest writing a pattern and powering itself off (the VM ends
+//! `stopped` and stays so); stop and start; a basaltd restart under a
+//! running, writing guest (QEMU keeps running and reconnects); live
+//! migration between two nodes while the guest writes a sequence; a node
+//! killed with its VM, which restarts elsewhere with its data; bad input.
+//!
+//! The guest's `seq` command writes block i = "basalt seq i" from
+//! SEQ_OFFSET, one O_DIRECT write per block, printing `BASALT-SEQ: n` every
+//! 10 blocks (n blocks written and acknowledged). The checks read the range
+//! over NBD: it must hold "basalt seq i" for every i below some count at
+//! least as large as the last count printed, and zeros after it — no gap,
+//! no corrupted block.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, DaemonOptions, guest_image, wait_for};
+use serde_json::Value;
+
+// Kept in sync with the guest's /init (tests/guest/build-guest.sh).
+const PATTERN_OFFSET: u64 = 1 << 20;
+const PATTERN_BLOCKS: u64 = 256;
+const SEQ_OFFSET: u64 = 32 << 20;
+/// Sequence blocks that fit between SEQ_OFFSET and the end of a 64 MiB vdisk.
+const SEQ_BLOCKS: u64 = (64 << 20) / 4096 - SEQ_OFFSET / 4096;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// One node whose VMs run under TCG.
+fn vm_daemon(extra: &[&str]) -> Daemon {
+    let mut flags = vec!["--vm-accel".to_string(), "tcg".to_string()];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    Daemon::start_with(DaemonOptions {
+        extra: flags,
+        ..DaemonOptions::default()
+    })
+}
+
+/// A cluster member whose VMs run under TCG.
+fn vm_member(join: Option<u16>) -> Daemon {
+    common::cluster_member(join, "2G", 3, &["--vm-accel", "tcg"])
+}
+
+/// `basalt vm create NAME` booting the test guest with `commands`.
+fn create_guest(daemon: &Daemon, name: &str, disks: &[&str], commands: &str, memory: &str) {
+    let (kernel, initrd) = guest_image();
+    let cmdline = format!("console=ttyS0 quiet panic=-1 basalt.test={commands}");
+    let kernel = kernel.display().to_string();
+    let initrd = initrd.display().to_string();
+    let mut args = vec![
+        "vm",
+        "create",
+        name,
+        "--vcpus",
+        "1",
+        "--memory",
+        memory,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        &cmdline,
+    ];
+    for disk in disks {
+        args.extend(["--disk", disk]);
+    }
+    daemon.cli_ok(&args);
+}
+
+fn show(daemon: &Daemon, name: &str) -> Value {
+    daemon.cli_json(&["vm", "show", name])
+}
+
+fn console(daemon: &Daemon, name: &str) -> String {
+    daemon.cli_ok(&["vm", "console", name])
+}
+
+/// The last `BASALT-SEQ: n` on the console (0 if none).
+fn seq_count(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("BASALT-SEQ: "))
+        .filter_map(|n| n.parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// Waits until the VM's console shows at least `n` sequence blocks written.
+fn wait_seq(daemon: &Daemon, name: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let text = console(daemon, name);
+        assert!(
+            !text.contains("mismatch"),
+            "the guest saw corrupted data:\n{text}"
+        );
+        let count = seq_count(&text);
+        if count >= n {
+            return count;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not write {n} blocks (at {count}):\n{text}\n{}",
+            daemon.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Reads the sequence over NBD through `daemon`: returns how many blocks
+/// hold it, failing on any block that is neither the sequence (in order,
+/// from 0) nor zero after its end.
+fn read_sequence(daemon: &Daemon, vdisk: &str, max_blocks: u64) -> u64 {
+    let mut client = daemon.nbd(vdisk);
+    let data = client
+        .read_all(SEQ_OFFSET, max_blocks * 4096)
+        .unwrap_or_else(|e| panic!("NBD read of {vdisk}: {e:?}"));
+    client.disconnect();
+    let mut count = 0;
+    for (i, block) in data.chunks(4096).enumerate() {
+        let expected = format!("{:<4095}\n", format!("basalt seq {i}"));
+        if block == expected.as_bytes() {
+            assert_eq!(count, i as u64, "sequence block {i} after a gap");
+            count += 1;
+        } else {
+            assert!(
+                block.iter().all(|b| *b == 0),
+                "block {i} of the sequence holds neither the sequence nor zeros: {:?}",
+                String::from_utf8_lossy(&block[..40])
+            );
+        }
+    }
+    count
+}
+
+fn wait_state(daemon: &Daemon, name: &str, state: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = show(daemon, name);
+        if last["state"] == state {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} is not {state}: {last}\n{}",
+            daemon.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn node_id(daemon: &Daemon) -> u64 {
+    daemon.cli_json(&["cluster", "status"])["node_id"]
+        .as_u64()
+        .expect("node id")
+}
+
+#[test]
+fn guest_writes_a_pattern_on_its_vdisk_powers_off_and_stays_stopped() {
+    let daemon = vm_daemon(&[]);
+    daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
+    create_guest(
+        &daemon,
+        "pat",
+        &["data"],
+        "info,write-pattern,verify-pattern",
+        "256M",
+    );
+    let created = show(&daemon, "pat");
+    assert_eq!(created["state"], "stopped");
+    assert_eq!(created["disks"], serde_json::json!(["data"]));
+    let started = daemon.cli_json(&["vm", "start", "pat"]);
+    assert_eq!(started["node"].as_u64(), Some(node_id(&daemon)));
+    // The guest writes, checks, and powers itself off: the VM ends stopped.
+    let stopped = wait_state(&daemon, "pat", "stopped", BOOT_TIMEOUT);
+    assert_eq!(stopped["desired"], "stopped");
+    assert!(
+        stopped["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("powered off"),
+        "{stopped}"
+    );
+    let text = console(&daemon, "pat");
+    for check in ["info", "write-pattern", "verify-pattern"] {
+        let pass = format!("BASALT-TEST: {check} PASS");
+        assert!(text.contains(&pass), "no {pass:?} on the console:\n{text}");
+    }
+    assert!(text.contains("BASALT-INFO: size_sectors=131072"), "{text}");
+    // The guest's pattern, read back over NBD.
+    let mut client = daemon.nbd("data");
+    let data = client
+        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
+        .expect("read back");
+    client.disconnect();
+    for (i, block) in data.chunks(4096).enumerate() {
+        let expected = format!("{:<4095}\n", format!("basalt guest block {i}"));
+        assert_eq!(block, expected.as_bytes(), "pattern block {i}");
+    }
+    // Not restarted: no QEMU left, still stopped a moment later.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(show(&daemon, "pat")["state"], "stopped");
+    assert!(
+        daemon
+            .qemu_pids()
+            .iter()
+            .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()),
+        "a QEMU process is left"
+    );
+    // Deleting the VM deletes its uploaded boot files, not its disks.
+    daemon.cli_ok(&["vm", "delete", "pat"]);
+    let vdisks = daemon.cli_json(&["vdisk", "list"]);
+    let names: Vec<&str> = vdisks
+        .as_array()
+        .map(|l| l.iter().filter_map(|v| v["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["data"]);
+}
+
+#[test]
+fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
+    // 1 GiB of VM memory on this node: room for one 768 MiB guest only.
+    let mut daemon = vm_daemon(&["--vm-memory", "1G"]);
+    daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
+    daemon.cli_ok(&["vdisk", "create", "other", "--size", "64M"]);
+    create_guest(&daemon, "w", &["data"], "seq basalt.seq=100000", "768M");
+    daemon.cli_ok(&["vm", "start", "w"]);
+    let before_stop = wait_seq(&daemon, "w", 40);
+
+    // Bad input while it runs: nothing changes.
+    let (kernel, _) = guest_image();
+    let kernel = kernel.display().to_string();
+    daemon
+        .cli(&["vm", "create", "x", "--disk", "data", "--kernel", &kernel])
+        .assert_error(&["vdisk data is attached to VM w, which is running"]);
+    daemon
+        .cli(&["vm", "create", "x", "--disk", "nope", "--kernel", &kernel])
+        .assert_error(&["no vdisk named nope"]);
+    daemon
+        .cli(&[
+            "vm",
+            "create",
+            "x",
+            "--disk",
+            "other",
+            "--kernel",
+            "/no/such/kernel",
+        ])
+        .assert_error(&["/no/such/kernel"]);
+    daemon
+        .cli(&[
+            "vm", "create", "x", "--memory", "2G", "--disk", "other", "--kernel", &kernel,
+        ])
+        .assert_error(&["2048 MiB", "largest node offers 1024 MiB"]);
+    create_guest(&daemon, "second", &["other"], "idle", "512M");
+    daemon
+        .cli(&["vm", "start", "second"])
+        .assert_error(&["no node can run VM second", "free VM memory"]);
+    let me = node_id(&daemon).to_string();
+    daemon
+        .cli(&["vm", "migrate", "w", "--to", &me])
+        .assert_error(&["already runs on node"]);
+    daemon
+        .cli(&["vm", "migrate", "w", "--to", "99"])
+        .assert_error(&["no node 99"]);
+    daemon
+        .cli(&["vm", "start", "nope"])
+        .assert_error(&["no VM named nope"]);
+    daemon
+        .cli(&["vdisk", "delete", "data"])
+        .assert_error(&["used by VM w"]);
+    let vms = daemon.cli_json(&["vm", "list"]);
+    assert_eq!(vms.as_array().map(Vec::len), Some(2), "{vms}");
+    assert_eq!(show(&daemon, "second")["state"], "stopped");
+    assert_eq!(show(&daemon, "w")["state"], "running");
+    let vdisks = daemon.cli_json(&["vdisk", "list"]);
+    assert!(
+        !vdisks.to_string().contains("\"x-kernel\""),
+        "a refused create left its kernel behind: {vdisks}"
+    );
+
+    // A graceful stop: this guest ignores ACPI, so it is forced after 2 s.
+    let stopped = daemon.cli_json(&["vm", "stop", "w", "--timeout", "2"]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let written = read_sequence(&daemon, "data", SEQ_BLOCKS);
+    assert!(written >= before_stop, "{written} < {before_stop}");
+
+    // Start again: a fresh boot writes the sequence from 0 again.
+    let started = daemon.cli_json(&["vm", "start", "w"]);
+    assert_eq!(started["state"], "running");
+    let generation = started["generation"].as_u64();
+    wait_seq(&daemon, "w", 30);
+    let pids = daemon.qemu_pids();
+    assert_eq!(pids.len(), 1);
+
+    // basaltd restarts under the running guest: QEMU keeps running (the same
+    // process), reconnects to the vdisk's socket, and the guest goes on.
+    daemon.terminate();
+    let during = seq_count(
+        &std::fs::read_to_string(daemon.data_dir.join("vms/w/console.log")).unwrap_or_default(),
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", pids[0])).exists(),
+        "QEMU died with basaltd"
+    );
+    daemon.restart();
+    let after = wait_seq(&daemon, "w", during + 50);
+    let shown = show(&daemon, "w");
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(
+        shown["generation"].as_u64(),
+        generation,
+        "the VM was not restarted"
+    );
+    assert_eq!(daemon.qemu_pids(), pids, "the same QEMU runs on");
+    let forced = daemon.cli_json(&["vm", "stop", "w", "--force"]);
+    assert_eq!(forced["state"], "stopped");
+    let written = read_sequence(&daemon, "data", SEQ_BLOCKS);
+    assert!(
+        written >= after,
+        "{written} < {after}: acknowledged writes lost"
+    );
+    assert!(!console(&daemon, "w").contains("mismatch"));
+}
+
+#[test]
+fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
+    let first = vm_member(None);
+    let second = vm_member(Some(first.listen_port));
+    wait_for("two members", Duration::from_secs(30), || {
+        first.cli_json(&["cluster", "status"])["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 2)
+    });
+    first.cli_ok(&["vdisk", "create", "data", "--size", "64M", "--rf", "2"]);
+    create_guest(&first, "mig", &["data"], "seq basalt.seq=1200", "256M");
+    let started = first.cli_json(&["vm", "start", "mig"]);
+    let source = started["node"].as_u64().expect("placed");
+    let (source_daemon, target_daemon) = if source == node_id(&first) {
+        (&first, &second)
+    } else {
+        (&second, &first)
+    };
+    let target = node_id(target_daemon);
+    let before = wait_seq(source_daemon, "mig", 150);
+    // Migrate in the middle of the sequence; the CLI follows the progress.
+    let migrated = source_daemon.cli_json(&["vm", "migrate", "mig", "--to", &target.to_string()]);
+    assert_eq!(migrated["node"].as_u64(), Some(target), "{migrated}");
+    assert_eq!(migrated["state"], "running");
+    assert!(
+        migrated["last_migration_total_ms"].as_u64().is_some(),
+        "{migrated}"
+    );
+    // The source's QEMU is gone; the destination's runs the guest on.
+    wait_for("the source QEMU exits", Duration::from_secs(30), || {
+        source_daemon
+            .qemu_pids()
+            .iter()
+            .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+    let stopped = wait_state(target_daemon, "mig", "stopped", BOOT_TIMEOUT);
+    assert!(
+        stopped["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("powered off"),
+        "{stopped}"
+    );
+    let text = console(target_daemon, "mig");
+    assert!(
+        text.contains("BASALT-TEST: seq PASS"),
+        "the guest's own checks failed after the migration:\n{text}"
+    );
+    assert!(seq_count(&text) > before, "no writes after the migration");
+    // Every block, read through either node.
+    assert_eq!(read_sequence(target_daemon, "data", 1200), 1200);
+    assert_eq!(read_sequence(source_daemon, "data", 1200), 1200);
+}
+
+#[test]
+fn guest_vm_of_a_killed_node_restarts_on_another_node_with_its_data() {
+    let first = vm_member(None);
+    let second = vm_member(Some(first.listen_port));
+    let third = vm_member(Some(first.listen_port));
+    wait_for("three voters", Duration::from_secs(30), || {
+        first.cli_json(&["cluster", "status"])["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["role"] == "voter"))
+    });
+    let mut daemons = [Some(first), Some(second), Some(third)];
+    let any = daemons[0].as_ref().expect("first");
+    any.cli_ok(&["vdisk", "create", "data", "--size", "64M", "--rf", "2"]);
+    create_guest(any, "ha", &["data"], "seq basalt.seq=100000", "256M");
+    let started = any.cli_json(&["vm", "start", "ha"]);
+    let dead = started["node"].as_u64().expect("placed");
+    let index = daemons
+        .iter()
+        .position(|d| d.as_ref().is_some_and(|d| node_id(d) == dead))
+        .expect("the VM's node");
+    let acknowledged = wait_seq(daemons[index].as_ref().expect("node"), "ha", 100);
+    // The host dies: basaltd and its QEMU, both SIGKILL.
+    let mut victim = daemons[index].take().expect("node");
+    victim.kill9();
+    victim.kill_qemus();
+    let survivor = daemons.iter().flatten().next().expect("a survivor");
+    let moved = {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let shown = show(survivor, "ha");
+            if shown["state"] == "running" && shown["node"].as_u64() != Some(dead) {
+                break shown;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the VM did not restart elsewhere: {shown}\n{}",
+                survivor.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    assert!(
+        moved["reason"].as_str().unwrap_or("").contains("died"),
+        "vm show says why: {moved}"
+    );
+    let new_node = moved["node"].as_u64().expect("node");
+    let host = daemons
+        .iter()
+        .flatten()
+        .find(|d| node_id(d) == new_node)
+        .expect("the new node");
+    // The guest boots again there and writes on.
+    wait_seq(host, "ha", 30);
+    host.cli_ok(&["vm", "stop", "ha", "--force"]);
+    let written = read_sequence(host, "data", SEQ_BLOCKS);
+    assert!(
+        written >= acknowledged,
+        "{written} < {acknowledged}: writes acknowledged before the node died were lost"
+    );
+    drop(victim);
+}
