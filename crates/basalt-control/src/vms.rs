@@ -345,7 +345,7 @@ impl Node {
 
     /// Defines a VM (stopped). With `dry_run`, only checks it.
     pub async fn create_vm(&self, request: CreateVm) -> Result<Option<Vm>, ControlError> {
-        if request.memory == 0 || request.memory % (1 << 20) != 0 {
+        if request.memory == 0 || !request.memory.is_multiple_of(1 << 20) {
             return Err(ControlError::BadRequest(format!(
                 "memory must be a non-zero multiple of 1 MiB, not {} bytes",
                 request.memory

@@ -761,3 +761,329 @@ fn validate_vm_name(name: &str) -> Result<(), Refused> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::state::{Command, NodeRecord, Refusal};
+    use uuid::Uuid;
+
+    /// A cluster of `nodes` up members offering 8 vCPUs and 1 GiB each,
+    /// with vdisks `a` and `b`, and kernel `k`.
+    fn cluster(nodes: u64) -> ClusterState {
+        let mut state = ClusterState::default();
+        let ok = |r: CommandResult| assert!(!matches!(r, CommandResult::Refused { .. }), "{r:?}");
+        ok(state.apply(&Command::Bootstrap {
+            cluster_id: Uuid::new_v4(),
+        }));
+        for id in 1..=nodes {
+            ok(state.apply(&Command::AddNode {
+                node: NodeRecord {
+                    id,
+                    uuid: Uuid::new_v4(),
+                    listen: format!("127.0.0.1:{}", 7000 + id),
+                    api: String::new(),
+                    nbd: String::new(),
+                    joined: 0,
+                    state: NodeState::Up,
+                },
+            }));
+            ok(state.apply(&vm_command(VmCommand::SetNodeResources {
+                node: id,
+                vcpus: 8,
+                memory_mib: 1024,
+            })));
+        }
+        for name in ["a", "b", "k"] {
+            ok(state.apply(&Command::CreateVdisk {
+                name: name.into(),
+                size: 16 << 20,
+                rf: 1,
+                created: 0,
+                preferred: None,
+            }));
+        }
+        state
+    }
+
+    fn vm_command(command: VmCommand) -> Command {
+        Command::Vm { command }
+    }
+
+    fn spec(name: &str, disks: &[&str], memory_mib: u64) -> VmSpec {
+        VmSpec {
+            name: name.into(),
+            vcpus: 2,
+            memory_mib,
+            disks: disks.iter().map(|d| d.to_string()).collect(),
+            boot: VmBoot::Kernel {
+                kernel: StoredFile {
+                    vdisk: "k".into(),
+                    length: 1000,
+                },
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            nics: 0,
+            owned_vdisks: Vec::new(),
+        }
+    }
+
+    fn create(state: &mut ClusterState, spec: VmSpec) -> CommandResult {
+        state.apply(&vm_command(VmCommand::CreateVm { spec, created: 0 }))
+    }
+
+    fn start(state: &mut ClusterState, name: &str) -> CommandResult {
+        state.apply(&vm_command(VmCommand::StartVm {
+            name: name.into(),
+            reason: "test".into(),
+        }))
+    }
+
+    fn refused(result: &CommandResult) -> (Refusal, String) {
+        match result {
+            CommandResult::Refused { kind, reason } => (*kind, reason.clone()),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn report(
+        state: &mut ClusterState,
+        name: &str,
+        node: NodeId,
+        generation: u64,
+        run: VmRunState,
+        off: bool,
+    ) -> CommandResult {
+        state.apply(&vm_command(VmCommand::VmReport {
+            name: name.into(),
+            node,
+            generation,
+            state: run,
+            reason: String::new(),
+            powered_off: off,
+        }))
+    }
+
+    #[test]
+    fn starts_go_to_the_node_with_the_most_free_memory_until_none_has_room() {
+        let mut state = cluster(2);
+        create(&mut state, spec("one", &["a"], 768));
+        create(&mut state, spec("two", &["b"], 512));
+        create(&mut state, spec("three", &[], 600));
+        assert_eq!(start(&mut state, "one"), CommandResult::Id(1));
+        // Node 1 has 256 MiB left, node 2 all of it; then 512 MiB.
+        assert_eq!(start(&mut state, "two"), CommandResult::Id(2));
+        let (kind, reason) = refused(&start(&mut state, "three"));
+        assert_eq!(kind, Refusal::Conflict);
+        assert!(reason.contains("no node can run VM three"), "{reason}");
+        assert!(reason.contains("node 1 has 256 MiB"), "{reason}");
+        assert_eq!(state.vm("three").unwrap().desired, VmDesired::Stopped);
+        // Starting a running VM again changes nothing.
+        let generation = state.vm("one").unwrap().generation;
+        assert_eq!(start(&mut state, "one"), CommandResult::Id(1));
+        assert_eq!(state.vm("one").unwrap().generation, generation);
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_reasons() {
+        let mut state = cluster(1);
+        let cases = [
+            (
+                spec("x", &["nope"], 256),
+                Refusal::NotFound,
+                "no vdisk named nope",
+            ),
+            (spec("x", &["a", "a"], 256), Refusal::Invalid, "given twice"),
+            (
+                spec("x", &["a"], 4096),
+                Refusal::Invalid,
+                "largest node offers 1024 MiB",
+            ),
+            (spec("x", &["a"], 8), Refusal::Invalid, "at least 16 MiB"),
+            (
+                spec("bad name", &["a"], 256),
+                Refusal::Invalid,
+                "invalid VM name",
+            ),
+            (
+                spec("x", &["k"], 256),
+                Refusal::Invalid,
+                "holds a boot file",
+            ),
+        ];
+        for (spec, kind, needle) in cases {
+            let (got, reason) = refused(&create(&mut state, spec));
+            assert_eq!(got, kind, "{reason}");
+            assert!(reason.contains(needle), "{reason} lacks {needle}");
+        }
+        let mut no_kernel = spec("x", &["a"], 256);
+        no_kernel.boot = VmBoot::Kernel {
+            kernel: StoredFile {
+                vdisk: "k".into(),
+                length: 32 << 20,
+            },
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let (_, reason) = refused(&create(&mut state, no_kernel));
+        assert!(reason.contains("cannot hold a file"), "{reason}");
+        assert!(state.vms.is_empty());
+    }
+
+    #[test]
+    fn a_vdisk_serves_one_running_vm_and_outlives_none() {
+        let mut state = cluster(2);
+        create(&mut state, spec("one", &["a"], 256));
+        create(&mut state, spec("two", &["a"], 256));
+        start(&mut state, "one");
+        let (kind, reason) = refused(&start(&mut state, "two"));
+        assert_eq!(kind, Refusal::Conflict);
+        assert!(reason.contains("vdisk a is attached to VM one"), "{reason}");
+        let (kind, _) = refused(&create(&mut state, spec("three", &["a"], 256)));
+        assert_eq!(kind, Refusal::Conflict);
+        let (_, reason) = refused(&state.apply(&Command::DeleteVdisk { name: "a".into() }));
+        assert!(reason.contains("used by VM"), "{reason}");
+        let (_, reason) = refused(&state.apply(&Command::DeleteVdisk { name: "k".into() }));
+        assert!(reason.contains("used by VM"), "{reason}");
+    }
+
+    #[test]
+    fn reports_of_old_placements_or_other_nodes_change_nothing() {
+        let mut state = cluster(2);
+        create(&mut state, spec("vm", &["a"], 256));
+        start(&mut state, "vm");
+        let generation = state.vm("vm").unwrap().generation;
+        refused(&report(
+            &mut state,
+            "vm",
+            2,
+            generation,
+            VmRunState::Running,
+            false,
+        ));
+        refused(&report(
+            &mut state,
+            "vm",
+            1,
+            generation + 1,
+            VmRunState::Running,
+            false,
+        ));
+        assert_eq!(state.vm("vm").unwrap().state, VmRunState::Starting);
+        report(&mut state, "vm", 1, generation, VmRunState::Running, false);
+        let vm = state.vm("vm").unwrap();
+        assert_eq!(vm.state, VmRunState::Running);
+        assert!(vm.reason.contains("placed on node 1"), "{}", vm.reason);
+        // The guest powers off: stopped, and it stays so.
+        report(&mut state, "vm", 1, generation, VmRunState::Stopped, true);
+        let vm = state.vm("vm").unwrap();
+        assert_eq!(
+            (vm.desired, vm.state),
+            (VmDesired::Stopped, VmRunState::Stopped)
+        );
+        state.apply(&vm_command(VmCommand::DeleteVm { name: "vm".into() }));
+        assert!(state.vm("vm").is_none());
+    }
+
+    #[test]
+    fn a_completed_migration_moves_the_vm_and_frees_its_vdisks_for_the_destination() {
+        let mut state = cluster(3);
+        create(&mut state, spec("vm", &["a"], 256));
+        start(&mut state, "vm");
+        let generation = state.vm("vm").unwrap().generation;
+        let migrate = |to| {
+            vm_command(VmCommand::BeginMigration {
+                name: "vm".into(),
+                to,
+                started: 0,
+            })
+        };
+        let (kind, _) = refused(&state.apply(&migrate(2)));
+        assert_eq!(kind, Refusal::Conflict, "not running yet");
+        report(&mut state, "vm", 1, generation, VmRunState::Running, false);
+        assert_eq!(refused(&state.apply(&migrate(1))).0, Refusal::Invalid);
+        assert_eq!(refused(&state.apply(&migrate(9))).0, Refusal::NotFound);
+        state.apply(&Command::AcquireVdisk {
+            name: "a".into(),
+            node: 1,
+        });
+        assert_eq!(state.apply(&migrate(2)), CommandResult::Done);
+        assert_eq!(refused(&state.apply(&migrate(3))).0, Refusal::Conflict);
+        // The destination's memory is taken while the migration runs.
+        assert_eq!(state.vm_usage(2, None), (2, 256));
+        let end = |completed| {
+            vm_command(VmCommand::EndMigration {
+                name: "vm".into(),
+                generation,
+                completed,
+                reason: "test".into(),
+                downtime_ms: 5,
+                total_ms: 900,
+            })
+        };
+        assert_eq!(state.apply(&end(true)), CommandResult::Done);
+        let vm = state.vm("vm").unwrap();
+        assert_eq!(vm.node, Some(2));
+        assert_eq!(vm.last_migration_ms, Some((5, 900)));
+        let vdisk = state.vdisk_by_name("a").unwrap();
+        assert_eq!((vdisk.owner, vdisk.previous_owner), (None, None));
+        // A failed one leaves the VM where it was.
+        state.apply(&migrate(3));
+        state.apply(&end(false));
+        let vm = state.vm("vm").unwrap();
+        assert_eq!((vm.node, vm.migration.is_none()), (Some(2), true));
+        assert!(vm.reason.contains("failed"), "{}", vm.reason);
+    }
+
+    #[test]
+    fn vms_of_a_down_node_restart_elsewhere_or_fail_for_lack_of_room() {
+        let mut state = cluster(2);
+        create(&mut state, spec("vm", &["a"], 768));
+        create(&mut state, spec("big", &["b"], 768));
+        start(&mut state, "vm");
+        let failover = |name: &str| {
+            vm_command(VmCommand::FailOverVm {
+                name: name.into(),
+                dead: 1,
+            })
+        };
+        assert_eq!(refused(&state.apply(&failover("vm"))).0, Refusal::Conflict);
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Down,
+        });
+        let generation = state.vm("vm").unwrap().generation;
+        assert_eq!(state.apply(&failover("vm")), CommandResult::Id(2));
+        let vm = state.vm("vm").unwrap();
+        assert_eq!((vm.node, vm.generation), (Some(2), generation + 1));
+        assert!(vm.reason.contains("node 1 died"), "{}", vm.reason);
+        // Node 1 comes back; `big` runs there, then node 1 dies again:
+        // node 2 has no room left for it.
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Up,
+        });
+        assert_eq!(start(&mut state, "big"), CommandResult::Id(1));
+        state.apply(&Command::SetNodeState {
+            node: 1,
+            state: NodeState::Down,
+        });
+        assert_eq!(state.apply(&failover("big")), CommandResult::Done);
+        let big = state.vm("big").unwrap();
+        assert_eq!(big.state, VmRunState::Failed);
+        assert!(big.reason.contains("free VM memory"), "{}", big.reason);
+    }
+
+    #[test]
+    fn commands_round_trip_through_json() {
+        let command = vm_command(VmCommand::CreateVm {
+            spec: spec("vm", &["a"], 256),
+            created: 7,
+        });
+        let text = serde_json::to_string(&command).unwrap();
+        assert_eq!(serde_json::from_str::<Command>(&text).unwrap(), command);
+    }
+}

@@ -817,12 +817,12 @@ impl Daemon {
         for pid in self.qemu_pids() {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let marker = self.data_dir.display().to_string();
-            if String::from_utf8_lossy(&cmdline).contains(&marker) {
-                if let Ok(pid) = i32::try_from(pid) {
-                    // SAFETY: kill(2) with plain integers; the pid was checked
-                    // to be a QEMU of this test's data directory just now.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            if String::from_utf8_lossy(&cmdline).contains(&marker)
+                && let Ok(pid) = i32::try_from(pid)
+            {
+                // SAFETY: kill(2) with plain integers; the pid was checked
+                // to be a QEMU of this test's data directory just now.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }
