@@ -36,6 +36,8 @@
 #                  printing "BASALT-SEQ: i" every 10 blocks; every 100 blocks it reads
 #                  the last 100 back and compares ("BASALT-SEQ: mismatch ..." if not)
 #   idle           prints "BASALT-ALIVE: n" every second, forever
+#   ddbench        sequential O_DIRECT write then read of basalt.ddmb=N MiB (default
+#                  256) in 1 MiB requests; prints "BASALT-DD: mb=N write_s=S read_s=S"
 # Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
 # the guest ends with "BASALT-DONE" and powers off.
 #
@@ -329,6 +331,24 @@ cmd_seq() {
     fi
 }
 
+cmd_ddbench() {
+    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddmb=//p')
+    mb=${mb:-256}
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if ! dd if=/dev/zero of=/dev/vda bs=1048576 count="$mb" oflag=direct conv=fsync 2>/tmp/dd.err; then
+        result ddbench FAIL "write: $(cat /tmp/dd.err)"
+        return
+    fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    if ! dd if=/dev/vda of=/dev/null bs=1048576 count="$mb" iflag=direct 2>/tmp/dd.err; then
+        result ddbench FAIL "read: $(cat /tmp/dd.err)"
+        return
+    fi
+    t2=$(cut -d' ' -f1 /proc/uptime)
+    echo "BASALT-DD: mb=$mb write_s=$(awk "BEGIN { print $t1 - $t0 }") read_s=$(awk "BEGIN { print $t2 - $t1 }")"
+    result ddbench PASS
+}
+
 cmd_idle() {
     n=0
     while true; do
@@ -354,6 +374,7 @@ for c in $cmds; do
     soak) cmd_soak ;;
     seq) cmd_seq ;;
     idle) cmd_idle ;;
+    ddbench) cmd_ddbench ;;
     shell) setsid cttyhack sh ;;
     *) result "$c" FAIL unknown command ;;
     esac

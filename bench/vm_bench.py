@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Basalt VM benchmark: the tiny test guest (tests/guest/build-guest.sh) under
+QEMU/TCG, in one run:
+
+  boot      time from start to the guest's init seeing its data disk, with
+            the disk on Basalt (`basalt vm start`, vhost-user-blk) and on a
+            local raw file (QEMU virtio-blk, cache=none, io_uring)
+  dd        guest-side sequential O_DIRECT write then read (1 MiB requests)
+            through Basalt's vhost-user-blk and through qemu-storage-daemon's
+            vhost-user-blk export of a raw file (the peer), same QEMU options
+  migrate   live migration of a 512 MiB guest between two Basalt nodes on
+            this machine: QEMU's downtime and the total time (`vm show`)
+
+Every measurement is repeated (--repeat) with the targets in turn; medians
+are printed with the ratios. Absolute numbers on shared machines are noise.
+
+Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
+                         [--dd-mb 256] [--no-build] [--json results.json]
+Needs: qemu-system-x86_64, qemu-storage-daemon, what build-guest.sh needs,
+a release build (`cargo build --release --bins`, done unless --no-build).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUEST_DIR = os.environ.get("BASALT_GUEST_DIR", "/var/tmp/basalt-guest")
+CMDLINE = "console=ttyS0 quiet panic=-1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(api, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{api}/api/v1/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"basaltd at {api} did not start")
+
+
+class Node:
+    """A release basaltd on 127.0.0.1 with its own directory."""
+
+    def __init__(self, workdir, name, binary, cli, join=None):
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.api = f"127.0.0.1:{free_port()}"
+        self.listen_port = free_port()
+        self.cli_bin = cli
+        args = [binary, "--data-dir", os.path.join(self.dir, "data"),
+                "--disk", os.path.join(self.dir, "disk.img") + ":8G",
+                "--api", self.api, "--nbd", f"127.0.0.1:{free_port()}",
+                "--listen", f"127.0.0.1:{self.listen_port}", "--vm-accel", "tcg",
+                "--no-rebalance"]
+        if join:
+            args += ["--join", f"127.0.0.1:{join}"]
+        self.log = open(os.path.join(self.dir, "basaltd.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_healthy(self.api)
+
+    def cli(self, *args, check=True):
+        out = subprocess.run([self.cli_bin, "--api", f"http://{self.api}", "--json", *args],
+                             capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"basalt {' '.join(args)}: {out.stderr.strip()}")
+        return json.loads(out.stdout) if out.stdout.strip() else None
+
+    def console(self, vm):
+        out = subprocess.run([self.cli_bin, "--api", f"http://{self.api}", "vm", "console", vm],
+                             capture_output=True, text=True)
+        return out.stdout
+
+    def node_id(self):
+        return self.cli("cluster", "status")["node_id"]
+
+    def stop(self):
+        # Its VMs first (QEMU outlives basaltd by design).
+        for vm in self.cli("vm", "list", check=False) or []:
+            if vm["state"] != "stopped":
+                self.cli("vm", "stop", vm["name"], "--force", check=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_console(node, vm, needle, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = node.console(vm)
+        if needle in text:
+            return text
+        time.sleep(0.05)
+    raise RuntimeError(f"{needle!r} not on the console of {vm}")
+
+
+def wait_state(node, vm, state, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown = node.cli("vm", "show", vm)
+        if shown["state"] == state:
+            return shown
+        time.sleep(0.1)
+    raise RuntimeError(f"VM {vm} is not {state}")
+
+
+def qemu_args(kernel, initrd, cmdline, memory="256"):
+    return ["qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-smp", "1", "-m", f"{memory}M",
+            "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", kernel, "-initrd", initrd, "-append", f"{CMDLINE} {cmdline}"]
+
+
+def run_qemu_until(args, needle, timeout=300):
+    """Runs QEMU; returns (seconds until `needle` on the serial console,
+    whole console once the guest powered off)."""
+    start = time.time()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = None
+    text = b""
+    os.set_blocking(proc.stdout.fileno(), False)
+    deadline = start + timeout
+    while time.time() < deadline:
+        chunk = proc.stdout.read()
+        if chunk:
+            text += chunk
+            if seen is None and needle.encode() in text:
+                seen = time.time() - start
+        if proc.poll() is not None:
+            rest = proc.stdout.read()
+            if rest:
+                text += rest
+            break
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if seen is None:
+        raise RuntimeError(f"{needle!r} never appeared:\n{text.decode(errors='replace')[-2000:]}")
+    return seen, text.decode(errors="replace")
+
+
+def dd_figures(text):
+    m = re.search(r"BASALT-DD: mb=(\d+) write_s=([\d.]+) read_s=([\d.]+)", text)
+    if not m:
+        raise RuntimeError(f"no BASALT-DD line:\n{text[-2000:]}")
+    mb, write_s, read_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
+    return mb / max(write_s, 0.01), mb / max(read_s, 0.01)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/var/tmp/basalt-vmbench")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dd-mb", type=int, default=256)
+    parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), GUEST_DIR], check=True)
+    kernel = os.path.join(GUEST_DIR, "vmlinuz")
+    initrd = os.path.join(GUEST_DIR, "initrd")
+    binary = os.path.join(ROOT, "target/release/basaltd")
+    cli = os.path.join(ROOT, "target/release/basalt")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    results = {"boot_s": {"basalt": [], "raw": []}, "dd_write_mbs": {"basalt": [], "qsd": []},
+               "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": []}
+    nodes = []
+    qsd = None
+    try:
+        first = Node(args.dir, "node1", binary, cli)
+        nodes.append(first)
+        second = Node(args.dir, "node2", binary, cli, join=first.listen_port)
+        nodes.append(second)
+        deadline = time.time() + 30
+        while len(first.cli("cluster", "status")["nodes"]) < 2 or \
+                second.cli("cluster", "status", check=False) is None:
+            if time.time() > deadline:
+                raise RuntimeError("node2 did not join")
+            time.sleep(0.2)
+        time.sleep(2)  # both offer their VM capacity
+        disk_mb = max(args.dd_mb, 64) + 64
+
+        # --- boot ---------------------------------------------------------------
+        first.cli("vdisk", "create", "boot-data", "--size", f"{disk_mb}M", "--rf", "1")
+        first.cli("vm", "create", "boot", "--memory", "256M", "--disk", "boot-data",
+                  "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=info")
+        raw = os.path.join(args.dir, "raw.img")
+        with open(raw, "wb") as f:
+            f.truncate(disk_mb << 20)
+        for i in range(args.repeat):
+            for target in (["basalt", "raw"] if i % 2 == 0 else ["raw", "basalt"]):
+                if target == "basalt":
+                    start = time.time()
+                    first.cli("vm", "start", "boot")
+                    wait_console(first, "boot", "BASALT-INFO: size_sectors")
+                    results["boot_s"]["basalt"].append(time.time() - start)
+                    wait_state(first, "boot", "stopped")
+                else:
+                    seen, _ = run_qemu_until(
+                        qemu_args(kernel, initrd, "basalt.test=info") +
+                        ["-drive", f"file={raw},if=virtio,format=raw,cache=none,aio=io_uring"],
+                        "BASALT-INFO: size_sectors")
+                    results["boot_s"]["raw"].append(seen)
+
+        # --- dd -----------------------------------------------------------------
+        first.cli("vdisk", "create", "dd-data", "--size", f"{disk_mb}M", "--rf", "1")
+        first.cli("vm", "create", "dd", "--memory", "256M", "--disk", "dd-data",
+                  "--kernel", kernel, "--initrd", initrd,
+                  "--cmdline", f"{CMDLINE} basalt.test=ddbench basalt.ddmb={args.dd_mb}")
+        sock = os.path.join(args.dir, "qsd.sock")
+        qsd = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={raw},cache.direct=on,aio=io_uring",
+            "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while not os.path.exists(sock):
+            if time.time() > deadline:
+                raise RuntimeError("qemu-storage-daemon did not start")
+            time.sleep(0.05)
+        for i in range(args.repeat):
+            for target in (["basalt", "qsd"] if i % 2 == 0 else ["qsd", "basalt"]):
+                if target == "basalt":
+                    first.cli("vm", "start", "dd")
+                    wait_state(first, "dd", "stopped", timeout=600)
+                    text = first.console("dd")
+                else:
+                    _, text = run_qemu_until(
+                        qemu_args(kernel, initrd, f"basalt.test=ddbench basalt.ddmb={args.dd_mb}") +
+                        ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                         "-numa", "node,memdev=mem",
+                         "-chardev", f"socket,id=c0,path={sock}",
+                         "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"],
+                        "BASALT-DONE", timeout=600)
+                write, read = dd_figures(text)
+                results["dd_write_mbs"][target].append(write)
+                results["dd_read_mbs"][target].append(read)
+        qsd.terminate()
+        qsd.wait()
+        qsd = None
+
+        # --- migration ----------------------------------------------------------
+        first.cli("vdisk", "create", "mig-data", "--size", "64M", "--rf", "2")
+        first.cli("vm", "create", "mig", "--memory", "512M", "--disk", "mig-data",
+                  "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=idle")
+        first.cli("vm", "start", "mig")
+        wait_console(first, "mig", "BASALT-ALIVE: 2")
+        ids = {first.node_id(): first, second.node_id(): second}
+        for i in range(args.repeat):
+            shown = first.cli("vm", "show", "mig")
+            here = shown["node"]
+            there = next(n for n in ids if n != here)
+            start = time.time()
+            moved = ids[here].cli("vm", "migrate", "mig", "--to", str(there))
+            wall = time.time() - start
+            results["migration"].append({
+                "downtime_ms": moved["last_migration_downtime_ms"],
+                "total_ms": moved["last_migration_total_ms"],
+                "cli_s": wall,
+            })
+            # The guest runs on: its heartbeat goes on after the switch-over.
+            text = ids[there].console("mig")
+            count = max((int(n) for n in re.findall(r"BASALT-ALIVE: (\d+)", text)), default=0)
+            wait_console(ids[there], "mig", f"BASALT-ALIVE: {count + 2}", timeout=60)
+    finally:
+        if qsd:
+            qsd.kill()
+            qsd.wait()
+        for node in nodes:
+            node.stop()
+
+    med = statistics.median
+    print(f"\nVM benchmark, {args.repeat} repeats (medians), TCG, {args.dd_mb} MiB dd")
+    b, r = med(results["boot_s"]["basalt"]), med(results["boot_s"]["raw"])
+    print(f"boot to init: basalt {b:.2f} s (vm start to init), raw file {r:.2f} s (QEMU start to init), ratio raw/basalt {r / b:.2f}x")
+    for key, label in (("dd_write_mbs", "dd write"), ("dd_read_mbs", "dd read")):
+        b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
+        print(f"{label}: basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {b / q:.2f}x")
+    down = med(m["downtime_ms"] for m in results["migration"])
+    total = med(m["total_ms"] for m in results["migration"])
+    cli_s = med(m["cli_s"] for m in results["migration"])
+    print(f"migration of a 512 MiB guest: downtime {down} ms, total {total} ms (QEMU), {cli_s:.2f} s from the CLI call to the end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
