@@ -10,6 +10,10 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 command -v fio >/dev/null || need+=(fio)
 [ -x /bin/busybox ] || command -v busybox >/dev/null || need+=(busybox-static)
+# The BIOS-bootable test disk (tests/guest/build-boot-disk.sh).
+command -v syslinux >/dev/null || need+=(syslinux)
+command -v mcopy >/dev/null || need+=(mtools)
+[ -x /usr/sbin/mkfs.fat ] || command -v mkfs.fat >/dev/null || need+=(dosfstools)
 if [ "${1:-}" != "--force" ] && [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -22,4 +26,4 @@ fi
 # installed newer qemu-utils (bookworm-backports) is replaced by bookworm's.
 apt-get install -y -q --allow-downgrades \
   qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm \
-  libnbd-bin fio busybox-static
+  libnbd-bin fio busybox-static syslinux mtools dosfstools

@@ -137,3 +137,20 @@ fn tempdir() -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_qemu_means_no_kvm_at_once() {
+        let started = std::time::Instant::now();
+        let works = probe_kvm(
+            std::path::Path::new("/nonexistent/qemu-system-x86_64"),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(!works);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}

@@ -224,6 +224,58 @@ fn guest_writes_a_pattern_on_its_vdisk_powers_off_and_stays_stopped() {
 }
 
 #[test]
+fn guest_boots_through_the_bios_from_a_clone_of_an_imported_image() {
+    let daemon = vm_daemon(&[]);
+    let (kernel, _) = guest_image();
+    let guest_dir = kernel.parent().expect("guest directory").to_path_buf();
+    let image = daemon.dir().join("boot.raw");
+    let mut build = std::process::Command::new(common::tool("sh"));
+    build
+        .arg(common::workspace_root().join("tests/guest/build-boot-disk.sh"))
+        .arg(&guest_dir)
+        .arg(&image)
+        .arg("write-pattern,verify-pattern");
+    let out = common::run_command(build, "build-boot-disk.sh", Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "build-boot-disk.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.cli_ok(&["image", "import", "bootimg", &image.display().to_string()]);
+    daemon.cli_ok(&["vdisk", "create", "root", "--from", "bootimg"]);
+    daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
+    // The data disk first (the guest's /dev/vda), the boot disk second.
+    daemon.cli_ok(&[
+        "vm",
+        "create",
+        "bios",
+        "--memory",
+        "256M",
+        "--disk",
+        "data",
+        "--boot-disk",
+        "root",
+    ]);
+    let shown = show(&daemon, "bios");
+    assert_eq!(shown["disks"], serde_json::json!(["data", "root"]));
+    assert_eq!(shown["boot"], "disk root");
+    daemon.cli_ok(&["vm", "start", "bios"]);
+    wait_state(&daemon, "bios", "stopped", BOOT_TIMEOUT);
+    let text = console(&daemon, "bios");
+    assert!(text.contains("BASALT-TEST: write-pattern PASS"), "{text}");
+    assert!(text.contains("BASALT-TEST: verify-pattern PASS"), "{text}");
+    let mut client = daemon.nbd("data");
+    let data = client
+        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
+        .expect("read back");
+    client.disconnect();
+    for (i, block) in data.chunks(4096).enumerate() {
+        let expected = format!("{:<4095}\n", format!("basalt guest block {i}"));
+        assert_eq!(block, expected.as_bytes(), "pattern block {i}");
+    }
+}
+
+#[test]
 fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     // 1 GiB of VM memory on this node: room for one 768 MiB guest only.
     let mut daemon = vm_daemon(&["--vm-memory", "1G"]);
