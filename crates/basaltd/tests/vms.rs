@@ -496,3 +496,38 @@ fn guest_vm_of_a_killed_node_restarts_on_another_node_with_its_data() {
     );
     drop(victim);
 }
+
+#[test]
+fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
+    let daemon = vm_daemon(&[]);
+    daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
+    create_guest(&daemon, "crashy", &["data"], "idle", "256M");
+    daemon.cli_ok(&["vm", "start", "crashy"]);
+    wait_for("the guest is up", BOOT_TIMEOUT, || {
+        console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
+    });
+    let first = daemon.qemu_pids();
+    assert_eq!(first.len(), 1);
+    // QEMU dies under the guest (not a power-off): the supervisor starts it
+    // again on the same node and says why.
+    daemon.kill_qemus();
+    let mut restarted = Value::Null;
+    wait_for("QEMU is restarted", Duration::from_secs(60), || {
+        restarted = show(&daemon, "crashy");
+        let pids = daemon.qemu_pids();
+        restarted["state"] == "running" && pids.len() == 1 && pids != first
+    });
+    assert!(
+        restarted["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarting (crash 1)"),
+        "{restarted}"
+    );
+    assert_eq!(restarted["desired"], "running");
+    wait_for("the guest runs again", BOOT_TIMEOUT, || {
+        console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
+    });
+    daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
+    assert_eq!(show(&daemon, "crashy")["state"], "stopped");
+}
