@@ -714,3 +714,105 @@ fn without_disk_flags_the_node_uses_its_known_disks_or_a_default_one() {
     assert_eq!(disks[0]["state"], json!("online"));
     assert_eq!(disks[0]["size"], json!(16u64 << 30), "{disks}");
 }
+
+#[test]
+fn bad_vm_requests_are_refused_and_change_nothing() {
+    let daemon = Daemon::start();
+    daemon.create_vdisk("d", "16M");
+    let post = |path: &str, body: &str| daemon.http("POST", path, Some(("application/json", body)));
+    let cases = [
+        ("/api/v1/vms", "{", 400, "bad request"),
+        (
+            "/api/v1/vms",
+            r#"{"name":"v","vcpus":1,"memory":268435456,"disks":["d"]}"#,
+            400,
+            "boot source",
+        ),
+        (
+            "/api/v1/vms",
+            r#"{"name":"v","vcpus":1,"memory":268435456,"disks":["d"],"boot_disk":"d","kernel":{"vdisk":"d","length":1}}"#,
+            400,
+            "not both",
+        ),
+        (
+            "/api/v1/vms",
+            r#"{"name":"v","vcpus":1,"memory":1000,"disks":["d"],"boot_disk":"d"}"#,
+            400,
+            "multiple of 1 MiB",
+        ),
+        (
+            "/api/v1/vms",
+            r#"{"name":"v","vcpus":0,"memory":268435456,"disks":["d"],"boot_disk":"d"}"#,
+            400,
+            "vCPUs",
+        ),
+        (
+            "/api/v1/vms",
+            r#"{"name":"v","vcpus":1,"memory":268435456,"disks":["d"],"boot_disk":"e"}"#,
+            400,
+            "must be one of the VM's disks",
+        ),
+        ("/api/v1/vms/nope/start", "{}", 404, "no VM named nope"),
+        ("/api/v1/vms/nope/stop", "{}", 404, "no VM named nope"),
+        (
+            "/api/v1/vms/nope/migrate",
+            r#"{"to":1}"#,
+            404,
+            "no VM named nope",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let answer = post(path, body);
+        assert_eq!(answer.status, status, "{path} {body}: {}", answer.body);
+        let error = answer.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(error.contains(needle), "{path} {body}: {error}");
+    }
+    // Stop options must be JSON.
+    daemon.cli_ok(&[
+        "vm",
+        "create",
+        "v",
+        "--memory",
+        "64M",
+        "--disk",
+        "d",
+        "--boot-disk",
+        "d",
+    ]);
+    let answer = post("/api/v1/vms/v/stop", "force");
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    // Uploads: unknown vdisk, empty, larger than the vdisk.
+    let put =
+        |path: &str, body: &str| daemon.http("PUT", path, Some(("application/octet-stream", body)));
+    assert_eq!(put("/api/v1/vdisks/nope/content", "x").status, 404);
+    assert_eq!(put("/api/v1/vdisks/d/content", "").status, 400);
+    daemon.create_vdisk("small", "4K");
+    let big = "y".repeat(8192);
+    let answer = put("/api/v1/vdisks/small/content", &big);
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("do not fit"), "{}", answer.body);
+    // Console of a VM that never ran: empty. Unknown VM: 404.
+    let chunk = daemon
+        .http("GET", "/api/v1/vms/v/console?offset=0", None)
+        .json();
+    assert_eq!(chunk["data"], json!(""), "{chunk}");
+    assert_eq!(
+        daemon.http("GET", "/api/v1/vms/nope/console", None).status,
+        404
+    );
+    assert_eq!(
+        daemon
+            .http("GET", "/api/v1/vms/v/console?offset=x", None)
+            .status,
+        400
+    );
+    // Nothing changed but the one VM created on purpose; it is stopped.
+    let vms = daemon.cli_json(&["vm", "list"]);
+    assert_eq!(vms.as_array().map(Vec::len), Some(1), "{vms}");
+    assert_eq!(vms[0]["state"], json!("stopped"));
+    // The web console lists VMs from the same API.
+    let page = daemon.http("GET", "/", None);
+    assert!(page.body.contains("<h2>VMs</h2>") && page.body.contains("\"vms\""));
+    daemon.cli_ok(&["vm", "delete", "v"]);
+    assert_eq!(daemon.cli_json(&["vm", "list"]), json!([]));
+}
