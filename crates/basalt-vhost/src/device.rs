@@ -153,8 +153,43 @@ struct Job {
     slot: Slot,
     frame: Frame,
     op: Op,
-    /// Data bytes counted against the queue's in-flight budget.
+    /// Data bytes counted against the queue's in-flight budget (its
+    /// followers' included).
     budget: u64,
+    /// Writes that continue this one, popped in the same batch: written
+    /// with it as one backend write, answered with its status.
+    followers: Vec<Job>,
+}
+
+/// Largest write that adjacent requests are merged into.
+const MERGE_LIMIT: u64 = 4 << 20;
+
+/// Merges writes that continue each other (in the order popped) into one
+/// job. Linux splits a 1 MiB write of scattered pages into pieces of at
+/// most `seg_max` pages (1016 KiB + 8 KiB), dispatched together; merged,
+/// they reach the store as the whole-extent write they were, which it
+/// writes copy-on-write instead of through its write log.
+fn merge_adjacent_writes(jobs: Vec<Job>) -> Vec<Job> {
+    let mut merged: Vec<Job> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if let (Some(head), Op::Write { offset, len }) = (merged.last_mut(), job.op)
+            && let Op::Write {
+                offset: head_offset,
+                len: head_len,
+            } = head.op
+        {
+            let head_end = head_offset
+                + u64::from(head_len)
+                + head.followers.iter().map(|f| f.budget).sum::<u64>();
+            if head_end == offset && head.budget + u64::from(len) <= MERGE_LIMIT {
+                head.budget += u64::from(len);
+                head.followers.push(job);
+                continue;
+            }
+        }
+        merged.push(job);
+    }
+    merged
 }
 
 /// What to write back for a request.
@@ -316,7 +351,7 @@ impl Device {
                     jobs.push(job);
                 }
             }
-            self.submit(queue, jobs);
+            self.submit(queue, merge_adjacent_writes(jobs));
             if !event_idx {
                 break;
             }
@@ -398,12 +433,14 @@ impl Device {
                 frame,
                 op,
                 budget: u64::from(len),
+                followers: Vec::new(),
             }),
             Op::Flush | Op::Discard { .. } | Op::WriteZeroes { .. } => Some(Job {
                 slot,
                 frame,
                 op,
                 budget: 0,
+                followers: Vec::new(),
             }),
         }
     }
@@ -496,14 +533,33 @@ impl Device {
                 Err(err) => Err(err),
             },
             Op::Write { offset, len } => {
-                let mut data = IoBuf::zeroed(len as usize);
-                match gather(&job.slot.mem, &job.frame.out_data, data.as_mut_slice()) {
+                // `budget` is this write's length plus its followers'.
+                let total = usize::try_from(job.budget).unwrap_or(usize::MAX);
+                let mut data = IoBuf::zeroed(total);
+                let mut gathered = gather(
+                    &job.slot.mem,
+                    &job.frame.out_data,
+                    &mut data.as_mut_slice()[..len as usize],
+                );
+                let mut at = len as usize;
+                for follower in &job.followers {
+                    let end = at + follower.budget as usize;
+                    if gathered.is_ok() {
+                        gathered = gather(
+                            &follower.slot.mem,
+                            &follower.frame.out_data,
+                            &mut data.as_mut_slice()[at..end],
+                        );
+                    }
+                    at = end;
+                }
+                match gathered {
                     Ok(()) => {
                         let done = self.backend.write(offset, data, WriteFlags { fua }).await;
                         if done.is_ok() {
                             self.stats
                                 .written_bytes
-                                .fetch_add(u64::from(len), Ordering::Relaxed);
+                                .fetch_add(job.budget, Ordering::Relaxed);
                         }
                         done
                     }
@@ -695,18 +751,35 @@ impl JobGuard {
             return;
         };
         let answer = self.device.execute(job).await;
-        if let Some(job) = self.job.take() {
+        if let Some(mut job) = self.job.take() {
+            // Merged writes share the outcome of the one backend write.
+            let outcome = match &answer {
+                Answer::Status(_, status) => *status,
+                _ => Status::IoErr,
+            };
+            let followers = std::mem::take(&mut job.followers);
             self.device.finish(job.slot, job.budget, answer);
+            for follower in followers {
+                let status = follower.frame.status;
+                self.device
+                    .finish(follower.slot, 0, Answer::Status(status, outcome));
+            }
         }
     }
 }
 
 impl Drop for JobGuard {
     fn drop(&mut self) {
-        if let Some(job) = self.job.take() {
+        if let Some(mut job) = self.job.take() {
+            let followers = std::mem::take(&mut job.followers);
             let status = job.frame.status;
             self.device
                 .finish(job.slot, job.budget, Answer::Status(status, Status::IoErr));
+            for follower in followers {
+                let status = follower.frame.status;
+                self.device
+                    .finish(follower.slot, 0, Answer::Status(status, Status::IoErr));
+            }
         }
     }
 }

@@ -653,3 +653,66 @@ fn options_are_validated() {
     assert!(VhostBlkExport::start(&file, backend, runtime.handle().clone(), options()).is_err());
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
 }
+
+#[test]
+fn adjacent_writes_of_one_batch_reach_the_backend_as_one_write() {
+    let fx = fixture(options());
+    let mut drv = Driver::connect(&fx.path, 2, 0);
+    // A 1 MiB write split the way Linux splits it (1016 KiB + 8 KiB), plus
+    // an unrelated write further on, all published at once.
+    let pieces: [(u64, usize, u8); 3] = [
+        (0, 1016 << 10, 1),
+        (1016 << 10, 8 << 10, 2),
+        (4 << 20, 4096, 3),
+    ];
+    let mut heads = Vec::new();
+    let mut statuses = Vec::new();
+    for (offset, len, seed) in pieces {
+        let h = drv.buffer(&header(VIRTIO_BLK_T_OUT, offset / 512));
+        let d = drv.buffer(&pattern(len, seed));
+        let st = drv.buffer(&[STATUS_UNTOUCHED]);
+        heads.push(drv.write_descs(
+            0,
+            &[
+                Desc(h, 16, false),
+                Desc(d, len as u32, false),
+                Desc(st, 1, true),
+            ],
+        ));
+        statuses.push(st);
+    }
+    let before = fx.backend.writes.load(Ordering::SeqCst);
+    drv.publish(0, &heads);
+    assert_eq!(drv.wait_used(0, 3, Duration::from_secs(10)).len(), 3);
+    for st in &statuses {
+        assert_eq!(drv.read_mem(*st, 1)[0], 0, "status OK");
+    }
+    assert_eq!(
+        fx.backend.writes.load(Ordering::SeqCst) - before,
+        2,
+        "the two adjacent pieces were merged, the third stayed apart"
+    );
+    for (offset, len, seed) in pieces {
+        assert!(fx.backend.read_bytes(offset as usize, len) == pattern(len, seed));
+    }
+
+    // A merged write that fails fails every request it carries.
+    *fx.backend.poison.lock() = Some((8 << 20) + 4096);
+    let mut heads = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..2u64 {
+        let h = drv.buffer(&header(VIRTIO_BLK_T_OUT, ((8 << 20) + i * 4096) / 512));
+        let d = drv.buffer(&pattern(4096, 9));
+        let st = drv.buffer(&[STATUS_UNTOUCHED]);
+        heads.push(drv.write_descs(
+            0,
+            &[Desc(h, 16, false), Desc(d, 4096, false), Desc(st, 1, true)],
+        ));
+        statuses.push(st);
+    }
+    drv.publish(0, &heads);
+    assert_eq!(drv.wait_used(0, 2, Duration::from_secs(10)).len(), 2);
+    for st in &statuses {
+        assert_eq!(drv.read_mem(*st, 1)[0], 1, "status IOERR");
+    }
+}
