@@ -216,6 +216,10 @@ pub(crate) struct Device {
     mem: GuestMemAtomic,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
+    /// Set before a graceful stop: nothing more is taken off the rings, so
+    /// that every request taken is answered before the frontend is
+    /// disconnected (see [`Device::quiesce`]).
+    quiesced: AtomicBool,
     /// The guest-visible cache mode: true = write-back (FLUSH makes writes
     /// durable), false = write-through (every write is sent with FUA).
     writeback: AtomicBool,
@@ -251,6 +255,7 @@ impl Device {
             mem,
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
+            quiesced: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
             queues: (0..num_queues).map(|_| QueueShared::default()).collect(),
             thread_queues,
@@ -319,6 +324,11 @@ impl Device {
     /// Pops and starts every available request of `queue`.
     fn process_queue(self: &Arc<Self>, queue: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        if self.quiesced.load(Ordering::Acquire) {
+            // Left on the ring: after a reconnection the frontend resumes
+            // from the last answered request and the next backend takes it.
+            return;
+        }
         let shared = &self.queues[queue];
         shared.state.lock().batching = true;
         let mut empty_rounds = 0;
@@ -713,6 +723,21 @@ impl Device {
     }
 
     /// Drains every queue (the frontend went away).
+    /// Stops taking requests off the rings and waits for those taken to be
+    /// answered, while the frontend is still connected. A frontend that
+    /// then loses the connection restarts from the used index: with every
+    /// taken request answered before, nothing is lost and nothing answered
+    /// twice. (Answering after the disconnection raced with QEMU reading the
+    /// used index, and a guest could wait forever for a request.)
+    pub(crate) fn quiesce(&self) {
+        self.quiesced.store(true, Ordering::Release);
+        self.drain_all();
+        // A batch that checked the flag just before it was set may have
+        // taken requests since: wait for those too.
+        std::thread::sleep(Duration::from_millis(20));
+        self.drain_all();
+    }
+
     pub(crate) fn drain_all(&self) {
         for queue in 0..self.queues.len() {
             self.drain(queue);

@@ -254,7 +254,10 @@ impl VhostBlkExport {
         };
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.shared.wake.write(1);
-        if let Some((handle, _)) = self.shared.current.lock().as_ref() {
+        let current = self.shared.current.lock().clone();
+        if let Some((handle, device)) = current {
+            // Answer what was taken before the frontend sees the socket go.
+            device.quiesce();
             handle.shutdown();
         }
         if thread.join().is_err() {
