@@ -318,6 +318,15 @@ impl Node {
         self.vm_record(name).map(|r| vm_view(&r))
     }
 
+    /// Waits until this node has applied a state where `ready` holds (the
+    /// leader applies a command before the followers do); gives up after
+    /// the usual apply wait.
+    async fn wait_local(&self, ready: impl Fn(&ClusterState) -> bool) {
+        if crate::cluster::wait_applied(self, ready).await.is_none() {
+            tracing::warn!("this node has not caught up with the cluster in time");
+        }
+    }
+
     /// Waits (up to `timeout`) until VM `name` satisfies `done`.
     async fn wait_vm(
         &self,
@@ -411,18 +420,28 @@ impl Node {
         })
         .await?;
         tracing::info!(vm = %request.name, "created VM");
+        // The leader applied it; this node may lag behind.
+        self.wait_local(|state| state.vm(&request.name).is_some())
+            .await;
         self.vm(&request.name).map(Some)
     }
 
     /// Starts a VM (the cluster picks the node) and waits until its QEMU
     /// runs.
     pub async fn start_vm(&self, name: &str) -> Result<Vm, ControlError> {
-        self.vm_record(name)?;
+        let before = self.vm_record(name)?.generation;
         self.propose_vm(VmCommand::StartVm {
             name: name.to_string(),
             reason: "started by the operator".into(),
         })
         .await?;
+        // Not the state before the start, on a node that lags behind.
+        self.wait_local(|state| {
+            state
+                .vm(name)
+                .is_none_or(|vm| vm.desired == VmDesired::Running || vm.generation > before)
+        })
+        .await;
         let record = self
             .wait_vm(name, Duration::from_secs(120), |vm| {
                 vm.state == VmRunState::Running
@@ -448,6 +467,12 @@ impl Node {
             timeout,
         })
         .await?;
+        self.wait_local(|state| {
+            state
+                .vm(name)
+                .is_none_or(|vm| vm.desired == VmDesired::Stopped)
+        })
+        .await;
         let record = self
             .wait_vm(name, Duration::from_secs(timeout + 30), |vm| {
                 vm.state == VmRunState::Stopped || vm.desired == VmDesired::Running
@@ -463,6 +488,8 @@ impl Node {
             name: name.to_string(),
         })
         .await?;
+        // Its boot files can go once this node knows the VM is gone.
+        self.wait_local(|state| state.vm(name).is_none()).await;
         for vdisk in &record.spec.owned_vdisks {
             match self.delete_vdisk(vdisk).await {
                 Ok(()) | Err(ControlError::Store(basalt_store::StoreError::NoSuchVdisk(_))) => {}
@@ -486,6 +513,14 @@ impl Node {
         })
         .await?;
         tracing::info!(vm = name, to, "live migration asked for");
+        // Answer with the migration visible (or already over): a client
+        // following it from this node must not see the state before it.
+        self.wait_local(|state| {
+            state
+                .vm(name)
+                .is_none_or(|vm| vm.migration.is_some() || vm.node == Some(to))
+        })
+        .await;
         self.vm(name)
     }
 

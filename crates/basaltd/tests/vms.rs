@@ -402,7 +402,9 @@ fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
     let target = node_id(target_daemon);
     let before = wait_seq(source_daemon, "mig", 150);
     // Migrate in the middle of the sequence; the CLI follows the progress.
-    let migrated = source_daemon.cli_json(&["vm", "migrate", "mig", "--to", &target.to_string()]);
+    // Asked through the destination (a Raft follower: what it answers must
+    // already include the migration it forwarded to the leader).
+    let migrated = target_daemon.cli_json(&["vm", "migrate", "mig", "--to", &target.to_string()]);
     assert_eq!(migrated["node"].as_u64(), Some(target), "{migrated}");
     assert_eq!(migrated["state"], "running");
     assert!(
