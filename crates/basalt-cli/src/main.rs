@@ -267,6 +267,16 @@ impl Client {
             Some(body) => request.send_json(body),
             None => request.call(),
         };
+        self.answer(&url, result)
+    }
+
+    /// Turns an HTTP outcome into the decoded answer (`None` for 204) or
+    /// one readable error line.
+    fn answer<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> anyhow::Result<Option<T>> {
         let response = match result {
             Ok(response) => response,
             Err(ureq::Error::Status(code, response)) => {
@@ -308,31 +318,13 @@ impl Client {
 
     fn put_bytes<T: DeserializeOwned>(&self, path: &str, data: &[u8]) -> anyhow::Result<T> {
         let url = self.url(path);
-        match self
+        let result = self
             .agent
             .put(&url)
             .set("Content-Type", "application/octet-stream")
-            .send_bytes(data)
-        {
-            Ok(response) => {
-                let text = response
-                    .into_string()
-                    .with_context(|| format!("reading the answer of {url}"))?;
-                serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
-            }
-            Err(ureq::Error::Status(code, response)) => {
-                let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|e| e.error)
-                    .unwrap_or(text);
-                Err(anyhow!("{message} (HTTP {code})"))
-            }
-            Err(ureq::Error::Transport(t)) => Err(anyhow!(
-                "cannot reach the Basalt API at {}: {} (is basaltd running?)",
-                self.base,
-                t
-            )),
-        }
+            .send_bytes(data);
+        self.answer(&url, result)?
+            .ok_or_else(|| anyhow!("empty answer from {path}"))
     }
 
     /// POST whose answer may be empty (204).
@@ -808,6 +800,11 @@ fn create_vm(client: &Client, json: bool, args: VmCreateArgs) -> anyhow::Result<
     Ok(())
 }
 
+/// A VM's node for tables and messages ("-" when it has none).
+fn node_label(node: Option<u64>) -> String {
+    node.map_or_else(|| "-".into(), |n| n.to_string())
+}
+
 fn show_vm(v: &Vm) {
     let mut t = table(&["Field", "Value"]);
     let node = v
@@ -910,7 +907,7 @@ fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
                 "VM {} is {} on node {}",
                 v.name,
                 v.state,
-                v.node.map_or_else(|| "-".into(), |n| n.to_string())
+                node_label(v.node)
             );
         }
         VmCommand::Stop {
@@ -945,7 +942,7 @@ fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
                 "VM {} is {} on node {}",
                 v.name,
                 v.state,
-                v.node.map_or_else(|| "-".into(), |n| n.to_string())
+                node_label(v.node)
             );
         }
         VmCommand::Delete { name } => {
@@ -972,7 +969,7 @@ fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
                 t.add_row(vec![
                     v.name,
                     v.state,
-                    v.node.map_or_else(|| "-".into(), |n| n.to_string()),
+                    node_label(v.node),
                     v.vcpus.to_string(),
                     format_size(v.memory),
                     v.disks.join(", "),

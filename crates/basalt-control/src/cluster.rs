@@ -318,9 +318,7 @@ impl basalt_net::Handler for ControlService {
                     let chunk = node
                         .local_console(&name, offset)
                         .map_err(|e| fail(e.to_string()))?;
-                    serde_json::to_vec(&chunk)
-                        .map(basalt_net::Reply::body)
-                        .map_err(|e| fail(e.to_string()))
+                    json_reply(&chunk)
                 }
                 ControlRequest::ResyncProgress { vdisk } => {
                     let progress = node
@@ -328,13 +326,44 @@ impl basalt_net::Handler for ControlService {
                         .lock()
                         .get(&vdisk)
                         .map(|p| (p.done, p.total, p.copied));
-                    serde_json::to_vec(&progress)
-                        .map(basalt_net::Reply::body)
-                        .map_err(|e| fail(e.to_string()))
+                    json_reply(&progress)
                 }
             }
         })
     }
+}
+
+/// A control answer as JSON.
+fn json_reply<T: serde::Serialize>(
+    value: &T,
+) -> Result<basalt_net::Reply, basalt_net::RemoteError> {
+    serde_json::to_vec(value)
+        .map(basalt_net::Reply::body)
+        .map_err(|e| basalt_net::RemoteError::new(1, e.to_string()))
+}
+
+/// Sends `request` to the control service of the node at `addr`; returns
+/// the reply's body.
+async fn control_call(
+    node: &Node,
+    addr: &str,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<Bytes, String> {
+    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    let reply = node
+        .transport()
+        .call_timeout(
+            addr,
+            TrafficClass::Control,
+            SERVICE_CONTROL,
+            Bytes::from(body),
+            Bytes::new(),
+            timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(reply.body)
 }
 
 /// Asks the node at `addr` for a piece of VM `name`'s console log.
@@ -344,24 +373,14 @@ pub(crate) async fn remote_console(
     name: &str,
     offset: u64,
 ) -> Result<basalt_api::ConsoleChunk, ControlError> {
-    let body = serde_json::to_vec(&ControlRequest::Console {
+    let request = ControlRequest::Console {
         name: name.to_string(),
         offset,
-    })
-    .map_err(|e| ControlError::Internal(e.to_string()))?;
-    let reply = node
-        .transport()
-        .call_timeout(
-            addr,
-            TrafficClass::Control,
-            SERVICE_CONTROL,
-            Bytes::from(body),
-            Bytes::new(),
-            Duration::from_secs(5),
-        )
+    };
+    let body = control_call(node, addr, &request, Duration::from_secs(5))
         .await
         .map_err(|e| ControlError::Cluster(format!("reading the console on {addr}: {e}")))?;
-    serde_json::from_slice(&reply.body)
+    serde_json::from_slice(&body)
         .map_err(|e| ControlError::Internal(format!("console answer from {addr}: {e}")))
 }
 
@@ -372,21 +391,12 @@ pub(crate) async fn remote_progress(
     node_id: NodeId,
     vdisk: u64,
 ) -> Option<basalt_api::ResyncProgress> {
-    let body = serde_json::to_vec(&ControlRequest::ResyncProgress { vdisk }).ok()?;
-    let reply = node
-        .transport()
-        .call_timeout(
-            addr,
-            TrafficClass::Control,
-            SERVICE_CONTROL,
-            Bytes::from(body),
-            Bytes::new(),
-            Duration::from_secs(2),
-        )
+    let request = ControlRequest::ResyncProgress { vdisk };
+    let body = control_call(node, addr, &request, Duration::from_secs(2))
         .await
         .ok()?;
     let (done, total, copied): (u64, u64, u64) =
-        serde_json::from_slice::<Option<(u64, u64, u64)>>(&reply.body).ok()??;
+        serde_json::from_slice::<Option<(u64, u64, u64)>>(&body).ok()??;
     Some(basalt_api::ResyncProgress {
         node: node_id,
         done_bytes: done,

@@ -110,6 +110,29 @@ struct Instance {
 }
 
 impl Instance {
+    /// The process described by `file`, running VM `name` from `run_dir`.
+    fn new(
+        name: String,
+        file: InstanceFile,
+        run_dir: PathBuf,
+        incoming: bool,
+        reported_running: bool,
+    ) -> Instance {
+        Instance {
+            name,
+            generation: file.generation,
+            pid: file.pid,
+            run_dir,
+            disks: file.disks,
+            qmp: tokio::sync::Mutex::new(None),
+            exited: AtomicBool::new(false),
+            ending: AtomicBool::new(false),
+            migrating_out: AtomicBool::new(false),
+            incoming: AtomicBool::new(incoming),
+            reported_running: AtomicBool::new(reported_running),
+        }
+    }
+
     /// The process still runs.
     fn alive(&self) -> bool {
         !self.exited.load(Ordering::Acquire)
@@ -741,23 +764,25 @@ impl Node {
         }
     }
 
+    /// Reports on this node's QEMU process of VM `name` under `generation`.
     async fn report_vm(
         &self,
-        instance: &Instance,
+        name: &str,
+        generation: u64,
         state: VmRunState,
         reason: String,
         powered_off: bool,
     ) {
         let command = VmCommand::VmReport {
-            name: instance.name.clone(),
+            name: name.to_string(),
             node: self.node_id(),
-            generation: instance.generation,
+            generation,
             state,
             reason,
             powered_off,
         };
         if let Err(error) = self.propose_vm(command).await {
-            tracing::info!(vm = %instance.name, %error, "VM report not taken");
+            tracing::info!(vm = %name, %error, "VM report not taken");
         }
     }
 
@@ -865,19 +890,13 @@ impl Node {
         let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
         std::fs::write(run_dir.join("instance.json"), json)
             .map_err(|e| format!("writing instance.json: {e}"))?;
-        let instance = Arc::new(Instance {
-            name: name.clone(),
-            generation: record.generation,
-            pid,
-            run_dir: run_dir.clone(),
-            disks: record.spec.disks.clone(),
-            qmp: tokio::sync::Mutex::new(None),
-            exited: AtomicBool::new(false),
-            ending: AtomicBool::new(false),
-            migrating_out: AtomicBool::new(false),
-            incoming: AtomicBool::new(incoming),
-            reported_running: AtomicBool::new(false),
-        });
+        let instance = Arc::new(Instance::new(
+            name.clone(),
+            file,
+            run_dir.clone(),
+            incoming,
+            false,
+        ));
         {
             let instance = instance.clone();
             let log = run_dir.join("qemu.log");
@@ -971,20 +990,8 @@ impl Node {
                     tracing::warn!(vm = %name, disk, %error, "cannot export an adopted VM's vdisk");
                 }
             }
-            let instance = Arc::new(Instance {
-                name: name.clone(),
-                generation: file.generation,
-                pid: file.pid,
-                run_dir,
-                disks: file.disks,
-                qmp: tokio::sync::Mutex::new(None),
-                exited: AtomicBool::new(false),
-                ending: AtomicBool::new(false),
-                migrating_out: AtomicBool::new(false),
-                incoming: AtomicBool::new(false),
-                reported_running: AtomicBool::new(true),
-            });
             tracing::info!(vm = %name, pid = file.pid, generation = file.generation, "adopted a running QEMU");
+            let instance = Arc::new(Instance::new(name.clone(), file, run_dir, false, true));
             self.vm_supervisor
                 .instances
                 .lock()
@@ -1067,17 +1074,11 @@ fn supervise(node: &Arc<Node>, state: &ClusterState) {
         if stopped_without_process && supervisor.claim(name) {
             // Nothing runs here any more (it crashed, or was never started).
             let node = node.clone();
-            let command = VmCommand::VmReport {
-                name: name.clone(),
-                node: me,
-                generation: vm.generation,
-                state: VmRunState::Stopped,
-                reason: "stopped by the operator (no QEMU process was running)".into(),
-                powered_off: false,
-            };
-            let name = name.clone();
+            let (name, generation) = (name.clone(), vm.generation);
             tokio::spawn(async move {
-                let _ = node.propose_vm(command).await;
+                let reason = "stopped by the operator (no QEMU process was running)";
+                node.report_vm(&name, generation, VmRunState::Stopped, reason.into(), false)
+                    .await;
                 node.vm_supervisor.release(&name);
             });
             continue;
@@ -1103,15 +1104,8 @@ fn supervise(node: &Arc<Node>, state: &ClusterState) {
                         })
                         .await;
                 } else {
-                    let _ = node
-                        .propose_vm(VmCommand::VmReport {
-                            name: name.clone(),
-                            node: node.node_id(),
-                            generation: record.generation,
-                            state: VmRunState::Failed,
-                            reason: format!("cannot start QEMU: {why}"),
-                            powered_off: false,
-                        })
+                    let reason = format!("cannot start QEMU: {why}");
+                    node.report_vm(&name, record.generation, VmRunState::Failed, reason, false)
                         .await;
                 }
             }
@@ -1161,7 +1155,8 @@ fn spawn_stop(node: &Arc<Node>, instance: Arc<Instance>, force: bool, timeout: u
         instance.kill().await;
         node.forget_instance(&instance);
         node.report_vm(
-            &instance,
+            &instance.name,
+            instance.generation,
             VmRunState::Stopped,
             format!("stopped by the operator ({how})"),
             false,
@@ -1200,7 +1195,8 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
                 instance.kill().await;
                 node.forget_instance(&instance);
                 node.report_vm(
-                    &instance,
+                    &instance.name,
+                    instance.generation,
                     VmRunState::Stopped,
                     "the guest powered off".into(),
                     true,
@@ -1247,8 +1243,14 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
                     vm.node == Some(node.node_id()) && vm.generation == instance.generation
                 });
                 if ours {
-                    node.report_vm(&instance, VmRunState::Running, String::new(), false)
-                        .await;
+                    node.report_vm(
+                        &instance.name,
+                        instance.generation,
+                        VmRunState::Running,
+                        String::new(),
+                        false,
+                    )
+                    .await;
                     instance.reported_running.store(true, Ordering::Release);
                 }
             }
@@ -1271,7 +1273,8 @@ async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
     tracing::warn!(vm = %instance.name, crashes, what, "QEMU crashed");
     if crashes >= MAX_CRASHES {
         node.report_vm(
-            instance,
+            &instance.name,
+            instance.generation,
             VmRunState::Failed,
             format!("{what}; {crashes} crashes within 10 minutes, not restarting"),
             false,
@@ -1279,7 +1282,8 @@ async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
         .await;
     } else {
         node.report_vm(
-            instance,
+            &instance.name,
+            instance.generation,
             VmRunState::Starting,
             format!("{what} unexpectedly; restarting (crash {crashes})"),
             false,

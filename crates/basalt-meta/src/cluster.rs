@@ -441,19 +441,15 @@ impl MetaNode {
     }
 
     async fn forward(&self, leader: &str, command: &Command) -> Result<CommandResult, MetaError> {
-        let reply = self
-            .inner
-            .transport
-            .call_timeout(
-                leader,
-                TrafficClass::Control,
-                SERVICE_META,
-                encode_body(&MetaRequest::Propose(command.clone()))?,
-                Bytes::new(),
-                Duration::from_secs(10),
-            )
-            .await?;
-        match decode_body(&reply.body)? {
+        let request = MetaRequest::Propose(command.clone());
+        match meta_call(
+            &self.inner.transport,
+            leader,
+            &request,
+            Duration::from_secs(10),
+        )
+        .await?
+        {
             MetaReply::Applied(result) => Ok(result),
             _ => Err(MetaError::Raft("unexpected reply to a proposal".into())),
         }
@@ -955,18 +951,29 @@ async fn send_join(
     addr: &str,
     me: &NodeAnnouncement,
 ) -> Result<Membership, MetaError> {
+    let request = MetaRequest::Join(me.clone());
+    match meta_call(transport, addr, &request, Duration::from_secs(30)).await? {
+        MetaReply::Joined(membership) => Ok(membership),
+        _ => Err(MetaError::Raft("unexpected reply to a join".into())),
+    }
+}
+
+/// Sends one meta-service request to the node at `addr`; returns its reply.
+async fn meta_call(
+    transport: &Transport,
+    addr: &str,
+    request: &MetaRequest,
+    timeout: Duration,
+) -> Result<MetaReply, MetaError> {
     let reply = transport
         .call_timeout(
             addr,
             TrafficClass::Control,
             SERVICE_META,
-            encode_body(&MetaRequest::Join(me.clone()))?,
+            encode_body(request)?,
             Bytes::new(),
-            Duration::from_secs(30),
+            timeout,
         )
         .await?;
-    match decode_body(&reply.body)? {
-        MetaReply::Joined(membership) => Ok(membership),
-        _ => Err(MetaError::Raft("unexpected reply to a join".into())),
-    }
+    decode_body(&reply.body)
 }

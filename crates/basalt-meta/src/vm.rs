@@ -160,6 +160,12 @@ impl ClusterState {
         self.vms.get(name)
     }
 
+    fn vm_ref(&self, name: &str) -> Result<&VmRecord, Refused> {
+        self.vms
+            .get(name)
+            .ok_or_else(|| not_found(format!("no VM named {name}")))
+    }
+
     fn vm_mut(&mut self, name: &str) -> Result<&mut VmRecord, Refused> {
         self.vms
             .get_mut(name)
@@ -393,10 +399,7 @@ impl ClusterState {
                 Ok(CommandResult::Done)
             }
             VmCommand::StartVm { name, reason } => {
-                let vm = self
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                let vm = self.vm_ref(name)?;
                 if vm.desired == VmDesired::Running && vm.state != VmRunState::Failed {
                     // Already running or starting: nothing to do.
                     return Ok(CommandResult::Id(vm.node.unwrap_or(0)));
@@ -479,10 +482,7 @@ impl ClusterState {
                 Ok(CommandResult::Done)
             }
             VmCommand::BeginMigration { name, to, started } => {
-                let vm = self
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                let vm = self.vm_ref(name)?;
                 if !self.nodes.contains_key(to) {
                     return Err(not_found(format!("no node {to}")));
                 }
@@ -554,10 +554,7 @@ impl ClusterState {
                 downtime_ms,
                 total_ms,
             } => {
-                let vm = self
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                let vm = self.vm_ref(name)?;
                 let Some(migration) = vm.migration.clone() else {
                     return Err(conflict(format!("VM {name} is not migrating")));
                 };
@@ -597,10 +594,7 @@ impl ClusterState {
                 Ok(CommandResult::Done)
             }
             VmCommand::FailOverVm { name, dead } => {
-                let vm = self
-                    .vms
-                    .get(name)
-                    .ok_or_else(|| not_found(format!("no VM named {name}")))?;
+                let vm = self.vm_ref(name)?;
                 if vm.node != Some(*dead) || vm.desired != VmDesired::Running {
                     return Err(conflict(format!("VM {name} does not run on node {dead}")));
                 }

@@ -175,13 +175,11 @@ fn merge_adjacent_writes(jobs: Vec<Job>) -> Vec<Job> {
         if let (Some(head), Op::Write { offset, len }) = (merged.last_mut(), job.op)
             && let Op::Write {
                 offset: head_offset,
-                len: head_len,
+                ..
             } = head.op
         {
-            let head_end = head_offset
-                + u64::from(head_len)
-                + head.followers.iter().map(|f| f.budget).sum::<u64>();
-            if head_end == offset && head.budget + u64::from(len) <= MERGE_LIMIT {
+            // `budget` is the head's length plus its followers'.
+            if head_offset + head.budget == offset && head.budget + u64::from(len) <= MERGE_LIMIT {
                 head.budget += u64::from(len);
                 head.followers.push(job);
                 continue;

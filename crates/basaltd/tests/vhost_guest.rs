@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, guest_image, run_command, tool};
+use common::{
+    Daemon, GUEST_PATTERN_BLOCKS, assert_guest_pattern, guest_image, guest_pattern_block,
+    run_command, tool,
+};
 use serde_json::Value;
 
 // Kept in sync with the guest's /init (tests/guest/build-guest.sh).
-const PATTERN_OFFSET: u64 = 1 << 20;
-const PATTERN_BLOCKS: u64 = 256;
 const HOST_OFFSET: u64 = 4 << 20;
 const VDISK_SIZE: u64 = 64 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -35,14 +36,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Block `i` of the guest's patterns: "basalt WORD block i", padded with
-/// spaces to 4095 bytes, then a newline.
-fn pattern_block(word: &str, i: u64) -> Vec<u8> {
-    let mut block = format!("{:<4095}\n", format!("basalt {word} block {i}")).into_bytes();
-    block.truncate(4096);
-    block
 }
 
 /// Boots the guest on `socket` running `commands`; returns its console once
@@ -98,21 +91,6 @@ fn info<'a>(console: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {prefix} on the guest console:\n{console}"))
 }
 
-fn assert_guest_pattern(daemon: &Daemon) {
-    let mut client = daemon.nbd("vm");
-    let data = client
-        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
-        .expect("read the guest's pattern over NBD");
-    for (i, got) in data.chunks(4096).enumerate() {
-        assert!(
-            got == pattern_block("guest", i as u64),
-            "guest block {i} reads {:?} over NBD",
-            String::from_utf8_lossy(&got[..40])
-        );
-    }
-    client.disconnect();
-}
-
 #[test]
 fn linux_guest_on_a_vhost_export_writes_what_nbd_reads() {
     tool("qemu-system-x86_64");
@@ -124,8 +102,8 @@ fn linux_guest_on_a_vhost_export_writes_what_nbd_reads() {
     // The host pattern, written over NBD, for the guest to verify.
     let mut client = daemon.nbd("vm");
     let mut host = Vec::new();
-    for i in 0..PATTERN_BLOCKS {
-        host.extend(pattern_block("host", i));
+    for i in 0..GUEST_PATTERN_BLOCKS {
+        host.extend(guest_pattern_block("host", i));
     }
     client
         .write(HOST_OFFSET, &host, false)
@@ -167,7 +145,7 @@ fn linux_guest_on_a_vhost_export_writes_what_nbd_reads() {
     assert_eq!(info(&console, "write_cache"), "write back");
 
     // What the guest wrote is on the vdisk, for any other client.
-    assert_guest_pattern(&daemon);
+    assert_guest_pattern(&daemon, "vm");
     let status = daemon.status();
     assert!(
         status.io.flushes > 0,
@@ -184,7 +162,7 @@ fn linux_guest_on_a_vhost_export_writes_what_nbd_reads() {
     // And it survives a restart.
     daemon.stop();
     daemon.restart();
-    assert_guest_pattern(&daemon);
+    assert_guest_pattern(&daemon, "vm");
 }
 
 /// A QEMU process whose console is collected while it runs; killed (by

@@ -20,12 +20,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, DaemonOptions, guest_image, wait_for};
+use common::{Daemon, DaemonOptions, assert_guest_pattern, guest_image, wait_for};
 use serde_json::Value;
 
 // Kept in sync with the guest's /init (tests/guest/build-guest.sh).
-const PATTERN_OFFSET: u64 = 1 << 20;
-const PATTERN_BLOCKS: u64 = 256;
 const SEQ_OFFSET: u64 = 32 << 20;
 /// Sequence blocks that fit between SEQ_OFFSET and the end of a 64 MiB vdisk.
 const SEQ_BLOCKS: u64 = (64 << 20) / 4096 - SEQ_OFFSET / 4096;
@@ -194,15 +192,7 @@ fn guest_writes_a_pattern_on_its_vdisk_powers_off_and_stays_stopped() {
     }
     assert!(text.contains("BASALT-INFO: size_sectors=131072"), "{text}");
     // The guest's pattern, read back over NBD.
-    let mut client = daemon.nbd("data");
-    let data = client
-        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
-        .expect("read back");
-    client.disconnect();
-    for (i, block) in data.chunks(4096).enumerate() {
-        let expected = format!("{:<4095}\n", format!("basalt guest block {i}"));
-        assert_eq!(block, expected.as_bytes(), "pattern block {i}");
-    }
+    assert_guest_pattern(&daemon, "data");
     // Not restarted: no QEMU left, still stopped a moment later.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(show(&daemon, "pat")["state"], "stopped");
@@ -264,15 +254,7 @@ fn guest_boots_through_the_bios_from_a_clone_of_an_imported_image() {
     let text = console(&daemon, "bios");
     assert!(text.contains("BASALT-TEST: write-pattern PASS"), "{text}");
     assert!(text.contains("BASALT-TEST: verify-pattern PASS"), "{text}");
-    let mut client = daemon.nbd("data");
-    let data = client
-        .read_all(PATTERN_OFFSET, PATTERN_BLOCKS * 4096)
-        .expect("read back");
-    client.disconnect();
-    for (i, block) in data.chunks(4096).enumerate() {
-        let expected = format!("{:<4095}\n", format!("basalt guest block {i}"));
-        assert_eq!(block, expected.as_bytes(), "pattern block {i}");
-    }
+    assert_guest_pattern(&daemon, "data");
 }
 
 #[test]

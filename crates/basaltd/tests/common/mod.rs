@@ -1027,3 +1027,34 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
     drop(lock);
     (dir.join("vmlinuz"), dir.join("initrd"))
 }
+
+// Kept in sync with the test guest's /init (tests/guest/build-guest.sh).
+/// Byte offset of the pattern the guest's `write-pattern` writes.
+pub const GUEST_PATTERN_OFFSET: u64 = 1 << 20;
+/// Blocks of that pattern.
+pub const GUEST_PATTERN_BLOCKS: u64 = 256;
+
+/// Block `i` of the guest's patterns: "basalt WORD block i", padded with
+/// spaces to 4095 bytes, then a newline.
+pub fn guest_pattern_block(word: &str, i: u64) -> Vec<u8> {
+    let mut block = format!("{:<4095}\n", format!("basalt {word} block {i}")).into_bytes();
+    block.truncate(4096);
+    block
+}
+
+/// Reads the pattern the guest's `write-pattern` wrote to `vdisk` over NBD
+/// through `daemon`, failing on the first block that differs.
+pub fn assert_guest_pattern(daemon: &Daemon, vdisk: &str) {
+    let mut client = daemon.nbd(vdisk);
+    let data = client
+        .read_all(GUEST_PATTERN_OFFSET, GUEST_PATTERN_BLOCKS * 4096)
+        .expect("read the guest's pattern over NBD");
+    for (i, got) in data.chunks(4096).enumerate() {
+        assert!(
+            got == guest_pattern_block("guest", i as u64),
+            "guest block {i} of {vdisk} reads {:?} over NBD",
+            String::from_utf8_lossy(&got[..40])
+        );
+    }
+    client.disconnect();
+}
