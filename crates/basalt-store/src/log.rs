@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use basalt_core::IoBuf;
-use basalt_disk::{DiskEngine, Segment};
+use basalt_disk::{DiskEngine, DiskError, Segment};
 use uuid::Uuid;
 
 use crate::StoreError;
@@ -45,6 +45,8 @@ struct Job {
     fua: bool,
     segments: Vec<Segment>,
     waiters: Vec<crate::state::Waiter>,
+    landing: Vec<crate::state::LandingWrite>,
+    written_waiters: Vec<crate::state::Waiter>,
 }
 
 impl Store {
@@ -65,6 +67,24 @@ impl Store {
             };
             let engine = self.lock().disks[index].engine.clone();
             let mut result = engine.write_at(job.pos, job.segments).await;
+            for waiter in job.written_waiters {
+                let _ = waiter.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(format!("oplog write failed: {e}")),
+                });
+            }
+            // The batch counts as written only once the copy-on-write data
+            // its remap records point at has landed: until then no flush,
+            // checkpoint or durable-LSN claim may cover it.
+            for landing in job.landing {
+                let landed = match landing.await {
+                    Ok(landed) => landed,
+                    Err(_) => Err(DiskError::EngineGone),
+                };
+                if result.is_ok() {
+                    result = landed;
+                }
+            }
             if result.is_ok() && job.fua {
                 result = engine.sync().await;
             }
@@ -108,9 +128,11 @@ impl Store {
         let d = &mut st.disks[index];
         if let Some(why) = d.failed.clone() {
             for batch in d.log.pending.drain(..) {
-                for waiter in batch.waiters {
+                for waiter in batch.waiters.into_iter().chain(batch.written_waiters) {
                     let _ = waiter.send(Err(why.clone()));
                 }
+                // Their data writes run on; nothing waits for them now.
+                drop(batch.landing);
             }
             return None;
         }
@@ -153,6 +175,8 @@ impl Store {
             fua: batch.fua,
             segments,
             waiters: batch.waiters,
+            landing: batch.landing,
+            written_waiters: batch.written_waiters,
         })
     }
 }
@@ -407,6 +431,7 @@ pub(crate) async fn replay_disk(
                                 persisted: false,
                                 meta: None,
                                 overlay: BTreeMap::new(),
+                                landing: None,
                             },
                         );
                         let row = ExtentRow {
@@ -504,6 +529,7 @@ pub(crate) async fn replay_disk(
                             persisted: true,
                             meta: None,
                             overlay: BTreeMap::new(),
+                            landing: None,
                         },
                     );
                     let row = ExtentRow {

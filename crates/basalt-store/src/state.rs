@@ -12,13 +12,22 @@
 //!   and in memory until the drainer writes them home.
 //!
 //! A read consults the overlay first, then the persisted metadata.
+//!
+//! An extent written copy-on-write is published (with its new slot and
+//! metadata) as soon as its remap record is queued, while the slot's data
+//! write is still in flight, so that the record's batch is written at the
+//! same time as the data. Until the data has landed the extent carries a
+//! [`Landing`] receiver: reads of its slot wait for it, and the batch that
+//! holds the remap does not count as written (so no flush, checkpoint or
+//! durable-LSN claim covers the remap) before the data is on the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use basalt_disk::{DiskEngine, Segment};
-use tokio::sync::oneshot;
+use basalt_disk::{DiskEngine, DiskError, Segment};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::catalog::{ExtentRow, VdiskRecord};
@@ -133,7 +142,26 @@ pub(crate) struct ExtentState {
     pub meta: Option<Box<ExtentMeta>>,
     /// Blocks changed since, by block index within the extent.
     pub overlay: BTreeMap<u16, OverlayEntry>,
+    /// The copy-on-write data write of this tenancy, while it may still be
+    /// in flight (`None` once known landed, and for every other extent).
+    pub landing: Option<watch::Receiver<Landing>>,
 }
+
+/// How the copy-on-write data write of a freshly published extent stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Landing {
+    /// Submitted, not completed: the slot's contents are not there yet.
+    InFlight,
+    /// Completed: the slot holds the data its metadata describes.
+    Landed,
+    /// Failed (or abandoned): the slot cannot be read; the log writer fails
+    /// the disk when it sees the same outcome.
+    Failed,
+}
+
+/// A copy-on-write data write running beside the batch that holds its remap
+/// record. The batch is not written until it has completed.
+pub(crate) type LandingWrite = JoinHandle<Result<(), DiskError>>;
 
 /// A completion channel for a record waiting on its batch.
 pub(crate) type Waiter = oneshot::Sender<Result<(), String>>;
@@ -146,6 +174,12 @@ pub(crate) struct PendingBatch {
     pub data_blocks: u32,
     pub fua: bool,
     pub waiters: Vec<Waiter>,
+    /// Copy-on-write data writes whose remap records are in this batch.
+    pub landing: Vec<LandingWrite>,
+    /// Told as soon as the batch itself is on the disk, before the
+    /// copy-on-write data above has landed: copy-on-write writers that wait
+    /// for their own data (and need no sync) hear back one step earlier.
+    pub written_waiters: Vec<Waiter>,
     /// Bytes the header will take (kept current as records are added).
     pub header_bytes: usize,
 }
@@ -159,6 +193,8 @@ impl PendingBatch {
             data_blocks: 0,
             fua: false,
             waiters: Vec::new(),
+            landing: Vec::new(),
+            written_waiters: Vec::new(),
             header_bytes: 64,
         }
     }

@@ -16,12 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use basalt_core::IoBuf;
 use basalt_disk::{DiskEngine, DiskError, EngineChoice, Segment, open_disk};
 use parking_lot::{Mutex, MutexGuard};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
 use crate::catalog::{Catalog, Checkpoint, DiskRecord, ExtentRow, VdiskRecord};
@@ -30,8 +31,8 @@ use crate::format::{
     SLOT_BYTES, SLOT_META_BYTES, block_crc,
 };
 use crate::state::{
-    Content, DiskState, ExtentKey, ExtentState, LogState, MISSING_DISK, OverlayEntry, State,
-    VdiskState, overlay_data_bytes, overlay_insert,
+    Content, DiskState, ExtentKey, ExtentState, Landing, LogState, MISSING_DISK, OverlayEntry,
+    State, VdiskState, overlay_data_bytes, overlay_insert,
 };
 use crate::{StoreError, log};
 
@@ -402,6 +403,7 @@ impl Store {
                     persisted: row.persisted,
                     meta: None,
                     overlay: BTreeMap::new(),
+                    landing: None,
                 },
             );
         }
@@ -788,7 +790,10 @@ impl Store {
         let key = (vdisk, extent);
         let len = usize::from(n) * BLOCK_BYTES as usize;
         let mut last_failure = 0u64;
-        for _attempt in 0..8 {
+        // Re-plans after a metadata load or a block that moved under the
+        // read; waiting for a copy-on-write to land is not counted.
+        let mut retries = 0u32;
+        while retries < 8 {
             // Plan under the lock: copy overlay blocks, list the blocks to fetch.
             let planned = 'plan: {
                 let st = self.lock();
@@ -802,8 +807,20 @@ impl Store {
                     return Ok(IoBuf::zeroed(len));
                 };
                 Store::disk_usable(&st, e.disk)?;
+                if let Some(landing) = &e.landing {
+                    match *landing.borrow() {
+                        Landing::Landed => {}
+                        Landing::InFlight => break 'plan Err(Unready::Landing(landing.clone())),
+                        Landing::Failed => {
+                            return Err(StoreError::DiskFailed(
+                                st.disks[e.disk].path.display().to_string(),
+                                "a copy-on-write data write failed".into(),
+                            ));
+                        }
+                    }
+                }
                 let Some(meta) = e.meta.as_ref() else {
-                    break 'plan Err((e.disk, e.slot, e.alloc_id));
+                    break 'plan Err(Unready::Meta(e.disk, e.slot, e.alloc_id));
                 };
                 let mut out = IoBuf::zeroed(len);
                 // Runs of consecutive blocks to read from the slot: (first, count).
@@ -849,8 +866,16 @@ impl Store {
             };
             let (mut out, runs, engine, base, fingerprint) = match planned {
                 Ok(plan) => plan,
-                Err((disk, slot, alloc)) => {
+                Err(Unready::Meta(disk, slot, alloc)) => {
                     self.load_meta(key, disk, slot, alloc).await?;
+                    retries += 1;
+                    continue;
+                }
+                Err(Unready::Landing(mut landing)) => {
+                    if landing.wait_for(|l| *l != Landing::InFlight).await.is_err() {
+                        // The writing task is gone (the runtime is shutting down).
+                        return Err(StoreError::ShuttingDown);
+                    }
                     continue;
                 }
             };
@@ -924,6 +949,7 @@ impl Store {
                         }
                     };
                     if changed {
+                        retries += 1;
                         continue;
                     }
                     break;
@@ -1269,6 +1295,7 @@ impl Store {
                 persisted: false,
                 meta: Some(Box::new(ExtentMeta::empty(key.0, key.1, alloc_id))),
                 overlay: BTreeMap::new(),
+                landing: None,
             },
         );
         Ok(false)
@@ -1338,26 +1365,37 @@ impl Store {
             start: buf_block * BLOCK_BYTES as usize,
             len: crate::format::EXTENT_BYTES as usize,
         };
-        let written = engine
-            .write_at(
-                offset,
-                vec![Segment::whole(copy_a), Segment::whole(copy_b), data],
-            )
-            .await;
-        if let Err(e) = written {
-            give_back(self);
-            return match e {
-                DiskError::NoSpace { .. } => None,
-                other => Some(Err(StoreError::Disk(other))),
+        // The data write runs beside the remap record's batch write instead
+        // of before it: one device round trip per extent write instead of
+        // two. Its own task, so that no caller dropping its future can
+        // abandon a write the log writer waits for.
+        let written = engine.write_at(
+            offset,
+            vec![Segment::whole(copy_a), Segment::whole(copy_b), data],
+        );
+        let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
+        let landing = spawn_started(async move {
+            let result = written.await;
+            let outcome = match result {
+                Ok(()) => Landing::Landed,
+                Err(_) => Landing::Failed,
             };
-        }
+            landed_tx.send_replace(outcome);
+            result
+        });
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
         let rx = {
             let mut st = self.lock();
             if !st.vdisks.contains_key(&key.0) {
-                if let Some(d) = st.disks.get_mut(disk) {
-                    d.give_back(slot, fresh);
-                }
+                // Deleted meanwhile: the slot goes back once nothing is
+                // writing into it any more.
+                let store = self.clone();
+                tokio::spawn(async move {
+                    let _ = landing.await;
+                    if let Some(d) = store.lock().disks.get_mut(disk) {
+                        d.give_back(slot, fresh);
+                    }
+                });
                 return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
             }
             let d = &mut st.disks[disk];
@@ -1376,8 +1414,16 @@ impl Store {
                 },
             });
             batch.fua |= fua;
+            batch.landing.push(landing);
             let (tx, rx) = oneshot::channel();
-            batch.waiters.push(tx);
+            if fua {
+                // Heard once the data has landed and the batch is synced.
+                batch.waiters.push(tx);
+            } else {
+                // Heard once the batch is written; the data is waited for
+                // below, side by side.
+                batch.written_waiters.push(tx);
+            }
             let disk_id = d.id;
             tracing::debug!(?key, slot, alloc_id, lsn, "copy-on-write remap");
             st.release_extent(key, lsn);
@@ -1401,12 +1447,39 @@ impl Store {
                     persisted: true,
                     meta: Some(Box::new(meta)),
                     overlay: BTreeMap::new(),
+                    landing: Some(landed_rx.clone()),
                 },
             );
             self.inner.log_wake[disk].notify_one();
             rx
         };
-        Some(wait_log(rx).await)
+        if fua {
+            return Some(wait_log(rx).await);
+        }
+        let mut landed_rx = landed_rx;
+        let (written, landed) = futures::future::join(wait_log(rx), async {
+            // Copied out at once: the borrow must not live across an await.
+            landed_rx
+                .wait_for(|l| *l != Landing::InFlight)
+                .await
+                .map(|l| *l)
+        })
+        .await;
+        if let Err(e) = written {
+            return Some(Err(e));
+        }
+        Some(match landed {
+            Ok(Landing::Landed) => Ok(()),
+            Ok(_) => Err(StoreError::DiskFailed(
+                self.lock()
+                    .disks
+                    .get(disk)
+                    .map(|d| d.path.display().to_string())
+                    .unwrap_or_default(),
+                "a copy-on-write data write failed".into(),
+            )),
+            Err(_) => Err(StoreError::ShuttingDown),
+        })
     }
 
     /// Makes `blocks` blocks from `first` read as zeros; whole extents give
@@ -1693,6 +1766,14 @@ impl Store {
     }
 }
 
+/// Why a read cannot be planned yet.
+enum Unready {
+    /// The extent's metadata must be loaded from (disk, slot, tenancy).
+    Meta(usize, u64, u64),
+    /// The extent's copy-on-write data is still being written.
+    Landing(watch::Receiver<Landing>),
+}
+
 /// What queueing a write led to.
 enum Queued {
     /// Queued; completes with the batch.
@@ -1701,6 +1782,21 @@ enum Queued {
     NeedsSlot,
     /// The vdisk's generation reservation is used up until the next checkpoint.
     NeedsReservation,
+}
+
+/// Spawns `task` after polling it once on this thread, so that the I/O it
+/// starts is submitted now instead of when a runtime worker gets to it.
+fn spawn_started<T: Send + 'static>(
+    task: impl Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let mut task = Box::pin(task);
+    // A no-op waker is enough for this first poll: the runtime polls the
+    // spawned task again with a real waker before anything else.
+    let mut cx = Context::from_waker(Waker::noop());
+    match task.as_mut().poll(&mut cx) {
+        Poll::Ready(done) => tokio::spawn(async move { done }),
+        Poll::Pending => tokio::spawn(task),
+    }
 }
 
 async fn wait_log(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), StoreError> {

@@ -106,8 +106,16 @@ pub(crate) type Vring = VringRwLock<GuestMemAtomic>;
 /// honours `seg_max` produces, low enough to bound the memory of a request.
 pub(crate) const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
-/// Most data segments advertised per request (`seg_max`).
-pub(crate) const MAX_SEGMENTS: u32 = 254;
+/// Most data segments advertised per request (`seg_max`). Linux needs 256
+/// to send a 1 MiB write of scattered 4 KiB pages as one request (with 254
+/// it splits it into 1016 KiB + 8 KiB, and neither half is a whole extent).
+pub(crate) const MAX_SEGMENTS: u32 = 256;
+
+/// Largest `seg_max * size_max` advertised, in bytes. SeaBIOS computes the
+/// largest request in 512-byte sectors as a 16-bit number: 32 MiB wraps to
+/// zero, and its virtio-blk driver then loops forever on the first read
+/// (Linux's boot code reads every BIOS disk's MBR). 16 MiB stays clear.
+const MAX_ADVERTISED_REQUEST: u32 = 16 << 20;
 
 /// How many malformed-request warnings one connection logs before going quiet.
 const WARNING_BUDGET: u64 = 16;
@@ -165,10 +173,11 @@ struct Job {
 const MERGE_LIMIT: u64 = 4 << 20;
 
 /// Merges writes that continue each other (in the order popped) into one
-/// job. Linux splits a 1 MiB write of scattered pages into pieces of at
-/// most `seg_max` pages (1016 KiB + 8 KiB), dispatched together; merged,
-/// they reach the store as the whole-extent write they were, which it
-/// writes copy-on-write instead of through its write log.
+/// job. A guest may split a large write into pieces of at most `seg_max`
+/// pages, dispatched together (Linux did so with 1016 KiB + 8 KiB while
+/// `seg_max` was 254); merged, they reach the store as the whole-extent
+/// write they were, which it writes copy-on-write instead of through its
+/// write log.
 fn merge_adjacent_writes(jobs: Vec<Job>) -> Vec<Job> {
     let mut merged: Vec<Job> = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -283,8 +292,10 @@ impl Device {
     /// The configuration space as the guest sees it now.
     pub(crate) fn blk_config(&self) -> BlkConfig {
         let seg_max = MAX_SEGMENTS.min(u32::from(self.options.queue_size).saturating_sub(2).max(1));
-        // seg_max * size_max stays within the largest request the backend takes.
-        let size_max = (basalt_core::MAX_REQUEST_BYTES / seg_max) / 4096 * 4096;
+        // seg_max * size_max stays within the largest request the backend
+        // takes and within what SeaBIOS can count.
+        let largest = basalt_core::MAX_REQUEST_BYTES.min(MAX_ADVERTISED_REQUEST);
+        let size_max = (largest / seg_max) / 4096 * 4096;
         let blk_size = self.options.logical_block_size;
         let physical_block_exp = (basalt_core::BLOCK_SIZE as u32 / blk_size).trailing_zeros() as u8;
         BlkConfig {

@@ -488,8 +488,13 @@ fn config_space_describes_the_disk() {
         u64::from_le_bytes(config[0..8].try_into().unwrap()),
         (DISK_SIZE / 512) as u64
     );
-    assert_eq!(u32_at(12), 254); // seg_max
-    assert!(u64::from(u32_at(8)) * 254 <= u64::from(basalt_core::MAX_REQUEST_BYTES)); // size_max
+    assert_eq!(u32_at(12), 256); // seg_max: a 1 MiB write of 4 KiB pages is one request
+    // size_max: seg_max * size_max within the backend's largest request, and
+    // below 65536 sectors, which wraps SeaBIOS's 16-bit request size to zero.
+    let largest = u64::from(u32_at(8)) * 256;
+    assert!(largest <= u64::from(basalt_core::MAX_REQUEST_BYTES));
+    assert!(largest / 512 < 65536);
+    assert!(largest >= 1 << 20);
     assert_eq!(u32_at(20), 512); // blk_size
     assert_eq!(config[24], 3); // 4096-byte physical blocks
     assert_eq!(u16::from_le_bytes([config[26], config[27]]), 8); // min_io_size

@@ -1,0 +1,234 @@
+//! A whole-extent (copy-on-write) write sends its data and its remap record
+//! to the disk at the same time. These tests hold the data write back on a
+//! gate and check what must hold meanwhile: reads never see the unwritten
+//! slot, the write is not acknowledged, a flush does not vouch for the remap,
+//! and a power cut keeps the old contents.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use basalt_core::IoBuf;
+use basalt_disk::sim::{CutMode, SimDisk};
+use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
+use basalt_store::{OpenedDisk, Store};
+use common::*;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+const EXTENT_BLOCKS: u64 = 256;
+
+/// A simulated disk whose writes of a whole extent or more (copy-on-write
+/// data) wait until the gate is open. Everything else passes straight through.
+struct GatedEngine {
+    inner: Arc<dyn DiskEngine>,
+    open: watch::Receiver<bool>,
+    /// Large writes that reached the engine (held or not).
+    large_writes: Arc<AtomicU64>,
+}
+
+impl DiskEngine for GatedEngine {
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        let len: usize = segments.iter().map(|s| s.len).sum();
+        if len < (EXTENT_BLOCKS as usize) * BLOCK {
+            return self.inner.write_at(offset, segments);
+        }
+        self.large_writes.fetch_add(1, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            // The simulated disk writes when called: call it only once open.
+            let _ = open.wait_for(|&o| o).await;
+            inner.write_at(offset, segments).await
+        })
+    }
+
+    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.inner.sync()
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.inner.allocate(offset, len)
+    }
+}
+
+struct Gated {
+    store: Store,
+    gate: watch::Sender<bool>,
+    large_writes: Arc<AtomicU64>,
+}
+
+async fn open_gated(dir: &std::path::Path, disk: &SimDisk) -> Gated {
+    let (gate, open) = watch::channel(true);
+    let large_writes = Arc::new(AtomicU64::new(0));
+    let engine = GatedEngine {
+        inner: disk.engine(),
+        open,
+        large_writes: large_writes.clone(),
+    };
+    let store = Store::open_with_engines(
+        config(dir),
+        vec![OpenedDisk {
+            path: "gated0".into(),
+            engine: Arc::new(engine),
+        }],
+    )
+    .await
+    .expect("open store");
+    Gated {
+        store,
+        gate,
+        large_writes,
+    }
+}
+
+fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
+    data.as_slice()
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, block)| tag_of(block, first + i as u64))
+        .collect()
+}
+
+/// Starts a whole-extent write of `tag` to extent 1 with the gate closed and
+/// waits until its data write is held at the gate.
+async fn held_cow_write(g: &Gated, v: u64, tag: u64) -> tokio::task::JoinHandle<()> {
+    g.gate.send_replace(false);
+    let before = g.large_writes.load(Ordering::SeqCst);
+    let store = g.store.clone();
+    let write = tokio::spawn(async move {
+        store
+            .write(
+                v,
+                EXTENT_BLOCKS,
+                buffer(tag, EXTENT_BLOCKS, EXTENT_BLOCKS),
+                false,
+            )
+            .await
+            .expect("copy-on-write");
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while g.large_writes.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the copy-on-write data write reaches the disk");
+    // Let the writer queue its remap record and publish the extent.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    write
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_for_copy_on_write_data_and_see_it_afterwards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let g = open_gated(dir.path(), &disk).await;
+    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    g.store
+        .write(
+            v,
+            EXTENT_BLOCKS,
+            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
+            false,
+        )
+        .await
+        .expect("first write");
+    g.store.flush().await.expect("flush");
+
+    let write = held_cow_write(&g, v, 2).await;
+    let store = g.store.clone();
+    let read = tokio::spawn(async move { store.read(v, EXTENT_BLOCKS, EXTENT_BLOCKS).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !read.is_finished(),
+        "a read of the extent went ahead while its data was not on the disk"
+    );
+    assert!(
+        !write.is_finished(),
+        "the write was acknowledged before its data landed"
+    );
+    // Other extents keep serving meanwhile.
+    let other = tokio::time::timeout(Duration::from_secs(5), g.store.read(v, 0, 4))
+        .await
+        .expect("a read of another extent does not wait")
+        .expect("read");
+    assert_eq!(tags(&other, 0), vec![0; 4]);
+
+    g.gate.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("write completes once open")
+        .expect("write task");
+    let data = read.await.expect("read task").expect("read");
+    assert_eq!(tags(&data, EXTENT_BLOCKS), vec![2; EXTENT_BLOCKS as usize]);
+    g.store.flush().await.expect("flush");
+    g.store.halt().await;
+
+    disk.power_cut(CutMode::DropUnsynced);
+    let store = open_sim(dir.path(), &disk).await;
+    let data = store
+        .read(v, EXTENT_BLOCKS, EXTENT_BLOCKS)
+        .await
+        .expect("read after cut");
+    assert_eq!(tags(&data, EXTENT_BLOCKS), vec![2; EXTENT_BLOCKS as usize]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_does_not_vouch_for_a_remap_whose_data_has_not_landed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let g = open_gated(dir.path(), &disk).await;
+    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    g.store
+        .write(
+            v,
+            EXTENT_BLOCKS,
+            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
+            false,
+        )
+        .await
+        .expect("first write");
+    g.store.flush().await.expect("flush");
+
+    let write = held_cow_write(&g, v, 2).await;
+    // A flush now syncs the disk, remap batch included, but must neither
+    // wait for nor vouch for the write that is not acknowledged yet.
+    tokio::time::timeout(Duration::from_secs(5), g.store.flush())
+        .await
+        .expect("a flush does not wait for an unacknowledged write")
+        .expect("flush");
+    assert!(!write.is_finished());
+
+    // Power goes while the data is still held: the remap record is on the
+    // disk, the data it points at is not.
+    disk.power_cut(CutMode::DropUnsynced);
+    g.gate.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    g.store.halt().await;
+
+    let store = open_sim(dir.path(), &disk).await;
+    let data = store
+        .read(v, EXTENT_BLOCKS, EXTENT_BLOCKS)
+        .await
+        .expect("the old contents read back, not an error");
+    assert_eq!(tags(&data, EXTENT_BLOCKS), vec![1; EXTENT_BLOCKS as usize]);
+}
