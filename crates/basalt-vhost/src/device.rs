@@ -59,7 +59,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,11 @@ pub(crate) const MAX_SEGMENTS: u32 = 256;
 /// zero, and its virtio-blk driver then loops forever on the first read
 /// (Linux's boot code reads every BIOS disk's MBR). 16 MiB stays clear.
 const MAX_ADVERTISED_REQUEST: u32 = 16 << 20;
+
+/// Values of `Device::cache_choice`.
+const CACHE_DEFAULT: u8 = 0;
+const CACHE_WRITETHROUGH: u8 = 1;
+const CACHE_WRITEBACK: u8 = 2;
 
 /// How many malformed-request warnings one connection logs before going quiet.
 const WARNING_BUDGET: u64 = 16;
@@ -229,7 +234,12 @@ pub(crate) struct Device {
     quiesced: AtomicBool,
     /// The guest-visible cache mode: true = write-back (FLUSH makes writes
     /// durable), false = write-through (every write is sent with FUA).
+    /// Derived from the acked features and `cache_choice` (see
+    /// [`Device::update_cache_mode`]); the config space shows this value.
     writeback: AtomicBool,
+    /// The mode the driver chose through the `writeback` config field:
+    /// `CACHE_DEFAULT` (none), `CACHE_WRITETHROUGH` or `CACHE_WRITEBACK`.
+    cache_choice: AtomicU8,
     queues: Vec<QueueShared>,
     /// For each worker thread, the queue indices it serves, ascending.
     thread_queues: Vec<Vec<usize>>,
@@ -264,11 +274,26 @@ impl Device {
             event_idx: AtomicBool::new(false),
             quiesced: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
+            cache_choice: AtomicU8::new(CACHE_DEFAULT),
             queues: (0..num_queues).map(|_| QueueShared::default()).collect(),
             thread_queues,
             stats,
             warnings: AtomicU64::new(0),
         }
+    }
+
+    /// Sets the cache mode from the acked features and the driver's choice:
+    /// write-through if the driver chose it through the config field or
+    /// cannot flush (no `FLUSH`), else write-back.
+    ///
+    /// SeaBIOS negotiates before the guest's driver does, without `FLUSH` or
+    /// `CONFIG_WCE`: the mode that negotiation implies must not outlive it,
+    /// or Linux finds write-through in the config space and every write
+    /// goes out with FUA.
+    fn update_cache_mode(&self) {
+        let writeback = self.cache_choice.load(Ordering::Acquire) != CACHE_WRITETHROUGH
+            && self.acked(VIRTIO_BLK_F_FLUSH);
+        self.writeback.store(writeback, Ordering::Release);
     }
 
     fn acked(&self, feature: u32) -> bool {
@@ -931,13 +956,12 @@ impl VhostUserBackend for DeviceHandle {
     fn acked_features(&self, features: u64) {
         let device = &self.0;
         device.acked_features.store(features, Ordering::Release);
-        // Without CONFIG_WCE the cache mode follows FLUSH: a driver that
-        // cannot flush must get write-through.
         if !device.acked(VIRTIO_BLK_F_CONFIG_WCE) {
-            device
-                .writeback
-                .store(device.acked(VIRTIO_BLK_F_FLUSH), Ordering::Release);
+            // A driver that does not know the config field (SeaBIOS, before
+            // the guest's own driver) voids any earlier choice.
+            device.cache_choice.store(CACHE_DEFAULT, Ordering::Release);
         }
+        device.update_cache_mode();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -961,7 +985,13 @@ impl VhostUserBackend for DeviceHandle {
         if offset as usize == WRITEBACK_OFFSET && buf.len() == 1 {
             let writeback = buf[0] != 0;
             tracing::info!(writeback, "vhost-user-blk: guest changed the cache mode");
-            self.0.writeback.store(writeback, Ordering::Release);
+            let choice = if writeback {
+                CACHE_WRITEBACK
+            } else {
+                CACHE_WRITETHROUGH
+            };
+            self.0.cache_choice.store(choice, Ordering::Release);
+            self.0.update_cache_mode();
             return Ok(());
         }
         Err(io::Error::new(

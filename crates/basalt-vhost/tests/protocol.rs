@@ -20,6 +20,7 @@ use vhost::VhostUserDirtyLogRegion;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -473,6 +474,54 @@ fn get_vring_base_waits_for_inflight_requests() {
     let used = drv.wait_used(0, 1, Duration::from_millis(1));
     assert_eq!(used[0], (u32::from(head), 1));
     assert_eq!(drv.read_mem(st, 1)[0], 0);
+}
+
+#[test]
+fn cache_mode_follows_the_last_negotiation_and_the_guest_choice() {
+    let fx = fixture(options());
+    let mut drv = Driver::connect(&fx.path, 2, bit(VIRTIO_BLK_F_CONFIG_WCE));
+    let full = drv.features;
+    assert_ne!(full & bit(VIRTIO_BLK_F_CONFIG_WCE), 0);
+    let writeback = |drv: &mut Driver| {
+        let (_, config) = drv
+            .frontend
+            .get_config(32, 1, VhostUserConfigFlags::empty(), &[0u8; 1])
+            .unwrap();
+        config[0]
+    };
+    let fua = |fx: &Fixture| fx.backend.fua_writes.load(Ordering::SeqCst);
+
+    // Firmware first (as SeaBIOS does): neither FLUSH nor CONFIG_WCE, so
+    // write-through...
+    drv.frontend
+        .set_features(bit(VIRTIO_F_VERSION_1) | bit(30))
+        .unwrap();
+    assert_eq!(writeback(&mut drv), 0);
+    // ...then the guest's driver with both: write-back, and writes go
+    // without FUA (the firmware's mode does not stick).
+    drv.frontend.set_features(full).unwrap();
+    assert_eq!(writeback(&mut drv), 1);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[1; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 0);
+
+    // The guest chooses write-through; features sent again (as QEMU does
+    // when it turns dirty logging on for a migration) keep the choice.
+    drv.frontend
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .unwrap();
+    drv.frontend
+        .set_features(full | bit(VHOST_F_LOG_ALL))
+        .unwrap();
+    assert_eq!(writeback(&mut drv), 0);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[2; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 1);
+
+    // A new firmware negotiation (a reboot) starts over at write-back.
+    drv.frontend
+        .set_features(bit(VIRTIO_F_VERSION_1) | bit(30))
+        .unwrap();
+    drv.frontend.set_features(full).unwrap();
+    assert_eq!(writeback(&mut drv), 1);
 }
 
 #[test]
