@@ -4,11 +4,68 @@
 //! logical block size. Allocating every buffer on a 4 KiB boundary from the
 //! start means the bytes a frontend reads off a socket can reach the disk
 //! without being copied again.
+//!
+//! Large buffers (a 1 MiB guest write, a 1 MiB read) are allocated and freed
+//! for every request. Fresh ones cost a page fault per 4 KiB page (the
+//! allocator returns freed large blocks to the kernel) and a fill; so freed
+//! buffers of [`POOLED_MIN`] bytes or more are kept in a small pool
+//! ([`POOL_BYTES`] in all) and handed out again. [`IoBuf::zeroed`] clears a
+//! reused buffer; [`IoBuf::for_overwrite`] does not, for callers that fill
+//! all of it at once.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use crate::IO_ALIGN;
+
+/// Smallest capacity worth keeping for reuse.
+pub const POOLED_MIN: usize = 64 << 10;
+/// Most bytes kept for reuse, all sizes together.
+pub const POOL_BYTES: usize = 32 << 20;
+
+/// Freed buffers kept for reuse: (capacity, allocation).
+struct Pool {
+    buffers: Vec<(usize, PooledPtr)>,
+    bytes: usize,
+}
+
+/// An allocation held by the pool and owned by nobody else.
+struct PooledPtr(NonNull<u8>);
+
+// SAFETY: the pool owns each allocation exclusively, as IoBuf does.
+unsafe impl Send for PooledPtr {}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    buffers: Vec::new(),
+    bytes: 0,
+});
+
+/// Takes a pooled allocation of exactly `capacity` bytes.
+fn pool_take(capacity: usize) -> Option<NonNull<u8>> {
+    if capacity < POOLED_MIN {
+        return None;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let at = pool.buffers.iter().rposition(|(c, _)| *c == capacity)?;
+    let (_, ptr) = pool.buffers.swap_remove(at);
+    pool.bytes -= capacity;
+    Some(ptr.0)
+}
+
+/// Keeps an allocation for reuse; gives it back when the pool is full.
+fn pool_put(ptr: NonNull<u8>, capacity: usize) -> Option<NonNull<u8>> {
+    if capacity < POOLED_MIN {
+        return Some(ptr);
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if pool.bytes + capacity > POOL_BYTES {
+        return Some(ptr);
+    }
+    pool.bytes += capacity;
+    pool.buffers.push((capacity, PooledPtr(ptr)));
+    None
+}
 
 /// A heap buffer aligned to [`IO_ALIGN`] whose capacity is a multiple of it.
 ///
@@ -29,7 +86,24 @@ unsafe impl Sync for IoBuf {}
 impl IoBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> IoBuf {
+        let buf = IoBuf::for_overwrite(len);
+        // SAFETY: ptr points to `capacity` bytes owned by buf.
+        unsafe { std::ptr::write_bytes(buf.ptr.as_ptr(), 0, len) };
+        buf
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (zeros, or
+    /// bytes of an earlier buffer of this process), for a caller that
+    /// overwrites all of it at once. The bytes past `len` are zero.
+    pub fn for_overwrite(len: usize) -> IoBuf {
         let capacity = len.div_ceil(IO_ALIGN).max(1) * IO_ALIGN;
+        if let Some(ptr) = pool_take(capacity) {
+            // SAFETY: the pooled allocation has `capacity` initialised bytes
+            // and len <= capacity; clearing the tail keeps the zero-past-len
+            // promise of the type.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr().add(len), 0, capacity - len) };
+            return IoBuf { ptr, len, capacity };
+        }
         let layout = Self::layout(capacity);
         // SAFETY: the layout has a non-zero size (at least IO_ALIGN).
         let raw = unsafe { alloc_zeroed(layout) };
@@ -41,7 +115,7 @@ impl IoBuf {
 
     /// A buffer holding a copy of `bytes`.
     pub fn from_slice(bytes: &[u8]) -> IoBuf {
-        let mut buf = IoBuf::zeroed(bytes.len());
+        let mut buf = IoBuf::for_overwrite(bytes.len());
         buf.as_mut_slice().copy_from_slice(bytes);
         buf
     }
@@ -100,8 +174,11 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `zeroed` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.capacity)) }
+        if let Some(ptr) = pool_put(self.ptr, self.capacity) {
+            // SAFETY: ptr was allocated in `for_overwrite` with exactly this
+            // layout, and the pool did not keep it.
+            unsafe { dealloc(ptr.as_ptr(), Self::layout(self.capacity)) }
+        }
     }
 }
 
@@ -135,6 +212,36 @@ impl AsMut<[u8]> for IoBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reused_buffers_are_cleared_where_promised() {
+        // A size no other test uses, so the pool hands back our buffer.
+        let len = POOLED_MIN * 2 - 100;
+        for _ in 0..4 {
+            let mut dirty = IoBuf::zeroed(len);
+            dirty.set_len(dirty.capacity());
+            dirty.as_mut_slice().fill(0xCD);
+            let address = dirty.as_ptr() as usize;
+            drop(dirty);
+            let mut reused = IoBuf::for_overwrite(len - 100);
+            assert_eq!(
+                reused.as_ptr() as usize,
+                address,
+                "the freed buffer is reused"
+            );
+            let visible = reused.len();
+            reused.set_len(reused.capacity());
+            assert!(
+                reused.as_slice()[visible..].iter().all(|&b| b == 0),
+                "bytes past the length must be zero"
+            );
+            reused.as_mut_slice().fill(0xEF);
+            drop(reused);
+            let zeroed = IoBuf::zeroed(len);
+            assert_eq!(zeroed.as_ptr() as usize, address);
+            assert!(zeroed.as_slice().iter().all(|&b| b == 0));
+        }
+    }
 
     #[test]
     fn buffers_are_aligned_and_zeroed() {

@@ -470,7 +470,7 @@ fn start_request(
                 cookie,
                 offset,
                 fua,
-                data: IoBuf::zeroed(length as usize),
+                data: IoBuf::for_overwrite(length as usize),
                 filled: 0,
                 cost: length.saturating_add(REQUEST_OVERHEAD),
             };

@@ -887,7 +887,8 @@ impl Store {
             let fetches = runs.iter().map(|&(f, c)| {
                 let engine = engine.clone();
                 async move {
-                    let buf = IoBuf::zeroed(usize::from(c) * BLOCK_BYTES as usize);
+                    // The engine fills it whole or fails.
+                    let buf = IoBuf::for_overwrite(usize::from(c) * BLOCK_BYTES as usize);
                     let (buf, result) =
                         engine.read_at(base + u64::from(f) * BLOCK_BYTES, buf).await;
                     result.map(|_| (f, buf))

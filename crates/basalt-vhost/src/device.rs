@@ -579,7 +579,9 @@ impl Device {
             Op::Write { offset, len } => {
                 // `budget` is this write's length plus its followers'.
                 let total = usize::try_from(job.budget).unwrap_or(usize::MAX);
-                let mut data = IoBuf::zeroed(total);
+                // Every byte is gathered from the guest below (or the buffer
+                // is dropped), so it needs no clearing first.
+                let mut data = IoBuf::for_overwrite(total);
                 let mut gathered = gather(
                     &job.slot.mem,
                     &job.frame.out_data,
