@@ -142,8 +142,9 @@ pub(crate) struct ExtentState {
     pub meta: Option<Box<ExtentMeta>>,
     /// Blocks changed since, by block index within the extent.
     pub overlay: BTreeMap<u16, OverlayEntry>,
-    /// The copy-on-write data write of this tenancy, while it may still be
-    /// in flight (`None` once known landed, and for every other extent).
+    /// The copy-on-write data write of a tenancy published by a whole-extent
+    /// write (it stays, reading `Landed`, once the data is there); `None`
+    /// for every other extent.
     pub landing: Option<watch::Receiver<Landing>>,
 }
 

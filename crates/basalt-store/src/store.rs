@@ -811,12 +811,7 @@ impl Store {
                     match *landing.borrow() {
                         Landing::Landed => {}
                         Landing::InFlight => break 'plan Err(Unready::Landing(landing.clone())),
-                        Landing::Failed => {
-                            return Err(StoreError::DiskFailed(
-                                st.disks[e.disk].path.display().to_string(),
-                                "a copy-on-write data write failed".into(),
-                            ));
-                        }
+                        Landing::Failed => return Err(cow_data_failed(&st, e.disk)),
                     }
                 }
                 let Some(meta) = e.meta.as_ref() else {
@@ -1471,14 +1466,7 @@ impl Store {
         }
         Some(match landed {
             Ok(Landing::Landed) => Ok(()),
-            Ok(_) => Err(StoreError::DiskFailed(
-                self.lock()
-                    .disks
-                    .get(disk)
-                    .map(|d| d.path.display().to_string())
-                    .unwrap_or_default(),
-                "a copy-on-write data write failed".into(),
-            )),
+            Ok(_) => Err(cow_data_failed(&self.lock(), disk)),
             Err(_) => Err(StoreError::ShuttingDown),
         })
     }
@@ -1765,6 +1753,18 @@ impl Store {
     pub fn catalog_path(data_dir: &Path) -> PathBuf {
         data_dir.join("meta.redb")
     }
+}
+
+/// The error of a request that met a copy-on-write data write that failed
+/// on `disk` (the log writer fails the disk for it).
+fn cow_data_failed(st: &State, disk: usize) -> StoreError {
+    StoreError::DiskFailed(
+        st.disks
+            .get(disk)
+            .map(|d| d.path.display().to_string())
+            .unwrap_or_default(),
+        "a copy-on-write data write failed".into(),
+    )
 }
 
 /// Why a read cannot be planned yet.

@@ -108,6 +108,33 @@ fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
         .collect()
 }
 
+/// A gated store with one vdisk whose extent 1 holds tag 1, flushed.
+async fn gated_with_first_write(dir: &std::path::Path, disk: &SimDisk) -> (Gated, u64) {
+    let g = open_gated(dir, disk).await;
+    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    g.store
+        .write(
+            v,
+            EXTENT_BLOCKS,
+            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
+            false,
+        )
+        .await
+        .expect("first write");
+    g.store.flush().await.expect("flush");
+    (g, v)
+}
+
+/// The tags of extent 1 of `v` after reopening the store on `disk`.
+async fn tags_after_reopen(dir: &std::path::Path, disk: &SimDisk, v: u64) -> Vec<u64> {
+    let store = open_sim(dir, disk).await;
+    let data = store
+        .read(v, EXTENT_BLOCKS, EXTENT_BLOCKS)
+        .await
+        .expect("read after the power cut");
+    tags(&data, EXTENT_BLOCKS)
+}
+
 /// Starts a whole-extent write of `tag` to extent 1 with the gate closed and
 /// waits until its data write is held at the gate.
 async fn held_cow_write(g: &Gated, v: u64, tag: u64) -> tokio::task::JoinHandle<()> {
@@ -141,18 +168,7 @@ async fn held_cow_write(g: &Gated, v: u64, tag: u64) -> tokio::task::JoinHandle<
 async fn reads_wait_for_copy_on_write_data_and_see_it_afterwards() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
-    let g = open_gated(dir.path(), &disk).await;
-    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    g.store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
-    g.store.flush().await.expect("flush");
+    let (g, v) = gated_with_first_write(dir.path(), &disk).await;
 
     let write = held_cow_write(&g, v, 2).await;
     let store = g.store.clone();
@@ -184,30 +200,17 @@ async fn reads_wait_for_copy_on_write_data_and_see_it_afterwards() {
     g.store.halt().await;
 
     disk.power_cut(CutMode::DropUnsynced);
-    let store = open_sim(dir.path(), &disk).await;
-    let data = store
-        .read(v, EXTENT_BLOCKS, EXTENT_BLOCKS)
-        .await
-        .expect("read after cut");
-    assert_eq!(tags(&data, EXTENT_BLOCKS), vec![2; EXTENT_BLOCKS as usize]);
+    assert_eq!(
+        tags_after_reopen(dir.path(), &disk, v).await,
+        vec![2; EXTENT_BLOCKS as usize]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_does_not_vouch_for_a_remap_whose_data_has_not_landed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
-    let g = open_gated(dir.path(), &disk).await;
-    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    g.store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
-    g.store.flush().await.expect("flush");
+    let (g, v) = gated_with_first_write(dir.path(), &disk).await;
 
     let write = held_cow_write(&g, v, 2).await;
     // A flush now syncs the disk, remap batch included, but must neither
@@ -225,10 +228,9 @@ async fn a_flush_does_not_vouch_for_a_remap_whose_data_has_not_landed() {
     let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
     g.store.halt().await;
 
-    let store = open_sim(dir.path(), &disk).await;
-    let data = store
-        .read(v, EXTENT_BLOCKS, EXTENT_BLOCKS)
-        .await
-        .expect("the old contents read back, not an error");
-    assert_eq!(tags(&data, EXTENT_BLOCKS), vec![1; EXTENT_BLOCKS as usize]);
+    // The old contents read back, not an error.
+    assert_eq!(
+        tags_after_reopen(dir.path(), &disk, v).await,
+        vec![1; EXTENT_BLOCKS as usize]
+    );
 }
