@@ -236,6 +236,8 @@ pub(crate) struct Device {
     /// durable), false = write-through (every write is sent with FUA).
     /// Derived from the acked features and `cache_choice` (see
     /// [`Device::update_cache_mode`]); the config space shows this value.
+    /// Kept rather than computed on demand: before any negotiation (when
+    /// QEMU reads and caches the config space) it must say write-back.
     writeback: AtomicBool,
     /// The mode the driver chose through the `writeback` config field:
     /// `CACHE_DEFAULT` (none), `CACHE_WRITETHROUGH` or `CACHE_WRITEBACK`.
