@@ -1261,7 +1261,16 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
 
 /// A QEMU process died without being asked to: restart it (the supervisor
 /// does, seeing no process), or give up after too many crashes.
+///
+/// Holds the VM's claim throughout: once the instance is forgotten the
+/// supervisor would start a new QEMU at once, and that launch must not find
+/// the old exports still up (it would reuse a socket the tear-down is about
+/// to remove) nor run before the crash is counted and reported.
 async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
+    if !node.vm_supervisor.claim(&instance.name) {
+        // A stop or kill task holds it and tears the instance down itself.
+        return;
+    }
     node.forget_instance(instance);
     let crashes = {
         let mut all = node.vm_supervisor.crashes.lock();
@@ -1290,6 +1299,7 @@ async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
         )
         .await;
     }
+    node.vm_supervisor.release(&instance.name);
 }
 
 /// Drives the live migration of `instance` to the QEMU waiting at `uri`.
