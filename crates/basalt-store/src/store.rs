@@ -1041,29 +1041,15 @@ impl Store {
             .write_bytes
             .fetch_add(blocks * BLOCK_BYTES, Ordering::Relaxed);
         let buf = Arc::new(data);
-        let crcs: Vec<u32> = buf
-            .as_slice()
-            .chunks(BLOCK_BYTES as usize)
-            .map(block_crc)
-            .collect();
         let parts = pieces(first, blocks);
         if parts.len() == 1 {
             let (extent, start, n, _) = parts[0];
             return self
-                .write_piece(vdisk, extent, start, n, &buf, 0, &crcs, fua)
+                .write_piece(vdisk, extent, start, n, &buf, 0, fua)
                 .await;
         }
         let writes = parts.iter().map(|&(extent, start, n, at)| {
-            self.write_piece(
-                vdisk,
-                extent,
-                start,
-                n,
-                &buf,
-                at as usize,
-                &crcs[at as usize..at as usize + usize::from(n)],
-                fua,
-            )
+            self.write_piece(vdisk, extent, start, n, &buf, at as usize, fua)
         });
         futures::future::try_join_all(writes).await?;
         Ok(())
@@ -1078,17 +1064,17 @@ impl Store {
         n: u16,
         buf: &Arc<IoBuf>,
         buf_block: usize,
-        crcs: &[u32],
         fua: bool,
     ) -> Result<(), StoreError> {
         let key = (vdisk, extent);
         if u64::from(n) == EXTENT_BLOCKS
-            && let Some(result) = self.write_cow(key, buf, buf_block, crcs, fua).await
+            && let Some(result) = self.write_cow(key, buf, buf_block, fua).await
         {
             return result;
         }
+        let crcs = block_crcs(block_range(buf, buf_block, usize::from(n)));
         loop {
-            match self.queue_write(vdisk, extent, start, n, buf, buf_block, crcs, fua)? {
+            match self.queue_write(vdisk, extent, start, n, buf, buf_block, &crcs, fua)? {
                 Queued::Waiting(rx) => return wait_log(rx).await,
                 Queued::NeedsSlot => self.allocate_extent(key).await?,
                 Queued::NeedsReservation => self.wait_for_checkpoint().await,
@@ -1299,12 +1285,17 @@ impl Store {
 
     /// Writes a whole extent copy-on-write into a fresh slot. `None` means no
     /// slot was available and the caller should log the write instead.
+    ///
+    /// The data leaves for the disk first and is checksummed while the disk
+    /// writes it; the slot's metadata blocks (which hold the checksums) follow
+    /// in a write of their own. The remap record counts as written only once
+    /// both have landed, so a crash between them leaves a slot that replay
+    /// finds not intact, as a torn single write would.
     async fn write_cow(
         &self,
         key: ExtentKey,
         buf: &Arc<IoBuf>,
         buf_block: usize,
-        crcs: &[u32],
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
         let (disk, slot, fresh, alloc_id, generation, engine, offset) = {
@@ -1342,9 +1333,19 @@ impl Store {
             give_back(self);
             return None;
         }
+        let data = Segment {
+            buf: buf.clone(),
+            start: buf_block * BLOCK_BYTES as usize,
+            len: crate::format::EXTENT_BYTES as usize,
+        };
+        // Its own task, started here (so the I/O leaves at once), so that no
+        // caller dropping its future can abandon a write the log writer
+        // waits for.
+        let data_written = spawn_started(engine.write_at(offset + SLOT_META_BYTES, vec![data]));
+        let crcs = block_crcs(block_range(buf, buf_block, EXTENT_BLOCKS as usize));
         let mut meta = ExtentMeta::empty(key.0, key.1, alloc_id);
         meta.seq = 1;
-        for (entry, &crc) in meta.entries.iter_mut().zip(crcs) {
+        for (entry, &crc) in meta.entries.iter_mut().zip(&crcs) {
             *entry = BlockEntry {
                 generation,
                 has_data: true,
@@ -1356,22 +1357,16 @@ impl Store {
         // always be recovered from the other.
         let meta_block = Arc::new(IoBuf::from_slice(&meta.encode()));
         let (copy_a, copy_b) = (meta_block.clone(), meta_block);
-        let data = Segment {
-            buf: buf.clone(),
-            start: buf_block * BLOCK_BYTES as usize,
-            len: crate::format::EXTENT_BYTES as usize,
-        };
-        // The data write runs beside the remap record's batch write instead
-        // of before it: one device round trip per extent write instead of
-        // two. Its own task, so that no caller dropping its future can
-        // abandon a write the log writer waits for.
-        let written = engine.write_at(
-            offset,
-            vec![Segment::whole(copy_a), Segment::whole(copy_b), data],
-        );
+        // The data and metadata writes run beside the remap record's batch
+        // write instead of before it: one device round trip per extent write
+        // instead of two.
+        let meta_written =
+            engine.write_at(offset, vec![Segment::whole(copy_a), Segment::whole(copy_b)]);
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
         let landing = spawn_started(async move {
-            let result = written.await;
+            // Joined, so the first poll (right here) submits the metadata.
+            let (data, meta) = futures::future::join(data_written, meta_written).await;
+            let result = data.unwrap_or(Err(DiskError::EngineGone)).and(meta);
             let outcome = match result {
                 Ok(()) => Landing::Landed,
                 Err(_) => Landing::Failed,
@@ -1405,9 +1400,7 @@ impl Store {
                 first_block: 0,
                 blocks: EXTENT_BLOCKS as u16,
                 generation,
-                kind: RecordKind::Remap {
-                    crcs: crcs.to_vec(),
-                },
+                kind: RecordKind::Remap { crcs },
             });
             batch.fua |= fua;
             batch.landing.push(landing);
@@ -1783,6 +1776,17 @@ enum Queued {
     NeedsSlot,
     /// The vdisk's generation reservation is used up until the next checkpoint.
     NeedsReservation,
+}
+
+/// The blocks `first..first + count` of `buf`.
+fn block_range(buf: &IoBuf, first: usize, count: usize) -> &[u8] {
+    let block = BLOCK_BYTES as usize;
+    &buf.as_slice()[first * block..(first + count) * block]
+}
+
+/// The checksum of every block of `data`.
+fn block_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(BLOCK_BYTES as usize).map(block_crc).collect()
 }
 
 /// Spawns `task` after polling it once on this thread, so that the I/O it
