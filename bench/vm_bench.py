@@ -10,6 +10,12 @@ QEMU/TCG, in one run:
             vhost-user-blk export of a raw file (the peer), same QEMU options;
             the first --warmup passes write fresh disks and are reported
             apart (see docs/benchmarks.md)
+  dd-pair   the same dd, but one guest with both disks (Basalt's export and
+            qsd's) doing its passes on them in turn (--pair-rounds rounds,
+            the first disk alternating): both are measured side by side in
+            the same seconds, so the host's swings (qsd alone ranges 2x
+            between VM runs on a shared machine) hit both alike; per-round
+            ratios, the first round (fresh disks) apart
   migrate   live migration of a 512 MiB guest between two Basalt nodes on
             this machine: QEMU's downtime and the total time (`vm show`)
 
@@ -17,7 +23,7 @@ Every measurement is repeated (--repeat) with the targets in turn; medians
 are printed with the ratios. Absolute numbers on shared machines are noise.
 
 Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
-                         [--dd-mb 512] [--warmup 2] [--no-build]
+                         [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--no-build]
                          [--json results.json]
 Needs: qemu-system-x86_64, qemu-storage-daemon, what build-guest.sh needs,
 a release build (`cargo build --release --bins`, done unless --no-build).
@@ -177,6 +183,8 @@ def main():
     parser.add_argument("--dd-mb", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2,
                         help="dd passes per target on fresh disks, reported apart")
+    parser.add_argument("--pair-rounds", type=int, default=7,
+                        help="rounds of the one-guest dd comparison (the first on fresh disks)")
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -193,7 +201,8 @@ def main():
     results = {"boot_s": {"basalt": [], "raw": []}, "dd_write_mbs": {"basalt": [], "qsd": []},
                "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": [],
                "warmup_dd_write_mbs": {"basalt": [], "qsd": []},
-               "warmup_dd_read_mbs": {"basalt": [], "qsd": []}}
+               "warmup_dd_read_mbs": {"basalt": [], "qsd": []},
+               "pair_rounds": []}
     nodes = []
     qsd = None
     try:
@@ -270,6 +279,36 @@ def main():
                 phase = "warmup_" if i < args.warmup else ""
                 results[f"{phase}dd_write_mbs"][target].append(write)
                 results[f"{phase}dd_read_mbs"][target].append(read)
+
+        # --- dd-pair: one guest, both disks ---------------------------------------
+        # Basalt's disk is 64 MiB larger than qsd's raw file: the guest prints
+        # each disk's size, which tells them apart.
+        first.cli("vdisk", "create", "pair-data", "--size", f"{disk_mb + 64}M", "--rf", "1")
+        basalt_sock = first.cli("vdisk", "export", "pair-data", "--vhost")["socket"]
+        basalt_sectors = (disk_mb + 64) << 11
+        _, text = run_qemu_until(
+            qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
+                                      f"basalt.ddrounds={args.pair_rounds}") +
+            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+             "-numa", "node,memdev=mem",
+             "-chardev", f"socket,id=c0,path={basalt_sock}",
+             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+             "-chardev", f"socket,id=c1,path={sock}",
+             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            "BASALT-DONE", timeout=1800)
+        rounds = {}
+        for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=(\d+) "
+                             r"write_s=([\d.]+) read_s=([\d.]+)", text):
+            rnd, sectors, mb = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            target = "basalt" if sectors == basalt_sectors else "qsd"
+            rounds.setdefault(rnd, {})[target] = {
+                "write_mbs": mb / max(float(m.group(4)), 0.01),
+                "read_mbs": mb / max(float(m.group(5)), 0.01)}
+        if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
+                any(len(r) != 2 for r in rounds.values()):
+            raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
+        results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
+        first.cli("vdisk", "unexport", "pair-data", "--vhost")
         qsd.terminate()
         qsd.wait()
         qsd = None
@@ -316,6 +355,17 @@ def main():
             b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
             print(f"{label}, first {args.warmup} passes on fresh disks: basalt {b:.0f} MB/s, "
                   f"qsd {q:.0f} MB/s, basalt/qsd {b / q:.2f}x")
+    pair = results["pair_rounds"]
+    for rounds, label in ((pair[1:], "one guest, both disks in turn"), (pair[:1], "one guest, first round (fresh disks)")):
+        if not rounds:
+            continue
+        parts = []
+        for key, name in (("write_mbs", "write"), ("read_mbs", "read")):
+            ratios = [r["basalt"][key] / r["qsd"][key] for r in rounds]
+            b, q = med(r["basalt"][key] for r in rounds), med(r["qsd"][key] for r in rounds)
+            parts.append(f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
+                         f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+        print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
     down = med(m["downtime_ms"] for m in results["migration"])
     total = med(m["total_ms"] for m in results["migration"])
     cli_s = med(m["cli_s"] for m in results["migration"])

@@ -38,6 +38,10 @@
 #   idle           prints "BASALT-ALIVE: n" every second, forever
 #   ddbench        sequential O_DIRECT write then read of basalt.ddmb=N MiB (default
 #                  256) in 1 MiB requests; prints "BASALT-DD: mb=N write_s=S read_s=S"
+#   ddpair         the same on /dev/vda and /dev/vdb in turn, basalt.ddrounds=R rounds
+#                  (default 6; the first disk alternates), so both disks are measured
+#                  side by side in one guest; prints per disk and round
+#                  "BASALT-DDPAIR: round=R disk=D sectors=N mb=N write_s=S read_s=S"
 # Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
 # the guest ends with "BASALT-DONE" and powers off.
 #
@@ -349,6 +353,47 @@ cmd_ddbench() {
     result ddbench PASS
 }
 
+# dd_pass DISK MB: O_DIRECT write then read of MB MiB; sets write_s and read_s.
+dd_pass() {
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if ! dd if=/dev/zero of="$1" bs=1048576 count="$2" oflag=direct conv=fsync 2>/tmp/dd.err; then
+        echo "write $1: $(cat /tmp/dd.err)"
+        return 1
+    fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    if ! dd if="$1" of=/dev/null bs=1048576 count="$2" iflag=direct 2>/tmp/dd.err; then
+        echo "read $1: $(cat /tmp/dd.err)"
+        return 1
+    fi
+    t2=$(cut -d' ' -f1 /proc/uptime)
+    write_s=$(awk "BEGIN { print $t1 - $t0 }")
+    read_s=$(awk "BEGIN { print $t2 - $t1 }")
+}
+
+cmd_ddpair() {
+    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddmb=//p')
+    mb=${mb:-256}
+    rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddrounds=//p')
+    rounds=${rounds:-6}
+    if [ ! -b /dev/vdb ]; then
+        result ddpair FAIL "no /dev/vdb"
+        return
+    fi
+    r=0
+    while [ "$r" -lt "$rounds" ]; do
+        if [ $((r % 2)) -eq 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+        for d in $order; do
+            if ! dd_pass "/dev/$d" "$mb" >/tmp/ddpair.err; then
+                result ddpair FAIL "$(cat /tmp/ddpair.err)"
+                return
+            fi
+            echo "BASALT-DDPAIR: round=$r disk=$d sectors=$(cat /sys/block/$d/size) mb=$mb write_s=$write_s read_s=$read_s"
+        done
+        r=$((r + 1))
+    done
+    result ddpair PASS
+}
+
 cmd_idle() {
     n=0
     while true; do
@@ -375,6 +420,7 @@ for c in $cmds; do
     seq) cmd_seq ;;
     idle) cmd_idle ;;
     ddbench) cmd_ddbench ;;
+    ddpair) cmd_ddpair ;;
     shell) setsid cttyhack sh ;;
     *) result "$c" FAIL unknown command ;;
     esac
