@@ -202,7 +202,7 @@ def main():
                "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": [],
                "warmup_dd_write_mbs": {"basalt": [], "qsd": []},
                "warmup_dd_read_mbs": {"basalt": [], "qsd": []},
-               "pair_rounds": []}
+               "pair_rounds": [], "pair_disks": {}}
     nodes = []
     qsd = None
     try:
@@ -308,6 +308,11 @@ def main():
                 any(len(r) != 2 for r in rounds.values()):
             raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
         results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
+        # What each device told the guest (request limits, cache mode).
+        results["pair_disks"] = {}
+        for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=\w+ sectors=(\d+) (.*)", text):
+            target = "basalt" if int(m.group(1)) == basalt_sectors else "qsd"
+            results["pair_disks"][target] = m.group(2).strip()
         first.cli("vdisk", "unexport", "pair-data", "--vhost")
         qsd.terminate()
         qsd.wait()
@@ -366,6 +371,8 @@ def main():
             parts.append(f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
                          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
         print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
+    for target, limits in sorted(results.get("pair_disks", {}).items()):
+        print(f"  as the guest sees {target}'s disk: {limits}")
     down = med(m["downtime_ms"] for m in results["migration"])
     total = med(m["total_ms"] for m in results["migration"])
     cli_s = med(m["cli_s"] for m in results["migration"])

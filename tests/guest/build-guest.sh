@@ -379,6 +379,12 @@ cmd_ddpair() {
         result ddpair FAIL "no /dev/vdb"
         return
     fi
+    for d in vda vdb; do
+        q=/sys/block/$d/queue
+        echo "BASALT-DDPAIR-DISK: disk=$d sectors=$(cat /sys/block/$d/size)" \
+            "max_sectors_kb=$(cat $q/max_sectors_kb) max_segments=$(cat $q/max_segments)" \
+            "max_segment_size=$(cat $q/max_segment_size) write_cache=$(cat $q/write_cache | tr ' ' '-')"
+    done
     r=0
     while [ "$r" -lt "$rounds" ]; do
         if [ $((r % 2)) -eq 0 ]; then order="vda vdb"; else order="vdb vda"; fi
