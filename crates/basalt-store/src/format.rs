@@ -21,7 +21,8 @@
 //!   metadata block holds each block's crc32c and write generation. Updates
 //!   alternate between A and B with a rising sequence number, so a torn
 //!   metadata write leaves the previous one intact. A full-extent write goes
-//!   to a *fresh* slot as one I/O (meta A + meta B + data) and is then
+//!   to a *fresh* slot (its data, then meta A + meta B once the data is
+//!   checksummed, while the data is still being written) and is then
 //!   switched in by a `Remap` log record (copy-on-write), so large sequential
 //!   writes are written once.
 //!
