@@ -916,7 +916,20 @@ impl Node {
             .lock()
             .insert(name.clone(), instance.clone());
         let socket = basalt_qemu::qmp_socket(&run_dir);
-        match Qmp::connect(&socket, Duration::from_secs(20)).await {
+        // A QEMU that exits while starting (a bad option, a file it cannot
+        // open) is reported at once, not after the whole QMP timeout.
+        let gone = async {
+            while !instance.exited.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let connected = tokio::select! {
+            connected = Qmp::connect(&socket, Duration::from_secs(20)) => {
+                connected.map_err(|e| e.to_string())
+            }
+            () = gone => Err("it exited while starting".to_string()),
+        };
+        match connected {
             Ok(qmp) => *instance.qmp.lock().await = Some(qmp),
             Err(error) => {
                 instance.kill().await;

@@ -816,3 +816,62 @@ fn bad_vm_requests_are_refused_and_change_nothing() {
     daemon.cli_ok(&["vm", "delete", "v"]);
     assert_eq!(daemon.cli_json(&["vm", "list"]), json!([]));
 }
+
+#[test]
+fn a_qemu_that_exits_while_starting_fails_the_start_at_once_and_says_why() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Stands in for a QEMU that refuses its options or cannot open a file.
+    let fake = dir.path().join("fake-qemu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake-qemu: cannot open the guest memory backend' >&2\nexit 1\n",
+    )
+    .expect("write the fake QEMU");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let daemon = Daemon::start_with(DaemonOptions {
+        extra: vec![
+            "--vm-accel".into(),
+            "tcg".into(),
+            "--qemu".into(),
+            fake.display().to_string(),
+        ],
+        ..DaemonOptions::default()
+    });
+    daemon.create_vdisk("d", "16M");
+    daemon.cli_ok(&[
+        "vm",
+        "create",
+        "v",
+        "--memory",
+        "64M",
+        "--disk",
+        "d",
+        "--boot-disk",
+        "d",
+    ]);
+    let started = std::time::Instant::now();
+    let out = daemon.cli(&["vm", "start", "v"]);
+    let took = started.elapsed();
+    assert!(!out.status.success(), "the start must fail: {}", out.stdout);
+    assert!(
+        out.stderr.contains("cannot open the guest memory backend"),
+        "the error says what QEMU said: {}",
+        out.stderr
+    );
+    // Not the whole 20 s QMP timeout.
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "the failure took {took:?}"
+    );
+    let shown = daemon.cli_json(&["vm", "show", "v"]);
+    assert_eq!(shown["state"], json!("failed"), "{shown}");
+    // The vdisk is free again: its export went with the failed start.
+    let vdisks = daemon.cli_json(&["vdisk", "list"]);
+    assert!(
+        vdisks.as_array().is_some_and(|all| all
+            .iter()
+            .all(|v| v["vhost_socket"].is_null() || v["vhost_socket"] == json!("-"))),
+        "{vdisks}"
+    );
+}
