@@ -1280,8 +1280,21 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
 /// the old exports still up (it would reuse a socket the tear-down is about
 /// to remove) nor run before the crash is counted and reported.
 async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
-    if !node.vm_supervisor.claim(&instance.name) {
-        // A stop or kill task holds it and tears the instance down itself.
+    // Another task may hold the claim: a stop or kill (which tears this
+    // instance down itself), or the start that launched it, still
+    // recording a migration's readiness. Wait for it.
+    while !node.vm_supervisor.claim(&instance.name) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let registered = node
+        .vm_supervisor
+        .instances
+        .lock()
+        .get(&instance.name)
+        .is_some_and(|i| std::ptr::eq(Arc::as_ptr(i), instance));
+    if !registered {
+        // Torn down by whoever held the claim.
+        node.vm_supervisor.release(&instance.name);
         return;
     }
     node.forget_instance(instance);
