@@ -715,6 +715,21 @@ fn without_disk_flags_the_node_uses_its_known_disks_or_a_default_one() {
     assert_eq!(disks[0]["size"], json!(16u64 << 30), "{disks}");
 }
 
+/// `basalt vm create NAME` with 64 MiB of memory, booting from its one disk.
+fn create_vm_booting_from(daemon: &Daemon, name: &str, vdisk: &str) {
+    daemon.cli_ok(&[
+        "vm",
+        "create",
+        name,
+        "--memory",
+        "64M",
+        "--disk",
+        vdisk,
+        "--boot-disk",
+        vdisk,
+    ]);
+}
+
 #[test]
 fn bad_vm_requests_are_refused_and_change_nothing() {
     let daemon = Daemon::start();
@@ -768,17 +783,7 @@ fn bad_vm_requests_are_refused_and_change_nothing() {
         assert!(error.contains(needle), "{path} {body}: {error}");
     }
     // Stop options must be JSON.
-    daemon.cli_ok(&[
-        "vm",
-        "create",
-        "v",
-        "--memory",
-        "64M",
-        "--disk",
-        "d",
-        "--boot-disk",
-        "d",
-    ]);
+    create_vm_booting_from(&daemon, "v", "d");
     let answer = post("/api/v1/vms/v/stop", "force");
     assert_eq!(answer.status, 400, "{}", answer.body);
     // Uploads: unknown vdisk, empty, larger than the vdisk.
@@ -839,17 +844,7 @@ fn a_qemu_that_exits_while_starting_fails_the_start_at_once_and_says_why() {
         ..DaemonOptions::default()
     });
     daemon.create_vdisk("d", "16M");
-    daemon.cli_ok(&[
-        "vm",
-        "create",
-        "v",
-        "--memory",
-        "64M",
-        "--disk",
-        "d",
-        "--boot-disk",
-        "d",
-    ]);
+    create_vm_booting_from(&daemon, "v", "d");
     let started = std::time::Instant::now();
     let out = daemon.cli(&["vm", "start", "v"]);
     let took = started.elapsed();
