@@ -6,7 +6,9 @@
 //!    every record up to `L` is durable before anything is written in place;
 //! 2. for every extent with overlay blocks from batches `<= L`, write those
 //!    blocks into the slot and a new metadata block (sequence + 1) into the
-//!    metadata copy *not* holding the current version;
+//!    metadata copy *not* holding the current version; likewise for every
+//!    extent written copy-on-write by a batch `<= L`, whose metadata so far
+//!    lives only in memory and in its remap record;
 //! 3. sync the disk — now everything up to `L` is home and durable;
 //! 4. commit a checkpoint to the catalog: extent-map changes up to `L`, the
 //!    new oplog tail (first batch after `L`), generation reservations;
@@ -245,13 +247,20 @@ impl Store {
             let disk_id = st.disks[index].id;
             let mut now_persisted = Vec::new();
             for job in jobs {
-                let Some(e) = st.extents.get_mut(&job.key) else {
+                // Retired extents (still mapped as of this checkpoint) were
+                // drained too; their state is updated alike, but only a live
+                // extent may change its catalog row.
+                let live = st
+                    .extents
+                    .get(&job.key)
+                    .is_some_and(|e| e.alloc_id == job.alloc_id && e.disk == index);
+                let Some(e) = st.tenancy_mut(index, job.key, job.alloc_id) else {
                     continue;
                 };
-                if e.alloc_id != job.alloc_id {
-                    continue;
+                if e.meta_unsaved.is_some_and(|lsn| lsn <= limit) {
+                    e.meta_unsaved = None;
                 }
-                if !e.persisted {
+                if live && !e.persisted {
                     e.persisted = true;
                     let row = ExtentRow {
                         disk: disk_id,
@@ -365,10 +374,16 @@ impl Store {
             let Some(meta) = e.meta.as_ref() else {
                 continue;
             };
-            if !e
-                .overlay
-                .values()
-                .any(|o| o.newest_at_or_before(limit).is_some())
+            // A copy-on-write's metadata must be home before the checkpoint
+            // covering its remap record is committed (the catalog then says
+            // the slot's metadata is persisted, and replay no longer sees
+            // the record): such extents get a job even without overlay blocks.
+            let meta_due = e.meta_unsaved.is_some_and(|lsn| lsn <= limit);
+            if !meta_due
+                && !e
+                    .overlay
+                    .values()
+                    .any(|o| o.newest_at_or_before(limit).is_some())
             {
                 continue;
             }

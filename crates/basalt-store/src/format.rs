@@ -320,6 +320,28 @@ impl ExtentMeta {
         }
     }
 
+    /// Metadata of an extent written whole (copy-on-write) at `generation`,
+    /// one crc per block, as its remap record describes it (sequence 0: not
+    /// yet written to the slot).
+    pub fn written_whole(
+        vdisk_id: u64,
+        extent: u64,
+        alloc_id: u64,
+        generation: u64,
+        crcs: &[u32],
+    ) -> ExtentMeta {
+        let mut meta = ExtentMeta::empty(vdisk_id, extent, alloc_id);
+        for (entry, &crc) in meta.entries.iter_mut().zip(crcs) {
+            *entry = BlockEntry {
+                generation,
+                has_data: true,
+                lost: false,
+                crc,
+            };
+        }
+        meta
+    }
+
     /// Highest generation of any block.
     pub fn extent_gen(&self) -> u64 {
         self.entries.iter().map(|e| e.generation).max().unwrap_or(0)

@@ -28,4 +28,4 @@ pub use store::{
     DEFAULT_DISK_BYTES, DiskInfo, DiskSpec, OpenedDisk, Store, StoreConfig, StoreStats, VdiskInfo,
 };
 #[doc(hidden)]
-pub use store::{free_slots_for_tests, overlay_bytes_for_tests};
+pub use store::{free_slots_for_tests, overlay_bytes_for_tests, uncheckpointed_batches_for_tests};

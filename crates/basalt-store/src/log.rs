@@ -257,13 +257,24 @@ async fn find_durable_claim(
     Ok(None)
 }
 
-/// Checks that a slot written copy-on-write reached the disk: a metadata
-/// block of the tenancy is valid, and every block not rewritten by a later
-/// record of the replayed log holds the data the remap record describes.
-/// (Blocks rewritten later may have been torn by an unsynced drain; replay
-/// writes them again from the log.)
+/// What replay found in a slot written copy-on-write.
+struct SlotCheck {
+    /// Every block not rewritten by a later record of the replayed log
+    /// holds the data the remap record describes. (Blocks rewritten later
+    /// may have been torn by an unsynced drain; replay writes them again
+    /// from the log.)
+    intact: bool,
+    /// Highest sequence number of the tenancy's metadata copies on the disk
+    /// (0 if none: a drain had not written them yet), so that the next
+    /// metadata written supersedes them.
+    meta_seq: u64,
+}
+
+/// Reads a slot written copy-on-write and checks it against its remap
+/// record. The slot's metadata blocks are not needed: the record carries
+/// everything they would hold.
 #[allow(clippy::too_many_arguments)]
-async fn slot_is_intact(
+async fn check_cow_slot(
     engine: &Arc<dyn DiskEngine>,
     label: &Label,
     slot: u64,
@@ -272,7 +283,7 @@ async fn slot_is_intact(
     alloc: u64,
     crcs: &[u32],
     covered: &[bool],
-) -> Result<bool, StoreError> {
+) -> Result<SlotCheck, StoreError> {
     let offset = label.slot_at(slot);
     let (buf, result) = engine
         .read_at(
@@ -282,18 +293,18 @@ async fn slot_is_intact(
         .await;
     result?;
     let bytes = buf.as_slice();
-    if !matches!(
-        ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc),
-        crate::format::MetaChoice::Valid(_)
-    ) {
-        return Ok(false);
-    }
+    let meta_seq =
+        match ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc) {
+            crate::format::MetaChoice::Valid(m) => m.seq,
+            _ => 0,
+        };
     let data = &bytes[SLOT_META_BYTES as usize..];
-    Ok(data
+    let intact = data
         .chunks(BLOCK_BYTES as usize)
         .zip(crcs)
         .zip(covered)
-        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc))
+        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
+    Ok(SlotCheck { intact, meta_seq })
 }
 
 /// Blocks of `key` (tenancy `alloc`) that records after position
@@ -432,6 +443,7 @@ pub(crate) async fn replay_disk(
                                 meta: None,
                                 overlay: BTreeMap::new(),
                                 landing: None,
+                                meta_unsaved: None,
                             },
                         );
                         let row = ExtentRow {
@@ -486,7 +498,7 @@ pub(crate) async fn replay_disk(
                 RecordKind::Remap { crcs } => {
                     let covered =
                         covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
-                    let intact = slot_is_intact(
+                    let SlotCheck { intact, meta_seq } = check_cow_slot(
                         &engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id, crcs, &covered,
                     )
                     .await?;
@@ -520,6 +532,17 @@ pub(crate) async fn replay_disk(
                         );
                         continue;
                     }
+                    // The metadata comes from the record; the drainer
+                    // writes it home before the checkpoint that covers it.
+                    // Blocks that do not match it fail reads.
+                    let mut meta = ExtentMeta::written_whole(
+                        r.vdisk_id,
+                        r.extent,
+                        r.alloc_id,
+                        r.generation,
+                        crcs,
+                    );
+                    meta.seq = meta_seq;
                     st.extents.insert(
                         key,
                         ExtentState {
@@ -527,9 +550,10 @@ pub(crate) async fn replay_disk(
                             slot: r.slot,
                             alloc_id: r.alloc_id,
                             persisted: true,
-                            meta: None,
+                            meta: Some(Box::new(meta)),
                             overlay: BTreeMap::new(),
                             landing: None,
+                            meta_unsaved: Some(batch.lsn),
                         },
                     );
                     let row = ExtentRow {

@@ -14,7 +14,8 @@
 //! A read consults the overlay first, then the persisted metadata.
 //!
 //! An extent written copy-on-write is published (with its new slot and
-//! metadata) as soon as its remap record is queued, while the slot's data
+//! metadata, which only the drainer writes into the slot, see
+//! `ExtentState::meta_unsaved`) as soon as its remap record is queued, while the slot's data
 //! write is still in flight, so that the record's batch is written at the
 //! same time as the data. Until the data has landed the extent carries a
 //! [`Landing`] receiver: reads of its slot wait for it, and the batch that
@@ -138,8 +139,15 @@ pub(crate) struct ExtentState {
     pub alloc_id: u64,
     /// The slot's metadata has been written for this tenancy at least once.
     pub persisted: bool,
-    /// Metadata as persisted in the slot; `None` until loaded.
+    /// Metadata as persisted in the slot (or, while `meta_unsaved` is set,
+    /// as the remap record describes it); `None` until loaded.
     pub meta: Option<Box<ExtentMeta>>,
+    /// LSN of the remap record that published this tenancy, while its
+    /// metadata lives only here and in that record: a copy-on-write does not
+    /// write the slot's metadata blocks (one small write less per extent),
+    /// the drainer does before a checkpoint covers the record. `None` once
+    /// the metadata is home, and for every extent not written copy-on-write.
+    pub meta_unsaved: Option<u64>,
     /// Blocks changed since, by block index within the extent.
     pub overlay: BTreeMap<u16, OverlayEntry>,
     /// The copy-on-write data write of a tenancy published by a whole-extent

@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use crate::catalog::{Catalog, Checkpoint, DiskRecord, ExtentRow, VdiskRecord};
 use crate::format::{
-    BLOCK_BYTES, BlockEntry, EXTENT_BLOCKS, ExtentMeta, Label, MetaChoice, Record, RecordKind,
-    SLOT_BYTES, SLOT_META_BYTES, block_crc,
+    BLOCK_BYTES, EXTENT_BLOCKS, ExtentMeta, Label, MetaChoice, Record, RecordKind, SLOT_BYTES,
+    SLOT_META_BYTES, block_crc,
 };
 use crate::state::{
     Content, DiskState, ExtentKey, ExtentState, Landing, LogState, MISSING_DISK, OverlayEntry,
@@ -405,6 +405,7 @@ impl Store {
                     meta: None,
                     overlay: BTreeMap::new(),
                     landing: None,
+                    meta_unsaved: None,
                 },
             );
         }
@@ -1279,6 +1280,7 @@ impl Store {
                 meta: Some(Box::new(ExtentMeta::empty(key.0, key.1, alloc_id))),
                 overlay: BTreeMap::new(),
                 landing: None,
+                meta_unsaved: None,
             },
         );
         Ok(false)
@@ -1287,11 +1289,11 @@ impl Store {
     /// Writes a whole extent copy-on-write into a fresh slot. `None` means no
     /// slot was available and the caller should log the write instead.
     ///
-    /// The data leaves for the disk first and is checksummed while the disk
-    /// writes it; the slot's metadata blocks (which hold the checksums) follow
-    /// in a write of their own. The remap record counts as written only once
-    /// both have landed, so a crash between them leaves a slot that replay
-    /// finds not intact, as a torn single write would.
+    /// Only the data goes to the slot; it is checksummed while the disk
+    /// writes it. The slot's metadata (the checksums and generation) is not
+    /// written here: the remap record carries all of it, and the drainer
+    /// writes it home before a checkpoint covers the record. So a whole-extent
+    /// write costs the data write and its share of one oplog batch.
     async fn write_cow(
         &self,
         key: ExtentKey,
@@ -1339,35 +1341,15 @@ impl Store {
             start: buf_block * BLOCK_BYTES as usize,
             len: crate::format::EXTENT_BYTES as usize,
         };
-        // Its own task, started here (so the I/O leaves at once), so that no
-        // caller dropping its future can abandon a write the log writer
-        // waits for.
-        let data_written = spawn_started(engine.write_at(offset + SLOT_META_BYTES, vec![data]));
-        let crcs = block_crcs(block_range(buf, buf_block, EXTENT_BLOCKS as usize));
-        let mut meta = ExtentMeta::empty(key.0, key.1, alloc_id);
-        meta.seq = 1;
-        for (entry, &crc) in meta.entries.iter_mut().zip(&crcs) {
-            *entry = BlockEntry {
-                generation,
-                has_data: true,
-                lost: false,
-                crc,
-            };
-        }
-        // Both metadata copies get the same version: a damaged copy can then
-        // always be recovered from the other.
-        let meta_block = Arc::new(IoBuf::from_slice(&meta.encode()));
-        let (copy_a, copy_b) = (meta_block.clone(), meta_block);
-        // The data and metadata writes run beside the remap record's batch
-        // write instead of before it: one device round trip per extent write
-        // instead of two.
-        let meta_written =
-            engine.write_at(offset, vec![Segment::whole(copy_a), Segment::whole(copy_b)]);
+        // The data write runs beside the remap record's batch write instead
+        // of before it: one device round trip per extent write instead of
+        // two. Its own task, started here (so the I/O leaves at once), so
+        // that no caller dropping its future can abandon a write the log
+        // writer waits for.
+        let data_written = engine.write_at(offset + SLOT_META_BYTES, vec![data]);
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
         let landing = spawn_started(async move {
-            // Joined, so the first poll (right here) submits the metadata.
-            let (data, meta) = futures::future::join(data_written, meta_written).await;
-            let result = data.unwrap_or(Err(DiskError::EngineGone)).and(meta);
+            let result = data_written.await;
             let outcome = match result {
                 Ok(()) => Landing::Landed,
                 Err(_) => Landing::Failed,
@@ -1375,6 +1357,8 @@ impl Store {
             landed_tx.send_replace(outcome);
             result
         });
+        let crcs = block_crcs(block_range(buf, buf_block, EXTENT_BLOCKS as usize));
+        let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
         let rx = {
             let mut st = self.lock();
@@ -1438,6 +1422,7 @@ impl Store {
                     meta: Some(Box::new(meta)),
                     overlay: BTreeMap::new(),
                     landing: Some(landed_rx.clone()),
+                    meta_unsaved: Some(lsn),
                 },
             );
             self.inner.log_wake[disk].notify_one();
@@ -1979,6 +1964,12 @@ pub fn overlay_bytes_for_tests(store: &Store) -> u64 {
         .values()
         .map(|e| overlay_data_bytes(&e.overlay))
         .sum()
+}
+
+/// Oplog batches written but not yet covered by a checkpoint, all disks.
+#[doc(hidden)]
+pub fn uncheckpointed_batches_for_tests(store: &Store) -> usize {
+    store.lock().disks.iter().map(|d| d.log.batches.len()).sum()
 }
 
 #[doc(hidden)]
