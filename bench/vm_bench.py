@@ -24,6 +24,7 @@ are printed with the ratios. Absolute numbers on shared machines are noise.
 
 Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
                          [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--no-build]
+                         [--only boot,dd,pair,migrate] [--bin-dir target/release]
                          [--json results.json]
 Needs: qemu-system-x86_64, qemu-storage-daemon, what build-guest.sh needs,
 a release build (`cargo build --release --bins`, done unless --no-build).
@@ -176,6 +177,9 @@ def dd_figures(text):
     return mb / max(write_s, 0.01), mb / max(read_s, 0.01)
 
 
+PARTS = ("boot", "dd", "pair", "migrate")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/var/tmp/basalt-vmbench")
@@ -185,17 +189,25 @@ def main():
                         help="dd passes per target on fresh disks, reported apart")
     parser.add_argument("--pair-rounds", type=int, default=7,
                         help="rounds of the one-guest dd comparison (the first on fresh disks)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help="comma-separated parts to run: " + ", ".join(PARTS))
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--bin-dir",
+                        help="where basaltd and basalt are (to compare builds; implies --no-build)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--only takes {', '.join(PARTS)}; got {args.only}")
 
-    if not args.no_build:
+    if not args.no_build and args.bin_dir is None:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), GUEST_DIR], check=True)
     kernel = os.path.join(GUEST_DIR, "vmlinuz")
     initrd = os.path.join(GUEST_DIR, "initrd")
-    binary = os.path.join(ROOT, "target/release/basaltd")
-    cli = os.path.join(ROOT, "target/release/basalt")
+    bin_dir = args.bin_dir or os.path.join(ROOT, "target/release")
+    binary = os.path.join(bin_dir, "basaltd")
+    cli = os.path.join(bin_dir, "basalt")
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)
     results = {"boot_s": {"basalt": [], "raw": []}, "dd_write_mbs": {"basalt": [], "qsd": []},
@@ -220,127 +232,132 @@ def main():
         disk_mb = max(args.dd_mb, 64) + 64
 
         # --- boot ---------------------------------------------------------------
-        first.cli("vdisk", "create", "boot-data", "--size", f"{disk_mb}M", "--rf", "1")
-        first.cli("vm", "create", "boot", "--memory", "256M", "--disk", "boot-data",
-                  "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=info")
         raw = os.path.join(args.dir, "raw.img")
         with open(raw, "wb") as f:
             f.truncate(disk_mb << 20)
-        for i in range(args.repeat):
-            for target in (["basalt", "raw"] if i % 2 == 0 else ["raw", "basalt"]):
-                if target == "basalt":
-                    start = time.time()
-                    first.cli("vm", "start", "boot")
-                    wait_console(first, "boot", "BASALT-INFO: size_sectors")
-                    results["boot_s"]["basalt"].append(time.time() - start)
-                    wait_state(first, "boot", "stopped")
-                else:
-                    seen, _ = run_qemu_until(
-                        qemu_args(kernel, initrd, "basalt.test=info") +
-                        ["-drive", f"file={raw},if=virtio,format=raw,cache=none,aio=io_uring"],
-                        "BASALT-INFO: size_sectors")
-                    results["boot_s"]["raw"].append(seen)
+        if "boot" in parts:
+            first.cli("vdisk", "create", "boot-data", "--size", f"{disk_mb}M", "--rf", "1")
+            first.cli("vm", "create", "boot", "--memory", "256M", "--disk", "boot-data",
+                      "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=info")
+            for i in range(args.repeat):
+                for target in (["basalt", "raw"] if i % 2 == 0 else ["raw", "basalt"]):
+                    if target == "basalt":
+                        start = time.time()
+                        first.cli("vm", "start", "boot")
+                        wait_console(first, "boot", "BASALT-INFO: size_sectors")
+                        results["boot_s"]["basalt"].append(time.time() - start)
+                        wait_state(first, "boot", "stopped")
+                    else:
+                        seen, _ = run_qemu_until(
+                            qemu_args(kernel, initrd, "basalt.test=info") +
+                            ["-drive", f"file={raw},if=virtio,format=raw,cache=none,aio=io_uring"],
+                            "BASALT-INFO: size_sectors")
+                        results["boot_s"]["raw"].append(seen)
 
         # --- dd -----------------------------------------------------------------
-        first.cli("vdisk", "create", "dd-data", "--size", f"{disk_mb}M", "--rf", "1")
-        first.cli("vm", "create", "dd", "--memory", "256M", "--disk", "dd-data",
-                  "--kernel", kernel, "--initrd", initrd,
-                  "--cmdline", f"{CMDLINE} basalt.test=ddbench basalt.ddmb={args.dd_mb}")
-        sock = os.path.join(args.dir, "qsd.sock")
-        qsd = subprocess.Popen([
-            "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=file0,filename={raw},cache.direct=on,aio=io_uring",
-            "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
-        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while not os.path.exists(sock):
-            if time.time() > deadline:
-                raise RuntimeError("qemu-storage-daemon did not start")
-            time.sleep(0.05)
-        # The first passes write fresh disks: qsd's raw file is sparse and
-        # Basalt's copy-on-write writes fresh (never written) slots until the
-        # slots of earlier passes come free. Those passes are reported on
-        # their own; the comparison is on the passes after them.
-        for i in range(args.warmup + args.repeat):
-            for target in (["basalt", "qsd"] if i % 2 == 0 else ["qsd", "basalt"]):
-                if target == "basalt":
-                    first.cli("vm", "start", "dd")
-                    wait_state(first, "dd", "stopped", timeout=600, interval=0.5)
-                    text = first.console("dd")
-                else:
-                    _, text = run_qemu_until(
-                        qemu_args(kernel, initrd, f"basalt.test=ddbench basalt.ddmb={args.dd_mb}") +
-                        ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-                         "-numa", "node,memdev=mem",
-                         "-chardev", f"socket,id=c0,path={sock}",
-                         "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"],
-                        "BASALT-DONE", timeout=600)
-                write, read = dd_figures(text)
-                phase = "warmup_" if i < args.warmup else ""
-                results[f"{phase}dd_write_mbs"][target].append(write)
-                results[f"{phase}dd_read_mbs"][target].append(read)
+        if "dd" in parts or "pair" in parts:
+            first.cli("vdisk", "create", "dd-data", "--size", f"{disk_mb}M", "--rf", "1")
+            first.cli("vm", "create", "dd", "--memory", "256M", "--disk", "dd-data",
+                      "--kernel", kernel, "--initrd", initrd,
+                      "--cmdline", f"{CMDLINE} basalt.test=ddbench basalt.ddmb={args.dd_mb}")
+            sock = os.path.join(args.dir, "qsd.sock")
+            qsd = subprocess.Popen([
+                "qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={raw},cache.direct=on,aio=io_uring",
+                "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
+            ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 10
+            while not os.path.exists(sock):
+                if time.time() > deadline:
+                    raise RuntimeError("qemu-storage-daemon did not start")
+                time.sleep(0.05)
+            # The first passes write fresh disks: qsd's raw file is sparse and
+            # Basalt's copy-on-write writes fresh (never written) slots until the
+            # slots of earlier passes come free. Those passes are reported on
+            # their own; the comparison is on the passes after them.
+            for i in range(args.warmup + args.repeat if "dd" in parts else 0):
+                for target in (["basalt", "qsd"] if i % 2 == 0 else ["qsd", "basalt"]):
+                    if target == "basalt":
+                        first.cli("vm", "start", "dd")
+                        wait_state(first, "dd", "stopped", timeout=600, interval=0.5)
+                        text = first.console("dd")
+                    else:
+                        _, text = run_qemu_until(
+                            qemu_args(kernel, initrd, f"basalt.test=ddbench basalt.ddmb={args.dd_mb}") +
+                            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                             "-numa", "node,memdev=mem",
+                             "-chardev", f"socket,id=c0,path={sock}",
+                             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"],
+                            "BASALT-DONE", timeout=600)
+                    write, read = dd_figures(text)
+                    phase = "warmup_" if i < args.warmup else ""
+                    results[f"{phase}dd_write_mbs"][target].append(write)
+                    results[f"{phase}dd_read_mbs"][target].append(read)
 
         # --- dd-pair: one guest, both disks ---------------------------------------
         # Basalt's disk is 64 MiB larger than qsd's raw file: the guest prints
         # each disk's size, which tells them apart.
-        first.cli("vdisk", "create", "pair-data", "--size", f"{disk_mb + 64}M", "--rf", "1")
-        basalt_sock = first.cli("vdisk", "export", "pair-data", "--vhost")["socket"]
-        basalt_sectors = (disk_mb + 64) << 11
-        _, text = run_qemu_until(
-            qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
-                                      f"basalt.ddrounds={args.pair_rounds}") +
-            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-             "-numa", "node,memdev=mem",
-             "-chardev", f"socket,id=c0,path={basalt_sock}",
-             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
-             "-chardev", f"socket,id=c1,path={sock}",
-             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
-            "BASALT-DONE", timeout=1800)
-        rounds = {}
-        for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=(\d+) "
-                             r"write_s=([\d.]+) read_s=([\d.]+)", text):
-            rnd, sectors, mb = int(m.group(1)), int(m.group(2)), int(m.group(3))
-            target = "basalt" if sectors == basalt_sectors else "qsd"
-            rounds.setdefault(rnd, {})[target] = {
-                "write_mbs": mb / max(float(m.group(4)), 0.01),
-                "read_mbs": mb / max(float(m.group(5)), 0.01)}
-        if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
-                any(len(r) != 2 for r in rounds.values()):
-            raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
-        results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
-        # What each device told the guest (request limits, cache mode).
-        results["pair_disks"] = {}
-        for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=\w+ sectors=(\d+) (.*)", text):
-            target = "basalt" if int(m.group(1)) == basalt_sectors else "qsd"
-            results["pair_disks"][target] = m.group(2).strip()
-        first.cli("vdisk", "unexport", "pair-data", "--vhost")
-        qsd.terminate()
-        qsd.wait()
-        qsd = None
+        if "pair" in parts:
+            first.cli("vdisk", "create", "pair-data", "--size", f"{disk_mb + 64}M", "--rf", "1")
+            basalt_sock = first.cli("vdisk", "export", "pair-data", "--vhost")["socket"]
+            basalt_sectors = (disk_mb + 64) << 11
+            _, text = run_qemu_until(
+                qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
+                                          f"basalt.ddrounds={args.pair_rounds}") +
+                ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                 "-numa", "node,memdev=mem",
+                 "-chardev", f"socket,id=c0,path={basalt_sock}",
+                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+                 "-chardev", f"socket,id=c1,path={sock}",
+                 "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+                "BASALT-DONE", timeout=1800)
+            rounds = {}
+            for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=(\d+) "
+                                 r"write_s=([\d.]+) read_s=([\d.]+)", text):
+                rnd, sectors, mb = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                target = "basalt" if sectors == basalt_sectors else "qsd"
+                rounds.setdefault(rnd, {})[target] = {
+                    "write_mbs": mb / max(float(m.group(4)), 0.01),
+                    "read_mbs": mb / max(float(m.group(5)), 0.01)}
+            if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
+                    any(len(r) != 2 for r in rounds.values()):
+                raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
+            results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
+            # What each device told the guest (request limits, cache mode).
+            results["pair_disks"] = {}
+            for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=\w+ sectors=(\d+) (.*)", text):
+                target = "basalt" if int(m.group(1)) == basalt_sectors else "qsd"
+                results["pair_disks"][target] = m.group(2).strip()
+            first.cli("vdisk", "unexport", "pair-data", "--vhost")
+        if qsd:
+            qsd.terminate()
+            qsd.wait()
+            qsd = None
 
         # --- migration ----------------------------------------------------------
-        first.cli("vdisk", "create", "mig-data", "--size", "64M", "--rf", "2")
-        first.cli("vm", "create", "mig", "--memory", "512M", "--disk", "mig-data",
-                  "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=idle")
-        first.cli("vm", "start", "mig")
-        wait_console(first, "mig", "BASALT-ALIVE: 2")
-        ids = {first.node_id(): first, second.node_id(): second}
-        for i in range(args.repeat):
-            shown = first.cli("vm", "show", "mig")
-            here = shown["node"]
-            there = next(n for n in ids if n != here)
-            start = time.time()
-            moved = ids[here].cli("vm", "migrate", "mig", "--to", str(there))
-            wall = time.time() - start
-            results["migration"].append({
-                "downtime_ms": moved["last_migration_downtime_ms"],
-                "total_ms": moved["last_migration_total_ms"],
-                "cli_s": wall,
-            })
-            # The guest runs on: its heartbeat goes on after the switch-over.
-            text = ids[there].console("mig")
-            count = max((int(n) for n in re.findall(r"BASALT-ALIVE: (\d+)", text)), default=0)
-            wait_console(ids[there], "mig", f"BASALT-ALIVE: {count + 2}", timeout=60)
+        if "migrate" in parts:
+            first.cli("vdisk", "create", "mig-data", "--size", "64M", "--rf", "2")
+            first.cli("vm", "create", "mig", "--memory", "512M", "--disk", "mig-data",
+                      "--kernel", kernel, "--initrd", initrd, "--cmdline", f"{CMDLINE} basalt.test=idle")
+            first.cli("vm", "start", "mig")
+            wait_console(first, "mig", "BASALT-ALIVE: 2")
+            ids = {first.node_id(): first, second.node_id(): second}
+            for i in range(args.repeat):
+                shown = first.cli("vm", "show", "mig")
+                here = shown["node"]
+                there = next(n for n in ids if n != here)
+                start = time.time()
+                moved = ids[here].cli("vm", "migrate", "mig", "--to", str(there))
+                wall = time.time() - start
+                results["migration"].append({
+                    "downtime_ms": moved["last_migration_downtime_ms"],
+                    "total_ms": moved["last_migration_total_ms"],
+                    "cli_s": wall,
+                })
+                # The guest runs on: its heartbeat goes on after the switch-over.
+                text = ids[there].console("mig")
+                count = max((int(n) for n in re.findall(r"BASALT-ALIVE: (\d+)", text)), default=0)
+                wait_console(ids[there], "mig", f"BASALT-ALIVE: {count + 2}", timeout=60)
     finally:
         if qsd:
             qsd.kill()
@@ -350,11 +367,13 @@ def main():
 
     med = statistics.median
     print(f"\nVM benchmark, {args.repeat} repeats (medians), TCG, {args.dd_mb} MiB dd")
-    b, r = med(results["boot_s"]["basalt"]), med(results["boot_s"]["raw"])
-    print(f"boot to init: basalt {b:.2f} s (vm start to init), raw file {r:.2f} s (QEMU start to init), ratio raw/basalt {r / b:.2f}x")
+    if "boot" in parts:
+        b, r = med(results["boot_s"]["basalt"]), med(results["boot_s"]["raw"])
+        print(f"boot to init: basalt {b:.2f} s (vm start to init), raw file {r:.2f} s (QEMU start to init), ratio raw/basalt {r / b:.2f}x")
     for key, label in (("dd_write_mbs", "dd write"), ("dd_read_mbs", "dd read")):
-        b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
-        print(f"{label}: basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {b / q:.2f}x")
+        if results[key]["basalt"]:
+            b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
+            print(f"{label}: basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {b / q:.2f}x")
     for key, label in (("warmup_dd_write_mbs", "dd write"), ("warmup_dd_read_mbs", "dd read")):
         if results[key]["basalt"]:
             b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
@@ -373,10 +392,11 @@ def main():
         print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
     for target, limits in sorted(results.get("pair_disks", {}).items()):
         print(f"  as the guest sees {target}'s disk: {limits}")
-    down = med(m["downtime_ms"] for m in results["migration"])
-    total = med(m["total_ms"] for m in results["migration"])
-    cli_s = med(m["cli_s"] for m in results["migration"])
-    print(f"migration of a 512 MiB guest: downtime {down} ms, total {total} ms (QEMU), {cli_s:.2f} s from the CLI call to the end")
+    if results["migration"]:
+        down = med(m["downtime_ms"] for m in results["migration"])
+        total = med(m["total_ms"] for m in results["migration"])
+        cli_s = med(m["cli_s"] for m in results["migration"])
+        print(f"migration of a 512 MiB guest: downtime {down} ms, total {total} ms (QEMU), {cli_s:.2f} s from the CLI call to the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -6,7 +6,8 @@
 //!    every record up to `L` is durable before anything is written in place;
 //! 2. for every extent with overlay blocks from batches `<= L`, write those
 //!    blocks into the slot and a new metadata block (sequence + 1) into the
-//!    metadata copy *not* holding the current version; likewise for every
+//!    metadata copy *not* holding the current version (a tenancy's first
+//!    version into both copies at once: there is none to protect); likewise for every
 //!    extent written copy-on-write by a batch `<= L`, whose metadata so far
 //!    lives only in memory and in its remap record;
 //! 3. sync the disk — now everything up to `L` is home and durable;
@@ -190,13 +191,25 @@ impl Store {
                 let at = job.slot_offset + SLOT_META_BYTES + u64::from(*first) * BLOCK_BYTES;
                 first_phase.push((at, segments.clone()));
             }
-            let copy = ExtentMeta::copy_for_seq(job.meta.seq);
             let block = Segment::whole(Arc::new(IoBuf::from_slice(&job.meta.encode())));
-            first_phase.push((job.slot_offset + copy * BLOCK_BYTES, vec![block.clone()]));
-            second_phase.push((job.slot_offset + (1 - copy) * BLOCK_BYTES, vec![block]));
+            if job.meta.seq == 1 {
+                // The tenancy's first metadata: there is no current version
+                // a torn write could destroy (until the checkpoint below
+                // commits, the oplog describes everything), so both copies
+                // go in one write.
+                first_phase.push((job.slot_offset, vec![block.clone(), block]));
+            } else {
+                let copy = ExtentMeta::copy_for_seq(job.meta.seq);
+                first_phase.push((job.slot_offset + copy * BLOCK_BYTES, vec![block.clone()]));
+                second_phase.push((job.slot_offset + (1 - copy) * BLOCK_BYTES, vec![block]));
+            }
         }
         let mut synced = Ok(());
         for phase in [first_phase, second_phase] {
+            // Nothing written, nothing to sync (the records were synced above).
+            if phase.is_empty() {
+                continue;
+            }
             // Background work must not bury foreground I/O: the drain keeps
             // at most DRAIN_QUEUE_DEPTH writes in the device queue, each
             // group handed to the kernel in one submission (fewer device
