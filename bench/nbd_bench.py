@@ -13,6 +13,7 @@ reported, so a burst of noise hits every target alike.
 
 Usage: bench/nbd_bench.py [--dir /var/tmp/basalt-bench] [--size 2G] [--runtime 10]
                           [--repeat 3] [--targets raw,qsd,basalt] [--json results.json]
+                          [--bin-dir target/release]
 Needs: fio (with the nbd engine), qemu-storage-daemon, a release build
 (`cargo build --release --bins`, done by this script unless --no-build).
 """
@@ -37,6 +38,8 @@ JOBS = [
     ("randwrite-4k-qd1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"], "lat"),
     ("read-1m-qd8", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw"),
     ("write-1m-qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw"),
+    # What a guest's dd (one 1 MiB write at a time) asks of the disk.
+    ("write-1m-qd1", ["--rw=write", "--bs=1M", "--iodepth=1"], "bw"),
     ("randwrite-4k-qd32-flush32", ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--fsync=32"], "iops"),
 ]
 
@@ -183,14 +186,17 @@ def main():
     p.add_argument("--jobs", default=",".join(j[0] for j in JOBS))
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--no-build", action="store_true")
+    p.add_argument("--bin-dir",
+                   help="where basaltd and basalt are (to compare builds; implies --no-build)")
     args = p.parse_args()
     for tool in ["fio", "qemu-storage-daemon"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing (apt-get install fio qemu-system-x86 qemu-utils)")
-    if not args.no_build:
+    if not args.no_build and args.bin_dir is None:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target/release/basaltd")
-    cli = os.path.join(ROOT, "target/release/basalt")
+    bin_dir = args.bin_dir or os.path.join(ROOT, "target/release")
+    binary = os.path.join(bin_dir, "basaltd")
+    cli = os.path.join(bin_dir, "basalt")
     size = size_bytes(args.size)
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(args.dir)

@@ -3,13 +3,15 @@
 //! A cycle on one disk:
 //!
 //! 1. note `L`, the newest batch written to the oplog, and sync the disk so
-//!    every record up to `L` is durable before anything is written in place;
+//!    every record up to `L` is durable before anything is written in place
+//!    (not needed when the cycle only writes copy-on-write metadata, below:
+//!    the sync of step 3 then makes the records durable as well);
 //! 2. for every extent with overlay blocks from batches `<= L`, write those
 //!    blocks into the slot and a new metadata block (sequence + 1) into the
 //!    metadata copy *not* holding the current version (a tenancy's first
-//!    version into both copies at once: there is none to protect); likewise for every
-//!    extent written copy-on-write by a batch `<= L`, whose metadata so far
-//!    lives only in memory and in its remap record;
+//!    version into both copies at once: there is none to protect); likewise
+//!    for every extent written copy-on-write by a batch `<= L`, whose
+//!    metadata so far lives only in memory and in its remap record;
 //! 3. sync the disk — now everything up to `L` is home and durable;
 //! 4. commit a checkpoint to the catalog: extent-map changes up to `L`, the
 //!    new oplog tail (first batch after `L`), generation reservations;
@@ -129,20 +131,6 @@ impl Store {
             }
             (d.log.completed_lsn, d.engine.clone())
         };
-        // Only durable records may be written home: an in-place write of a
-        // record the crash then loses would destroy the old contents. A
-        // client flush may already have made them durable.
-        let already_durable = self.lock().disks[index].log.durable_lsn >= limit;
-        if !already_durable && let Err(e) = engine.sync().await {
-            self.fail_disk(index, format!("sync failed: {e}"));
-            return Err(StoreError::Disk(e));
-        }
-        {
-            let mut st = self.lock();
-            let log = &mut st.disks[index].log;
-            log.durable_lsn = log.durable_lsn.max(limit);
-        }
-
         // Metadata of every extent to drain must be in memory first.
         let jobs = loop {
             let missing: Vec<(ExtentKey, usize, u64, u64)> = {
@@ -178,6 +166,25 @@ impl Store {
             }
             break self.plan_drain(index, limit);
         };
+
+        // Only durable records may be written home: an in-place write of a
+        // record the crash then loses would destroy the old contents. A
+        // client flush may already have made them durable. The metadata of
+        // a copy-on-write needs no such care: it goes into a slot only its
+        // own tenancy maps, and the sync after it is written makes the
+        // records durable too. So a cycle that writes nothing in place (a
+        // stream of whole-extent writes) syncs once, not twice.
+        let already_durable = self.lock().disks[index].log.durable_lsn >= limit;
+        let in_place = jobs.iter().any(|job| !job.runs.is_empty());
+        if !already_durable && (in_place || jobs.is_empty()) {
+            if let Err(e) = engine.sync().await {
+                self.fail_disk(index, format!("sync failed: {e}"));
+                return Err(StoreError::Disk(e));
+            }
+            let mut st = self.lock();
+            let log = &mut st.disks[index].log;
+            log.durable_lsn = log.durable_lsn.max(limit);
+        }
 
         // Write blocks and the new metadata home: first into the copy that
         // does not hold the current version, then (after a sync) into the
