@@ -108,9 +108,8 @@ fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
         .collect()
 }
 
-/// A gated store with one vdisk whose extent 1 holds tag 1, flushed.
-async fn gated_with_first_write(dir: &std::path::Path, disk: &SimDisk) -> (Gated, u64) {
-    let g = open_gated(dir, disk).await;
+/// Creates a vdisk on `g` and writes tag 1 to its extent 1 (not flushed).
+async fn vdisk_with_first_write(g: &Gated) -> u64 {
     let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
     g.store
         .write(
@@ -121,8 +120,34 @@ async fn gated_with_first_write(dir: &std::path::Path, disk: &SimDisk) -> (Gated
         )
         .await
         .expect("first write");
+    v
+}
+
+/// A gated store with one vdisk whose extent 1 holds tag 1, flushed.
+async fn gated_with_first_write(dir: &std::path::Path, disk: &SimDisk) -> (Gated, u64) {
+    let g = open_gated(dir, disk).await;
+    let v = vdisk_with_first_write(&g).await;
     g.store.flush().await.expect("flush");
     (g, v)
+}
+
+/// Cuts the power of `disk` (unsynced writes are lost), reopens the store
+/// and checks that extent 1 of `v` reads back as `tag` in every block.
+async fn assert_after_power_cut(dir: &std::path::Path, disk: &SimDisk, v: u64, tag: u64) {
+    disk.power_cut(CutMode::DropUnsynced);
+    assert_eq!(
+        tags_after_reopen(dir, disk, v).await,
+        vec![tag; EXTENT_BLOCKS as usize]
+    );
+}
+
+/// Cuts the power of `disk` while `write`'s data is still held at the gate,
+/// then lets the write end and stops the store.
+async fn power_cut_while_held(g: Gated, disk: &SimDisk, write: tokio::task::JoinHandle<()>) {
+    disk.power_cut(CutMode::DropUnsynced);
+    g.gate.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    g.store.halt().await;
 }
 
 /// The tags of extent 1 of `v` after reopening the store on `disk`.
@@ -198,12 +223,7 @@ async fn reads_wait_for_copy_on_write_data_and_see_it_afterwards() {
     assert_eq!(tags(&data, EXTENT_BLOCKS), vec![2; EXTENT_BLOCKS as usize]);
     g.store.flush().await.expect("flush");
     g.store.halt().await;
-
-    disk.power_cut(CutMode::DropUnsynced);
-    assert_eq!(
-        tags_after_reopen(dir.path(), &disk, v).await,
-        vec![2; EXTENT_BLOCKS as usize]
-    );
+    assert_after_power_cut(dir.path(), &disk, v, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,10 +243,7 @@ async fn a_flush_does_not_vouch_for_a_remap_whose_data_has_not_landed() {
 
     // Power goes while the data is still held: the remap record is on the
     // disk, the data it points at is not.
-    disk.power_cut(CutMode::DropUnsynced);
-    g.gate.send_replace(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-    g.store.halt().await;
+    power_cut_while_held(g, &disk, write).await;
 
     // The old contents read back, not an error.
     assert_eq!(
@@ -256,12 +273,7 @@ async fn a_checkpoint_past_a_copy_on_write_writes_its_metadata_home_first() {
     let (g, v) = gated_with_first_write(dir.path(), &disk).await;
     checkpointed(&g.store).await;
     g.store.halt().await;
-
-    disk.power_cut(CutMode::DropUnsynced);
-    assert_eq!(
-        tags_after_reopen(dir.path(), &disk, v).await,
-        vec![1; EXTENT_BLOCKS as usize]
-    );
+    assert_after_power_cut(dir.path(), &disk, v, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,25 +285,12 @@ async fn a_checkpoint_between_two_copy_on_writes_keeps_the_first_readable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
     let g = open_gated(dir.path(), &disk).await;
-    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    g.store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
+    let v = vdisk_with_first_write(&g).await;
     let write = held_cow_write(&g, v, 2).await;
     checkpointed(&g.store).await;
     assert!(!write.is_finished());
 
-    disk.power_cut(CutMode::DropUnsynced);
-    g.gate.send_replace(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-    g.store.halt().await;
-
+    power_cut_while_held(g, &disk, write).await;
     assert_eq!(
         tags_after_reopen(dir.path(), &disk, v).await,
         vec![1; EXTENT_BLOCKS as usize]
