@@ -20,11 +20,11 @@
 //!   two 4 KiB metadata blocks (A and B) followed by 256 data blocks. The
 //!   metadata block holds each block's crc32c and write generation. Updates
 //!   alternate between A and B with a rising sequence number, so a torn
-//!   metadata write leaves the previous one intact. A full-extent write goes
-//!   to a *fresh* slot (its data, then meta A + meta B once the data is
-//!   checksummed, while the data is still being written) and is then
-//!   switched in by a `Remap` log record (copy-on-write), so large sequential
-//!   writes are written once.
+//!   metadata write leaves the previous one intact. A full-extent write puts
+//!   only its data in a *fresh* slot and is switched in by a `Remap` log
+//!   record carrying the blocks' crcs (copy-on-write), so large sequential
+//!   writes are written once; the drainer writes the slot's metadata blocks
+//!   before a checkpoint covers the record.
 //!
 //! All integers are little endian. Checksums are crc32c (Castagnoli).
 

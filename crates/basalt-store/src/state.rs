@@ -15,12 +15,13 @@
 //!
 //! An extent written copy-on-write is published (with its new slot and
 //! metadata, which only the drainer writes into the slot, see
-//! `ExtentState::meta_unsaved`) as soon as its remap record is queued, while the slot's data
-//! write is still in flight, so that the record's batch is written at the
-//! same time as the data. Until the data has landed the extent carries a
-//! [`Landing`] receiver: reads of its slot wait for it, and the batch that
-//! holds the remap does not count as written (so no flush, checkpoint or
-//! durable-LSN claim covers the remap) before the data is on the disk.
+//! `ExtentState::meta_unsaved`) as soon as its remap record is queued,
+//! while the slot's data write is still in flight, so that the record's
+//! batch is written at the same time as the data. Until the data has landed
+//! the extent carries a [`Landing`] receiver: reads of its slot wait for it,
+//! and the batch that holds the remap does not count as written (so no
+//! flush, checkpoint or durable-LSN claim covers the remap) before the data
+//! is on the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;

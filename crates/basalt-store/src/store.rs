@@ -1,11 +1,11 @@
 //! The store: vdisks on the node's disks, at block granularity.
 //!
 //! Write path: a write is split at extent boundaries. A piece that covers a
-//! whole extent is written copy-on-write to a fresh slot (its data at once,
-//! its metadata once the data is checksummed) and switched in by a `Remap`
-//! record; any other piece becomes a
-//! `Write` record in the next oplog batch of its extent's disk, and its data
-//! joins the overlay. The write completes when its batch is on disk.
+//! whole extent is written copy-on-write to a fresh slot (its data only: the
+//! drainer writes the slot's metadata later) and switched in by a `Remap`
+//! record carrying the blocks' crcs; any other piece becomes a `Write`
+//! record in the next oplog batch of its extent's disk, and its data joins
+//! the overlay. The write completes when its batch is on disk.
 //!
 //! Read path: overlay first, then the slot, verifying every block's crc32c.
 //!
