@@ -277,7 +277,7 @@ impl Store {
                 let Some(e) = st.tenancy_mut(index, job.key, job.alloc_id) else {
                     continue;
                 };
-                if e.meta_unsaved.is_some_and(|lsn| lsn <= limit) {
+                if e.meta_due(limit) {
                     e.meta_unsaved = None;
                 }
                 if live && !e.persisted {
@@ -398,8 +398,7 @@ impl Store {
             // covering its remap record is committed (the catalog then says
             // the slot's metadata is persisted, and replay no longer sees
             // the record): such extents get a job even without overlay blocks.
-            let meta_due = e.meta_unsaved.is_some_and(|lsn| lsn <= limit);
-            if !meta_due
+            if !e.meta_due(limit)
                 && !e
                     .overlay
                     .values()

@@ -157,6 +157,14 @@ pub(crate) struct ExtentState {
     pub landing: Option<watch::Receiver<Landing>>,
 }
 
+impl ExtentState {
+    /// The tenancy's metadata is not home yet and must be by the checkpoint
+    /// covering batches up to `limit` (its remap record is among them).
+    pub fn meta_due(&self, limit: u64) -> bool {
+        self.meta_unsaved.is_some_and(|lsn| lsn <= limit)
+    }
+}
+
 /// How the copy-on-write data write of a freshly published extent stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Landing {
