@@ -17,6 +17,28 @@ pub struct WriteFlags {
     pub fua: bool,
 }
 
+/// Where the bytes of a [`BlockBackend::write_from`] come from, in order.
+///
+/// A frontend whose data sits in memory it does not own (a guest's RAM)
+/// must copy it out before the data is checksummed and written: a guest may
+/// change a page while it is being written. Handing the backend a source
+/// instead of a filled buffer lets the backend copy one piece, send it to the
+/// disk, and copy the next while the first is being written, so the copy is
+/// no longer all on the request's critical path.
+pub trait WriteSource: Send {
+    /// Copies the next `dst.len()` bytes of the write into `dst`. The
+    /// backend asks for the write's bytes exactly once, front to back.
+    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError>;
+}
+
+/// Takes all `len` bytes of `source` into one buffer.
+pub fn gather_source(source: &mut dyn WriteSource, len: usize) -> Result<IoBuf, BlockError> {
+    // Every byte is overwritten by `read_next` (or the buffer is dropped).
+    let mut data = IoBuf::for_overwrite(len);
+    source.read_next(data.as_mut_slice())?;
+    Ok(data)
+}
+
 /// One run of a [`BlockBackend::block_status`] answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllocationExtent {
@@ -52,6 +74,25 @@ pub trait BlockBackend: Send + Sync {
         data: IoBuf,
         flags: WriteFlags,
     ) -> BoxFuture<'_, Result<(), BlockError>>;
+
+    /// Writes `len` bytes at `offset`, taken from `source` as the backend is
+    /// ready for them. The default takes them all, then calls
+    /// [`BlockBackend::write`]; a backend that can start writing before it
+    /// has every byte overrides it. If `source` fails, the write fails with
+    /// its error and what the device holds in the range is unspecified, as
+    /// for any failed write.
+    fn write_from<'a>(
+        &'a self,
+        offset: u64,
+        len: u32,
+        source: &'a mut dyn WriteSource,
+        flags: WriteFlags,
+    ) -> BoxFuture<'a, Result<(), BlockError>> {
+        Box::pin(async move {
+            let data = gather_source(source, len as usize)?;
+            self.write(offset, data, flags).await
+        })
+    }
 
     /// Makes every completed write durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), BlockError>>;

@@ -16,7 +16,8 @@ mod error;
 pub mod size;
 
 pub use backend::{
-    AllocationExtent, BlockBackend, BoxFuture, ExportRegistry, WriteFlags, check_range,
+    AllocationExtent, BlockBackend, BoxFuture, ExportRegistry, WriteFlags, WriteSource,
+    check_range, gather_source,
 };
 pub use buf::IoBuf;
 pub use error::BlockError;

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use basalt_core::{
     AllocationExtent, BLOCK_SIZE, BlockBackend, BlockError, BoxFuture, IoBuf, MAX_REQUEST_BYTES,
-    WriteFlags, check_range,
+    WriteFlags, WriteSource, check_range, gather_source,
 };
 use basalt_net::{NetError, TrafficClass, Transport};
 use bytes::Bytes;
@@ -910,6 +910,47 @@ impl ReplicatedVdisk {
         self.write_blocks(first * BLOCK_SIZE, blocks, flags).await
     }
 
+    /// A block-aligned write to a vdisk whose only copy is this node's goes
+    /// to that copy with its source, so the store can write while it copies;
+    /// every other write takes its bytes first (replicas need all of them
+    /// before anything is sent).
+    async fn do_write_from(
+        &self,
+        offset: u64,
+        len: u32,
+        source: &mut dyn WriteSource,
+        flags: WriteFlags,
+    ) -> Result<(), BlockError> {
+        if len > MAX_REQUEST_BYTES {
+            return Err(BlockError::Invalid(format!(
+                "write of {len} bytes exceeds the maximum"
+            )));
+        }
+        let aligned =
+            offset.is_multiple_of(BLOCK_SIZE) && u64::from(len).is_multiple_of(BLOCK_SIZE);
+        if aligned && len > 0 {
+            check_range(offset, u64::from(len), self.size())?;
+            let _shared = self.rmw.read().await;
+            let set = self.current_set().await?;
+            if set.remotes.is_empty()
+                && set.local_in_sync
+                && let Some((_, replica)) = &set.local
+            {
+                // As in `fan_out`: the only copy, nothing to record.
+                let request = Request {
+                    fua: flags.fua,
+                    ..Request::new(Op::Write, self.vdisk, set.epoch, offset, u64::from(len))
+                };
+                let _admitted = self.admit_local(&request).await?;
+                return replica.write_from(offset, len, source, flags).await;
+            }
+            let data = gather_source(source, len as usize)?;
+            return self.write_blocks(offset, data, flags).await;
+        }
+        let data = gather_source(source, len as usize)?;
+        self.do_write(offset, data, flags).await
+    }
+
     async fn write_blocks(
         &self,
         offset: u64,
@@ -1013,6 +1054,16 @@ impl BlockBackend for ReplicatedVdisk {
         flags: WriteFlags,
     ) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(self.do_write(offset, data, flags))
+    }
+
+    fn write_from<'a>(
+        &'a self,
+        offset: u64,
+        len: u32,
+        source: &'a mut dyn WriteSource,
+        flags: WriteFlags,
+    ) -> BoxFuture<'a, Result<(), BlockError>> {
+        Box::pin(self.do_write_from(offset, len, source, flags))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), BlockError>> {

@@ -86,6 +86,10 @@ pub enum StoreError {
     /// Another process (another basaltd) has the data directory open.
     #[error("data directory {0} is in use by another basaltd")]
     DataDirInUse(PathBuf),
+    /// The bytes of a streamed write could not be taken from their source;
+    /// nothing was written.
+    #[error("the data to write could not be read from its source: {0}")]
+    Source(#[source] basalt_core::BlockError),
     /// The store is shutting down.
     #[error("the store is shutting down")]
     ShuttingDown,

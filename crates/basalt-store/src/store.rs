@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use basalt_core::IoBuf;
+use basalt_core::{BlockError, IoBuf, WriteSource, gather_source};
 use basalt_disk::{DiskEngine, DiskError, EngineChoice, Segment, open_disk};
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, oneshot, watch};
@@ -1032,6 +1032,45 @@ impl Store {
             )));
         }
         let blocks = data.len() as u64 / BLOCK_BYTES;
+        self.begin_write(vdisk, first, blocks).await?;
+        self.write_admitted(vdisk, first, blocks, Arc::new(data), fua)
+            .await
+    }
+
+    /// Writes `blocks` blocks at block `first`, copying them from `source`
+    /// as they are needed. A write of exactly one whole extent goes
+    /// copy-on-write in pieces: each piece is sent to the disk as soon as
+    /// it is copied, while the next is being copied. Any other write (or one
+    /// that finds no free slot) copies everything first, as [`Store::write`].
+    pub async fn write_from(
+        &self,
+        vdisk: u64,
+        first: u64,
+        blocks: u64,
+        source: &mut dyn WriteSource,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        let bytes = blocks
+            .checked_mul(BLOCK_BYTES)
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|&b| b > 0)
+            .ok_or_else(|| StoreError::BadSize(format!("write of {blocks} blocks")))?;
+        self.begin_write(vdisk, first, blocks).await?;
+        if blocks == EXTENT_BLOCKS
+            && first.is_multiple_of(EXTENT_BLOCKS)
+            && let Some(result) = self
+                .write_cow((vdisk, first / EXTENT_BLOCKS), CowData::Source(source), fua)
+                .await
+        {
+            return result;
+        }
+        let data = gather_source(source, bytes).map_err(StoreError::Source)?;
+        self.write_admitted(vdisk, first, blocks, Arc::new(data), fua)
+            .await
+    }
+
+    /// Checks a write's range, waits for admission and counts it.
+    async fn begin_write(&self, vdisk: u64, first: u64, blocks: u64) -> Result<(), StoreError> {
         {
             let st = self.lock();
             Store::check_io(&st, vdisk, first, blocks)?;
@@ -1042,7 +1081,18 @@ impl Store {
             .stats
             .write_bytes
             .fetch_add(blocks * BLOCK_BYTES, Ordering::Relaxed);
-        let buf = Arc::new(data);
+        Ok(())
+    }
+
+    /// Writes `buf` (`blocks` blocks) at block `first` once admitted.
+    async fn write_admitted(
+        &self,
+        vdisk: u64,
+        first: u64,
+        blocks: u64,
+        buf: Arc<IoBuf>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
         let parts = pieces(first, blocks);
         if parts.len() == 1 {
             let (extent, start, n, _) = parts[0];
@@ -1070,7 +1120,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let key = (vdisk, extent);
         if u64::from(n) == EXTENT_BLOCKS
-            && let Some(result) = self.write_cow(key, buf, buf_block, fua).await
+            && let Some(result) = self
+                .write_cow(key, CowData::Buffer(buf, buf_block), fua)
+                .await
         {
             return result;
         }
@@ -1297,8 +1349,7 @@ impl Store {
     async fn write_cow(
         &self,
         key: ExtentKey,
-        buf: &Arc<IoBuf>,
-        buf_block: usize,
+        data: CowData<'_>,
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
         let (disk, slot, fresh, alloc_id, generation, engine, offset) = {
@@ -1327,7 +1378,7 @@ impl Store {
                 d.slot_offset(slot),
             )
         };
-        let give_back = |store: &Store| {
+        let give_back = move |store: &Store| {
             if let Some(d) = store.lock().disks.get_mut(disk) {
                 d.give_back(slot, fresh);
             }
@@ -1336,17 +1387,40 @@ impl Store {
             give_back(self);
             return None;
         }
-        let data = Segment {
-            buf: buf.clone(),
-            start: buf_block * BLOCK_BYTES as usize,
-            len: crate::format::EXTENT_BYTES as usize,
-        };
+        let data_offset = offset + SLOT_META_BYTES;
         // The data write runs beside the remap record's batch write instead
         // of before it: one device round trip per extent write instead of
         // two. Its own task, started here (so the I/O leaves at once), so
         // that no caller dropping its future can abandon a write the log
         // writer waits for.
-        let data_written = engine.write_at(offset + SLOT_META_BYTES, vec![data]);
+        let (data_written, crcs) = match data {
+            CowData::Buffer(buf, buf_block) => {
+                let segment = Segment {
+                    buf: buf.clone(),
+                    start: buf_block * BLOCK_BYTES as usize,
+                    len: crate::format::EXTENT_BYTES as usize,
+                };
+                let written = engine.write_at(data_offset, vec![segment]);
+                // Checksummed after the write is started (below), while the
+                // disk writes it.
+                (written, Checksums::Of(buf, buf_block))
+            }
+            CowData::Source(source) => {
+                let started = start_pieces(&engine, data_offset, source);
+                if let Some(error) = started.failure {
+                    // The slot goes back once the pieces already sent have
+                    // landed; the extent keeps its old data.
+                    let store = self.clone();
+                    let written = started.written;
+                    tokio::spawn(async move {
+                        let _ = written.await;
+                        give_back(&store);
+                    });
+                    return Some(Err(StoreError::Source(error)));
+                }
+                (started.written, Checksums::OfPieces(started.pieces))
+            }
+        };
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
         let landing = spawn_started(async move {
             let result = data_written.await;
@@ -1357,7 +1431,7 @@ impl Store {
             landed_tx.send_replace(outcome);
             result
         });
-        let crcs = block_crcs(block_range(buf, buf_block, EXTENT_BLOCKS as usize));
+        let crcs = crcs.compute();
         let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
         let rx = {
@@ -1368,9 +1442,7 @@ impl Store {
                 let store = self.clone();
                 tokio::spawn(async move {
                     let _ = landing.await;
-                    if let Some(d) = store.lock().disks.get_mut(disk) {
-                        d.give_back(slot, fresh);
-                    }
+                    give_back(&store);
                 });
                 return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
             }
@@ -1762,6 +1834,102 @@ enum Queued {
     NeedsSlot,
     /// The vdisk's generation reservation is used up until the next checkpoint.
     NeedsReservation,
+}
+
+/// The bytes of a whole-extent copy-on-write write.
+enum CowData<'a> {
+    /// In a buffer, from block `.1` of it on.
+    Buffer(&'a Arc<IoBuf>, usize),
+    /// Still to be copied from a source, piece by piece.
+    Source(&'a mut dyn WriteSource),
+}
+
+/// What a copy-on-write write's block checksums are computed over.
+enum Checksums<'a> {
+    /// An extent's worth of blocks of a buffer, from block `.1` on.
+    Of(&'a Arc<IoBuf>, usize),
+    /// The pieces of the extent, in order.
+    OfPieces(Vec<Arc<IoBuf>>),
+}
+
+impl Checksums<'_> {
+    fn compute(&self) -> Vec<u32> {
+        match self {
+            Checksums::Of(buf, first) => {
+                block_crcs(block_range(buf, *first, EXTENT_BLOCKS as usize))
+            }
+            Checksums::OfPieces(pieces) => pieces
+                .iter()
+                .flat_map(|piece| block_crcs(piece.as_slice()))
+                .collect(),
+        }
+    }
+}
+
+/// How much of an extent a streamed copy-on-write write copies before it
+/// sends the piece to the disk. A quarter of an extent: the first piece
+/// leaves after a quarter of the copy, and on the disks measured four
+/// writes of 256 KiB in flight together finish sooner than one of 1 MiB.
+const COW_PIECE_BYTES: usize = 256 * 1024;
+
+/// A started data write of a whole extent: its pieces' writes joined.
+type PiecesWritten = futures::future::BoxFuture<'static, Result<(), DiskError>>;
+
+/// An extent's data write as [`start_pieces`] started it.
+struct StartedPieces {
+    /// The pieces' writes, joined.
+    written: PiecesWritten,
+    /// The pieces copied (to checksum while they are written).
+    pieces: Vec<Arc<IoBuf>>,
+    /// Why the source failed, if it did: then not every piece was started,
+    /// and the slot may be reused only once `written` has completed.
+    failure: Option<BlockError>,
+}
+
+/// Copies an extent's data from `source` piece by piece into new buffers,
+/// starting each piece's write at `data_offset` on `engine` as soon as it
+/// is copied.
+fn start_pieces(
+    engine: &Arc<dyn DiskEngine>,
+    data_offset: u64,
+    source: &mut dyn WriteSource,
+) -> StartedPieces {
+    let extent_bytes = crate::format::EXTENT_BYTES as usize;
+    let mut started = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
+    let mut pieces = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
+    let mut failure = None;
+    for at in (0..extent_bytes).step_by(COW_PIECE_BYTES) {
+        let mut piece = IoBuf::for_overwrite(COW_PIECE_BYTES);
+        if let Err(error) = source.read_next(piece.as_mut_slice()) {
+            failure = Some(error);
+            break;
+        }
+        let piece = Arc::new(piece);
+        let segment = Segment {
+            buf: piece.clone(),
+            start: 0,
+            len: COW_PIECE_BYTES,
+        };
+        started.push(spawn_started(
+            engine.write_at(data_offset + at as u64, vec![segment]),
+        ));
+        pieces.push(piece);
+    }
+    let written: PiecesWritten = Box::pin(async move {
+        let mut result = Ok(());
+        for piece in started {
+            let landed = piece.await.unwrap_or(Err(DiskError::EngineGone));
+            if result.is_ok() {
+                result = landed;
+            }
+        }
+        result
+    });
+    StartedPieces {
+        written,
+        pieces,
+        failure,
+    }
 }
 
 /// The blocks `first..first + count` of `buf`.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use basalt_core::{
     AllocationExtent, BLOCK_SIZE, BlockBackend, BlockError, BoxFuture, ExportRegistry, IoBuf,
-    MAX_REQUEST_BYTES, WriteFlags, check_range,
+    MAX_REQUEST_BYTES, WriteFlags, WriteSource, check_range, gather_source,
 };
 use basalt_store::{Store, StoreError};
 use parking_lot::Mutex;
@@ -49,6 +49,7 @@ pub fn block_error(error: StoreError) -> BlockError {
         StoreError::ShuttingDown => BlockError::Shutdown,
         StoreError::NoSuchVdisk(name) => BlockError::Io(format!("vdisk {name} was deleted")),
         StoreError::BadSize(why) => BlockError::Invalid(why),
+        StoreError::Source(error) => error,
         other => BlockError::Io(other.to_string()),
     }
 }
@@ -109,6 +110,41 @@ impl Vdisk {
         Ok(IoBuf::from_slice(
             &data.as_slice()[skip..skip + len as usize],
         ))
+    }
+
+    /// An aligned write goes to the store with its source, so that the store
+    /// can write a whole extent while it is still copying it; any other
+    /// write takes its bytes first.
+    async fn do_write_from(
+        &self,
+        offset: u64,
+        len: u32,
+        source: &mut dyn WriteSource,
+        flags: WriteFlags,
+    ) -> Result<(), BlockError> {
+        if len > MAX_REQUEST_BYTES {
+            return Err(BlockError::Invalid(format!(
+                "write of {len} bytes exceeds the maximum"
+            )));
+        }
+        let aligned =
+            offset.is_multiple_of(BLOCK_SIZE) && u64::from(len).is_multiple_of(BLOCK_SIZE);
+        if !aligned || len == 0 {
+            let data = gather_source(source, len as usize)?;
+            return self.do_write(offset, data, flags).await;
+        }
+        check_range(offset, u64::from(len), self.current_size()?)?;
+        let _shared = self.rmw.read().await;
+        self.store
+            .write_from(
+                self.id,
+                offset / BLOCK_SIZE,
+                u64::from(len) / BLOCK_SIZE,
+                source,
+                flags.fua,
+            )
+            .await
+            .map_err(block_error)
     }
 
     async fn do_write(
@@ -289,6 +325,16 @@ impl BlockBackend for Vdisk {
         flags: WriteFlags,
     ) -> BoxFuture<'_, Result<(), BlockError>> {
         Box::pin(self.do_write(offset, data, flags))
+    }
+
+    fn write_from<'a>(
+        &'a self,
+        offset: u64,
+        len: u32,
+        source: &'a mut dyn WriteSource,
+        flags: WriteFlags,
+    ) -> BoxFuture<'a, Result<(), BlockError>> {
+        Box::pin(self.do_write_from(offset, len, source, flags))
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), BlockError>> {

@@ -2,13 +2,36 @@
 
 use std::sync::Arc;
 
-use basalt_core::{BlockBackend, BlockError, ExportRegistry, IoBuf, WriteFlags};
+use basalt_core::{BlockBackend, BlockError, ExportRegistry, IoBuf, WriteFlags, WriteSource};
 use basalt_disk::sim::SimDisk;
 use basalt_store::{OpenedDisk, Store, StoreConfig};
 use basalt_vdisk::VdiskRegistry;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const SIZE: u64 = 8 << 20;
+const EXTENT: u64 = 1 << 20;
+
+/// A write's bytes handed out in the pieces the backend asks for.
+struct SliceSource<'a> {
+    bytes: &'a [u8],
+    taken: usize,
+    /// How many times the backend asked.
+    calls: usize,
+}
+
+impl WriteSource for SliceSource<'_> {
+    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError> {
+        let end = self.taken + dst.len();
+        let bytes = self
+            .bytes
+            .get(self.taken..end)
+            .ok_or_else(|| BlockError::Invalid("asked past the end of the write".into()))?;
+        dst.copy_from_slice(bytes);
+        self.taken = end;
+        self.calls += 1;
+        Ok(())
+    }
+}
 
 async fn setup(dir: &std::path::Path) -> (Store, VdiskRegistry) {
     let disk = SimDisk::new(96 << 20);
@@ -35,11 +58,12 @@ async fn random_byte_ops_match_a_model() {
     assert_eq!(v.id(), "v");
     let mut model = vec![0u8; SIZE as usize];
     let mut rng = StdRng::seed_from_u64(7);
+    let mut streamed_whole_extents = 0;
     for step in 0..1500 {
-        let offset = rng.gen_range(0..SIZE - 1);
+        let mut offset = rng.gen_range(0..SIZE - 1);
         let max = (SIZE - offset).min(300_000);
-        let len = rng.gen_range(1..=max);
-        match rng.gen_range(0..10) {
+        let mut len = rng.gen_range(1..=max);
+        match rng.gen_range(0..11) {
             0..=3 => {
                 let mut data = IoBuf::zeroed(len as usize);
                 rng.fill(data.as_mut_slice());
@@ -53,6 +77,30 @@ async fn random_byte_ops_match_a_model() {
                 )
                 .await
                 .expect("write");
+            }
+            10 => {
+                // The same through a source: often a whole extent (which the
+                // store takes piece by piece), otherwise any range.
+                if rng.gen_bool(0.5) {
+                    offset = rng.gen_range(0..SIZE / EXTENT) * EXTENT;
+                    len = EXTENT;
+                }
+                let mut data = vec![0u8; len as usize];
+                rng.fill(data.as_mut_slice());
+                let mut source = SliceSource {
+                    bytes: &data,
+                    taken: 0,
+                    calls: 0,
+                };
+                v.write_from(offset, len as u32, &mut source, WriteFlags::default())
+                    .await
+                    .expect("write from a source");
+                assert_eq!(source.taken, data.len(), "step {step}: source not used up");
+                if len == EXTENT && offset % EXTENT == 0 {
+                    assert!(source.calls > 1, "a whole extent was not taken in pieces");
+                    streamed_whole_extents += 1;
+                }
+                model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
             }
             4 => {
                 let allocate = rng.gen_bool(0.5);
@@ -81,6 +129,10 @@ async fn random_byte_ops_match_a_model() {
             }
         }
     }
+    assert!(
+        streamed_whole_extents > 10,
+        "{streamed_whole_extents} streamed extents"
+    );
     let all = v.read(0, SIZE as u32).await.expect("read all");
     assert!(all.as_slice() == model.as_slice());
     // Block status agrees with the data: holes read as zeros.

@@ -63,7 +63,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use basalt_core::{BlockBackend, BlockError, IoBuf, WriteFlags};
+use basalt_core::{BlockBackend, BlockError, IoBuf, WriteFlags, WriteSource};
 use parking_lot::{Condvar, Mutex};
 use tokio::runtime::Handle;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -578,44 +578,30 @@ impl Device {
                 ))),
                 Err(err) => Err(err),
             },
-            Op::Write { offset, len } => {
-                // `budget` is this write's length plus its followers'.
-                let total = usize::try_from(job.budget).unwrap_or(usize::MAX);
-                // Every byte is gathered from the guest below (or the buffer
-                // is dropped), so it needs no clearing first.
-                let mut data = IoBuf::for_overwrite(total);
-                let mut gathered = gather(
-                    &job.slot.mem,
-                    &job.frame.out_data,
-                    &mut data.as_mut_slice()[..len as usize],
+            Op::Write { offset, .. } => {
+                // `budget` is this write's length plus its followers' (at
+                // most MERGE_LIMIT or the request limit, so it fits a u32).
+                let total = u32::try_from(job.budget).unwrap_or(u32::MAX);
+                let mut source = GuestSource::new(
+                    std::iter::once(job)
+                        .chain(&job.followers)
+                        .map(|part| (&*part.slot.mem, part.frame.out_data.as_slice()))
+                        .collect(),
                 );
-                let mut at = len as usize;
-                for follower in &job.followers {
-                    let end = at + follower.budget as usize;
-                    if gathered.is_ok() {
-                        gathered = gather(
-                            &follower.slot.mem,
-                            &follower.frame.out_data,
-                            &mut data.as_mut_slice()[at..end],
-                        );
-                    }
-                    at = end;
+                let done = self
+                    .backend
+                    .write_from(offset, total, &mut source, WriteFlags { fua })
+                    .await;
+                if let Some(err) = source.failed.take() {
+                    self.warn_guest(job.slot.queue, &err);
+                    return Answer::Status(status, Status::IoErr);
                 }
-                match gathered {
-                    Ok(()) => {
-                        let done = self.backend.write(offset, data, WriteFlags { fua }).await;
-                        if done.is_ok() {
-                            self.stats
-                                .written_bytes
-                                .fetch_add(job.budget, Ordering::Relaxed);
-                        }
-                        done
-                    }
-                    Err(err) => {
-                        self.warn_guest(job.slot.queue, &err);
-                        return Answer::Status(status, Status::IoErr);
-                    }
+                if done.is_ok() {
+                    self.stats
+                        .written_bytes
+                        .fetch_add(job.budget, Ordering::Relaxed);
                 }
+                done
             }
             Op::Flush => self.backend.flush().await,
             Op::Discard { payload_len } | Op::WriteZeroes { payload_len } => {
@@ -888,6 +874,64 @@ enum CopyError {
     Length,
 }
 
+/// The bytes of a write (with the writes merged into it) as the backend
+/// takes them: the readable segments of each chain, in order, copied out of
+/// guest memory piece by piece.
+struct GuestSource<'a> {
+    parts: Vec<(&'a GuestMem, &'a [Segment])>,
+    /// The part, segment and byte within the segment to copy next.
+    part: usize,
+    segment: usize,
+    within: usize,
+    /// Why a copy failed (reported to the guest's log by the device).
+    failed: Option<CopyError>,
+}
+
+impl<'a> GuestSource<'a> {
+    fn new(parts: Vec<(&'a GuestMem, &'a [Segment])>) -> GuestSource<'a> {
+        GuestSource {
+            parts,
+            part: 0,
+            segment: 0,
+            within: 0,
+            failed: None,
+        }
+    }
+
+    fn copy_next(&mut self, dst: &mut [u8]) -> Result<(), CopyError> {
+        let mut at = 0;
+        while at < dst.len() {
+            let &(mem, segments) = self.parts.get(self.part).ok_or(CopyError::Length)?;
+            let Some(segment) = segments.get(self.segment) else {
+                self.part += 1;
+                self.segment = 0;
+                continue;
+            };
+            let left = segment.len as usize - self.within;
+            let n = left.min(dst.len() - at);
+            let addr = segment.addr + self.within as u64;
+            mem.read_slice(&mut dst[at..at + n], GuestAddress(addr))?;
+            at += n;
+            self.within += n;
+            if self.within == segment.len as usize {
+                self.segment += 1;
+                self.within = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WriteSource for GuestSource<'_> {
+    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError> {
+        self.copy_next(dst).map_err(|err| {
+            let error = BlockError::Io(format!("cannot copy the write from guest memory: {err}"));
+            self.failed = Some(err);
+            error
+        })
+    }
+}
+
 /// Copies `segments` of guest memory into `dst` (exactly filling it).
 fn gather(mem: &GuestMem, segments: &[Segment], dst: &mut [u8]) -> Result<(), CopyError> {
     let mut at = 0usize;
@@ -1061,5 +1105,66 @@ impl VhostUserBackend for DeviceHandle {
         }
         // Never return an error: it would stop this worker thread for good.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest_memory(bytes: &[u8]) -> GuestMem {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), bytes.len())]).expect("guest memory");
+        mem.write_slice(bytes, GuestAddress(0)).expect("fill");
+        mem
+    }
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment { addr, len }
+    }
+
+    #[test]
+    fn guest_source_hands_out_the_segments_in_order_in_any_pieces() {
+        let first: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = (0..8192u32).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        let (a, b) = (guest_memory(&first), guest_memory(&second));
+        // Out of order and uneven, across two chains (a merged write).
+        let segments_a = [seg(8192, 4096), seg(100, 5000), seg(15000, 1384)];
+        let segments_b = [seg(4096, 4096), seg(0, 10)];
+        let mut expected = Vec::new();
+        for s in &segments_a {
+            expected
+                .extend_from_slice(&first[s.addr as usize..(s.addr + u64::from(s.len)) as usize]);
+        }
+        for s in &segments_b {
+            expected
+                .extend_from_slice(&second[s.addr as usize..(s.addr + u64::from(s.len)) as usize]);
+        }
+        // Whole, and in pieces that end inside, at and across segment ends.
+        let uneven = vec![3, 4093, 1, 6000, expected.len() - 10_097];
+        for pieces in [vec![expected.len()], uneven] {
+            let mut source = GuestSource::new(vec![(&a, &segments_a[..]), (&b, &segments_b[..])]);
+            let mut got = Vec::new();
+            for n in pieces {
+                let mut piece = vec![0u8; n];
+                source.read_next(&mut piece).expect("read");
+                got.extend_from_slice(&piece);
+            }
+            assert!(got == expected, "pieces differ from the segments");
+            // Nothing is left: asking for more fails and says why.
+            assert!(source.read_next(&mut [0u8; 1]).is_err());
+            assert!(matches!(source.failed, Some(CopyError::Length)));
+        }
+    }
+
+    #[test]
+    fn guest_source_reports_memory_outside_the_guest() {
+        let mem = guest_memory(&[7u8; 4096]);
+        let segments = [seg(0, 4096), seg(1 << 20, 4096)];
+        let mut source = GuestSource::new(vec![(&mem, &segments[..])]);
+        let mut piece = vec![0u8; 4096];
+        source.read_next(&mut piece).expect("inside");
+        assert_eq!(piece, vec![7u8; 4096]);
+        assert!(source.read_next(&mut piece).is_err());
+        assert!(matches!(source.failed, Some(CopyError::Memory(_))));
     }
 }

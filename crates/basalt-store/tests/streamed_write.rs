@@ -1,0 +1,301 @@
+//! A whole-extent write taken from a source (`Store::write_from`) is copied
+//! and sent to the disk in pieces. These tests check that it reads back like
+//! any write, that a power cut with only some pieces on the disk keeps the
+//! old contents, and that a source failing half-way changes nothing.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use basalt_core::{BlockError, IoBuf, WriteSource};
+use basalt_disk::sim::{CutMode, SimDisk};
+use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
+use basalt_store::{OpenedDisk, Store, StoreError};
+use common::*;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+const EXTENT_BLOCKS: u64 = 256;
+/// The size of the pieces a streamed extent write is sent in.
+const PIECE: usize = 256 * 1024;
+
+/// The bytes of `tag`'s write to `blocks` blocks from `first`, handed out in
+/// whatever pieces the store asks for; fails from the `fail_at`-th request on.
+struct TagSource {
+    data: IoBuf,
+    taken: usize,
+    calls: usize,
+    fail_at: Option<usize>,
+}
+
+impl TagSource {
+    fn new(tag: u64, first: u64, blocks: u64) -> TagSource {
+        TagSource {
+            data: buffer(tag, first, blocks),
+            taken: 0,
+            calls: 0,
+            fail_at: None,
+        }
+    }
+}
+
+impl WriteSource for TagSource {
+    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError> {
+        if self.fail_at == Some(self.calls) {
+            return Err(BlockError::Io("the guest's memory went away".into()));
+        }
+        self.calls += 1;
+        let end = self.taken + dst.len();
+        dst.copy_from_slice(&self.data.as_slice()[self.taken..end]);
+        self.taken = end;
+        Ok(())
+    }
+}
+
+fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
+    data.as_slice()
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, block)| tag_of(block, first + i as u64))
+        .collect()
+}
+
+async fn read_tags(store: &Store, v: u64, first: u64, blocks: u64) -> Vec<u64> {
+    let data = store.read(v, first, blocks).await.expect("read");
+    tags(&data, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_extent_write_reads_back_and_survives_a_power_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let store = open_sim(dir.path(), &disk).await;
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    let cow_before = store.stats().cow_writes.load(Ordering::Relaxed);
+
+    let mut source = TagSource::new(2, EXTENT_BLOCKS, EXTENT_BLOCKS);
+    store
+        .write_from(v, EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
+        .await
+        .expect("streamed write");
+    assert_eq!(source.calls, EXTENT_BLOCKS as usize * BLOCK / PIECE);
+    assert_eq!(
+        store.stats().cow_writes.load(Ordering::Relaxed),
+        cow_before + 1,
+        "a whole extent goes copy-on-write"
+    );
+    // Not an extent, and more than one: copied whole, written as usual.
+    let mut partial = TagSource::new(3, 5, 3);
+    store
+        .write_from(v, 5, 3, &mut partial, false)
+        .await
+        .expect("partial write");
+    let mut two = TagSource::new(4, 2 * EXTENT_BLOCKS, 2 * EXTENT_BLOCKS);
+    store
+        .write_from(v, 2 * EXTENT_BLOCKS, 2 * EXTENT_BLOCKS, &mut two, false)
+        .await
+        .expect("two extents");
+    assert_eq!((partial.calls, two.calls), (1, 1));
+
+    let check = |store: Store| async move {
+        assert_eq!(
+            read_tags(&store, v, EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+            vec![2; EXTENT_BLOCKS as usize]
+        );
+        assert_eq!(read_tags(&store, v, 4, 5).await, vec![0, 3, 3, 3, 0]);
+        assert_eq!(
+            read_tags(&store, v, 2 * EXTENT_BLOCKS, 2 * EXTENT_BLOCKS).await,
+            vec![4; 2 * EXTENT_BLOCKS as usize]
+        );
+        store
+    };
+    let store = check(store).await;
+    store.flush().await.expect("flush");
+    store.halt().await;
+    disk.power_cut(CutMode::DropUnsynced);
+    let store = check(open_sim(dir.path(), &disk).await).await;
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_failing_half_way_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let store = open_sim(dir.path(), &disk).await;
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    store
+        .write(
+            v,
+            EXTENT_BLOCKS,
+            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
+            false,
+        )
+        .await
+        .expect("first write");
+    let free_before = basalt_store::free_slots_for_tests(&store);
+
+    let mut failing = TagSource::new(2, EXTENT_BLOCKS, EXTENT_BLOCKS);
+    failing.fail_at = Some(2);
+    let err = store
+        .write_from(v, EXTENT_BLOCKS, EXTENT_BLOCKS, &mut failing, false)
+        .await
+        .expect_err("the source failed");
+    assert!(matches!(err, StoreError::Source(_)), "{err}");
+    assert_eq!(
+        read_tags(&store, v, EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+        vec![1; EXTENT_BLOCKS as usize]
+    );
+    // The slot the pieces went to comes back once they have landed.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while basalt_store::free_slots_for_tests(&store) != free_before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the slot of the failed write is free again");
+
+    // The store goes on serving, the extent included.
+    let mut next = TagSource::new(3, EXTENT_BLOCKS, EXTENT_BLOCKS);
+    store
+        .write_from(v, EXTENT_BLOCKS, EXTENT_BLOCKS, &mut next, false)
+        .await
+        .expect("next write");
+    store.flush().await.expect("flush");
+    store.halt().await;
+    disk.power_cut(CutMode::DropUnsynced);
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(
+        read_tags(&store, v, EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+        vec![3; EXTENT_BLOCKS as usize]
+    );
+    store.halt().await;
+}
+
+/// A simulated disk that lets the first `pass` piece-sized writes through
+/// and holds every later one until the gate opens.
+struct PieceGate {
+    inner: Arc<dyn DiskEngine>,
+    open: watch::Receiver<bool>,
+    pass: u64,
+    pieces: Arc<AtomicU64>,
+}
+
+impl DiskEngine for PieceGate {
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        let len: usize = segments.iter().map(|s| s.len).sum();
+        if len != PIECE || *self.open.borrow() {
+            return self.inner.write_at(offset, segments);
+        }
+        if self.pieces.fetch_add(1, Ordering::SeqCst) < self.pass {
+            return self.inner.write_at(offset, segments);
+        }
+        let inner = self.inner.clone();
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            // The simulated disk writes when called: call it only once open.
+            let _ = open.wait_for(|&o| o).await;
+            inner.write_at(offset, segments).await
+        })
+    }
+
+    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.inner.sync()
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.inner.allocate(offset, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_with_some_pieces_on_the_disk_keeps_the_old_contents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (gate, open) = watch::channel(true);
+    let pieces = Arc::new(AtomicU64::new(0));
+    let engine = PieceGate {
+        inner: disk.engine(),
+        open,
+        pass: 2,
+        pieces: pieces.clone(),
+    };
+    let store = Store::open_with_engines(
+        config(dir.path()),
+        vec![OpenedDisk {
+            path: "gated0".into(),
+            engine: Arc::new(engine),
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    store
+        .write(
+            v,
+            EXTENT_BLOCKS,
+            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
+            false,
+        )
+        .await
+        .expect("first write");
+    store.flush().await.expect("flush");
+
+    // Two pieces reach the disk, two are held.
+    gate.send_replace(false);
+    let writer = store.clone();
+    let write = tokio::spawn(async move {
+        let mut source = TagSource::new(2, EXTENT_BLOCKS, EXTENT_BLOCKS);
+        writer
+            .write_from(v, EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pieces.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("all four pieces reach the disk");
+    // Let the writer queue its remap record.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !write.is_finished(),
+        "acknowledged before all pieces landed"
+    );
+    // A flush syncs the remap record but does not vouch for it.
+    tokio::time::timeout(Duration::from_secs(5), store.flush())
+        .await
+        .expect("a flush does not wait for an unacknowledged write")
+        .expect("flush");
+
+    disk.power_cut(CutMode::DropUnsynced);
+    gate.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    store.halt().await;
+
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(
+        read_tags(&store, v, EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+        vec![1; EXTENT_BLOCKS as usize],
+        "a half-landed extent write must leave the old contents"
+    );
+    store.halt().await;
+}
