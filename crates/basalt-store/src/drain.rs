@@ -55,14 +55,14 @@ struct DrainJob {
 }
 
 impl Store {
-    /// The drainer task: drains disks when asked (memory or oplog thresholds)
-    /// or every two seconds.
+    /// The drainer task: drains disks when asked (memory or oplog thresholds,
+    /// slots waiting to come free) or every `drain_interval`.
     pub(crate) async fn drainer(&self) {
         loop {
             let wake = self.inner.drain_wake.notified();
             tokio::select! {
                 _ = wake => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(self.inner.config.drain_interval) => {}
 
             }
             let count = self.lock().disks.len();

@@ -66,6 +66,14 @@ pub struct StoreConfig {
     pub memory_budget: u64,
     /// Size of the default disk.
     pub default_disk_bytes: u64,
+    /// The drainer runs at least this often.
+    pub drain_interval: Duration,
+    /// A checkpoint is asked for whenever this many more slots, replaced by
+    /// copy-on-write writes, wait for one to come free. It bounds the space
+    /// a stream of whole-extent writes occupies beyond the data, and keeps
+    /// such writes on slots written before instead of never-used ones (on a
+    /// file disk the first write to a slot costs an allocation).
+    pub checkpoint_replaced_slots: usize,
 }
 
 impl StoreConfig {
@@ -78,6 +86,8 @@ impl StoreConfig {
             force_claim: false,
             memory_budget: 128 << 20,
             default_disk_bytes: DEFAULT_DISK_BYTES,
+            drain_interval: Duration::from_secs(2),
+            checkpoint_replaced_slots: 256,
         }
     }
 }
@@ -1474,6 +1484,12 @@ impl Store {
             tracing::debug!(?key, slot, alloc_id, lsn, "copy-on-write remap");
             st.release_extent(key, lsn);
             let d = &mut st.disks[disk];
+            let every = self.inner.config.checkpoint_replaced_slots.max(1);
+            if !d.quarantine.is_empty() && d.quarantine.len().is_multiple_of(every) {
+                // The slots replaced since the last checkpoint come free
+                // only with the next one (see `checkpoint_replaced_slots`).
+                self.inner.drain_wake.notify_one();
+            }
             d.map_changes.push((
                 lsn,
                 key,

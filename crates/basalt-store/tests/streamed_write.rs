@@ -299,3 +299,68 @@ async fn a_power_cut_with_some_pieces_on_the_disk_keeps_the_old_contents() {
     );
     store.halt().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
+    // Without the ask, a stream of whole-extent overwrites keeps taking
+    // never-used slots until the next timed drain frees the replaced ones.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let mut config = config(dir.path());
+    config.drain_interval = Duration::from_secs(3600);
+    config.checkpoint_replaced_slots = 8;
+    let store = Store::open_with_engines(
+        config,
+        vec![OpenedDisk {
+            path: "sim0".into(),
+            engine: disk.engine(),
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    let overwrite = |tag: u64| {
+        let store = store.clone();
+        async move {
+            let extent = tag % 4;
+            let mut source = TagSource::new(tag, extent * EXTENT_BLOCKS, EXTENT_BLOCKS);
+            store
+                .write_from(v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
+                .await
+                .expect("overwrite");
+        }
+    };
+    // Creating the vdisk and the first tenancies ask for nothing.
+    for tag in 1..=4 {
+        overwrite(tag).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let free = || basalt_store::free_slots_for_tests(&store).len();
+    let before = free();
+    for tag in 5..=11 {
+        overwrite(tag).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        free(),
+        before - 7,
+        "seven replaced slots already asked for a checkpoint"
+    );
+    overwrite(12).await;
+    // The checkpoint frees the replaced slots its cycle covers: at least
+    // the seven before the last write.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while free() < before - 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the eighth replaced slot asks for a checkpoint");
+    for (extent, tag) in [(0u64, 12u64), (1, 9), (2, 10), (3, 11)] {
+        assert_eq!(
+            read_tags(&store, v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+            vec![tag; EXTENT_BLOCKS as usize]
+        );
+    }
+    store.halt().await;
+}
