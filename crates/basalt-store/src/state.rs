@@ -24,6 +24,7 @@
 //! is on the disk.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -323,6 +324,10 @@ impl LogState {
     }
 }
 
+/// Never-used slots whose space is reserved at once, ahead of their first
+/// writes (64 MiB of a file disk per `fallocate`).
+pub const SLOTS_RESERVED_AHEAD: u64 = 64;
+
 /// One disk of the node.
 pub(crate) struct DiskState {
     pub id: Uuid,
@@ -331,6 +336,11 @@ pub(crate) struct DiskState {
     pub engine: Arc<dyn DiskEngine>,
     /// Slots never used since the node started (space may need reserving).
     pub free: BTreeSet<u64>,
+    /// Never-used slots whose space was reserved ahead, in bulk (see
+    /// [`DiskState::wants_reservation`]): taking one needs no reservation.
+    pub reserved: Range<u64>,
+    /// A bulk reservation is under way.
+    pub reserving: bool,
     /// Slots freed while running: their space is known to be allocated and
     /// written, so they are reused first (last freed, first reused).
     pub reuse: Vec<u64>,
@@ -356,12 +366,52 @@ impl DiskState {
     }
 
     /// Takes a slot for a new tenancy: a recently freed one if any (no
-    /// space to reserve), else a never-used one (`true`: reserve its space).
+    /// space to reserve), else a never-used one (`true`: reserve its space,
+    /// unless that was done ahead).
     pub fn take_slot(&mut self) -> Option<(u64, bool)> {
         if let Some(slot) = self.reuse.pop() {
             return Some((slot, false));
         }
-        self.free.pop_first().map(|slot| (slot, true))
+        self.free
+            .pop_first()
+            .map(|slot| (slot, !self.reserved.contains(&slot)))
+    }
+
+    /// The never-used slots to reserve space for in one go, when the
+    /// lowest ones (those taken next) are about to run past what is
+    /// reserved: one `fallocate` of many slots instead of one per slot on
+    /// the path of each first write. Marks the reservation as under way.
+    pub fn wants_reservation(&mut self) -> Option<Range<u64>> {
+        let &lowest = self.free.first()?;
+        if self.reserving || lowest + SLOTS_RESERVED_AHEAD / 2 < self.reserved.end {
+            return None;
+        }
+        let start = if self.reserved.contains(&lowest) {
+            self.reserved.end
+        } else {
+            lowest
+        };
+        let end = (start + SLOTS_RESERVED_AHEAD).min(self.label.slot_count);
+        if start >= end {
+            return None;
+        }
+        self.reserving = true;
+        Some(start..end)
+    }
+
+    /// Records the outcome of a reservation from [`DiskState::wants_reservation`].
+    pub fn reservation_done(&mut self, range: Range<u64>, reserved: bool) {
+        self.reserving = false;
+        if !reserved {
+            return;
+        }
+        // Every slot below the lowest free one is in use: a range that
+        // does not continue the reserved one replaces it.
+        self.reserved = if range.start == self.reserved.end {
+            self.reserved.start..range.end
+        } else {
+            range
+        };
     }
 
     /// Gives back a slot taken with [`DiskState::take_slot`] and not used.

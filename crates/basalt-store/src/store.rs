@@ -337,6 +337,8 @@ impl Store {
                 id: label.disk_id,
                 path: disk.path,
                 free: (0..label.slot_count).collect(),
+                reserved: 0..0,
+                reserving: false,
                 reuse: Vec::new(),
 
                 quarantine: Vec::new(),
@@ -1276,6 +1278,7 @@ impl Store {
             };
             (disk, slot, fresh, d.engine.clone(), d.slot_offset(slot))
         };
+        self.reserve_slots_ahead(disk);
         let reserved = if fresh {
             engine.allocate(offset, SLOT_BYTES).await
         } else {
@@ -1285,6 +1288,35 @@ impl Store {
             self.wait_for_checkpoint().await;
         }
         Ok(())
+    }
+
+    /// Reserves the space of the next never-used slots of `disk` in one go,
+    /// in the background, when those taken next are about to run out of
+    /// reserved ones (see `DiskState::wants_reservation`).
+    fn reserve_slots_ahead(&self, disk: usize) {
+        let (range, engine, offset) = {
+            let mut st = self.lock();
+            let Some(d) = st.disks.get_mut(disk) else {
+                return;
+            };
+            let Some(range) = d.wants_reservation() else {
+                return;
+            };
+            let offset = d.slot_offset(range.start);
+            (range, d.engine.clone(), offset)
+        };
+        let store = self.clone();
+        tokio::spawn(async move {
+            let bytes = (range.end - range.start) * SLOT_BYTES;
+            let reserved = engine.allocate(offset, bytes).await;
+            if let Err(error) = &reserved {
+                // Each slot reserves its own space again when taken.
+                tracing::debug!(%error, "reserving slots ahead failed");
+            }
+            if let Some(d) = store.lock().disks.get_mut(disk) {
+                d.reservation_done(range, reserved.is_ok());
+            }
+        });
     }
 
     /// Maps `key` to a slot whose space was just reserved (or gives the slot
@@ -1388,6 +1420,7 @@ impl Store {
                 d.slot_offset(slot),
             )
         };
+        self.reserve_slots_ahead(disk);
         let give_back = move |store: &Store| {
             if let Some(d) = store.lock().disks.get_mut(disk) {
                 d.give_back(slot, fresh);

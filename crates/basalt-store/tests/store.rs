@@ -386,3 +386,96 @@ async fn oplog_wraps_many_times() {
     }
     store.shutdown().await.expect("shutdown");
 }
+
+/// A simulated disk that counts the space reservations asked of it.
+struct CountingAllocations {
+    inner: std::sync::Arc<dyn basalt_disk::DiskEngine>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl basalt_disk::DiskEngine for CountingAllocations {
+    fn kind(&self) -> basalt_disk::EngineKind {
+        self.inner.kind()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: basalt_core::IoBuf,
+    ) -> futures::future::BoxFuture<'static, basalt_disk::ReadResult> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(
+        &self,
+        offset: u64,
+        segments: Vec<basalt_disk::Segment>,
+    ) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
+        self.inner.write_at(offset, segments)
+    }
+
+    fn sync(&self) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
+        self.inner.sync()
+    }
+
+    fn allocate(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.allocate(offset, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_writes_find_their_slots_reserved_ahead_in_bulk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(256 * MIB);
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let store = basalt_store::Store::open_with_engines(
+        config(dir.path()),
+        vec![basalt_store::OpenedDisk {
+            path: "counted".into(),
+            engine: std::sync::Arc::new(CountingAllocations {
+                inner: disk.engine(),
+                calls: calls.clone(),
+            }),
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store.create_vdisk("v", 160 * MIB).await.expect("create").id;
+    let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+    // 150 never-written extents, whole and partial: one reservation per
+    // slot would be 150 calls.
+    for e in 0..150u64 {
+        let (first, blocks) = if e % 2 == 0 {
+            (e * 256, 256)
+        } else {
+            (e * 256 + 3, 2)
+        };
+        store
+            .write(v, first, buffer(e + 1, first, blocks), false)
+            .await
+            .expect("first write");
+    }
+    let asked = calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(asked < 20, "{asked} reservations for 150 first writes");
+    for e in 0..150u64 {
+        let (first, blocks) = if e % 2 == 0 {
+            (e * 256, 256)
+        } else {
+            (e * 256 + 3, 2)
+        };
+        assert_eq!(
+            read_tags(&store, v, first, blocks).await,
+            vec![e + 1; blocks as usize]
+        );
+    }
+    store.shutdown().await.expect("shutdown");
+}
