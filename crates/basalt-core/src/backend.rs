@@ -127,6 +127,22 @@ pub trait ExportRegistry: Send + Sync {
     fn list(&self) -> Vec<(String, String)>;
 }
 
+/// Refuses a `what` ("read", "write") of more than [`crate::MAX_REQUEST_BYTES`].
+pub fn check_request_len(what: &str, len: u64) -> Result<(), BlockError> {
+    if len > u64::from(crate::MAX_REQUEST_BYTES) {
+        return Err(BlockError::Invalid(format!(
+            "{what} of {len} bytes exceeds the maximum"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `[offset, offset + len)` is made of whole blocks
+/// ([`crate::BLOCK_SIZE`]).
+pub fn whole_blocks(offset: u64, len: u64) -> bool {
+    offset.is_multiple_of(crate::BLOCK_SIZE) && len.is_multiple_of(crate::BLOCK_SIZE)
+}
+
 /// Checks that `[offset, offset + len)` lies inside a device of `size` bytes.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {

@@ -17,7 +17,7 @@ pub mod size;
 
 pub use backend::{
     AllocationExtent, BlockBackend, BoxFuture, ExportRegistry, WriteFlags, WriteSource,
-    check_range, gather_source,
+    check_range, check_request_len, gather_source, whole_blocks,
 };
 pub use buf::IoBuf;
 pub use error::BlockError;

@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use basalt_core::{
-    AllocationExtent, BLOCK_SIZE, BlockBackend, BlockError, BoxFuture, IoBuf, MAX_REQUEST_BYTES,
-    WriteFlags, WriteSource, check_range, gather_source,
+    AllocationExtent, BLOCK_SIZE, BlockBackend, BlockError, BoxFuture, IoBuf, WriteFlags,
+    WriteSource, check_range, check_request_len, gather_source, whole_blocks,
 };
 use basalt_net::{NetError, TrafficClass, Transport};
 use bytes::Bytes;
@@ -834,11 +834,7 @@ impl ReplicatedVdisk {
 
     async fn do_read(&self, offset: u64, len: u32) -> Result<IoBuf, BlockError> {
         check_range(offset, u64::from(len), self.size())?;
-        if len > MAX_REQUEST_BYTES {
-            return Err(BlockError::Invalid(format!(
-                "read of {len} bytes exceeds the maximum"
-            )));
-        }
+        check_request_len("read", u64::from(len))?;
         let set = self.current_set().await?;
         self.await_read_lease().await?;
         let mut last_error = None;
@@ -887,15 +883,11 @@ impl ReplicatedVdisk {
     ) -> Result<(), BlockError> {
         let len = data.len() as u64;
         check_range(offset, len, self.size())?;
-        if len > u64::from(MAX_REQUEST_BYTES) {
-            return Err(BlockError::Invalid(format!(
-                "write of {len} bytes exceeds the maximum"
-            )));
-        }
+        check_request_len("write", len)?;
         if len == 0 {
             return Ok(());
         }
-        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
+        if whole_blocks(offset, len) {
             let _shared = self.rmw.read().await;
             return self.write_blocks(offset, data, flags).await;
         }
@@ -921,13 +913,8 @@ impl ReplicatedVdisk {
         source: &mut dyn WriteSource,
         flags: WriteFlags,
     ) -> Result<(), BlockError> {
-        if len > MAX_REQUEST_BYTES {
-            return Err(BlockError::Invalid(format!(
-                "write of {len} bytes exceeds the maximum"
-            )));
-        }
-        let aligned =
-            offset.is_multiple_of(BLOCK_SIZE) && u64::from(len).is_multiple_of(BLOCK_SIZE);
+        check_request_len("write", u64::from(len))?;
+        let aligned = whole_blocks(offset, u64::from(len));
         if aligned && len > 0 {
             check_range(offset, u64::from(len), self.size())?;
             let _shared = self.rmw.read().await;
@@ -984,7 +971,7 @@ impl ReplicatedVdisk {
         if op != Op::Flush {
             check_range(offset, len, self.size())?;
         }
-        let aligned = offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE);
+        let aligned = whole_blocks(offset, len);
         // Trims only drop whole blocks and flushes change no data: shared.
         let _guard = if aligned || op == Op::Flush || op == Op::Trim {
             RmwGuard::Shared(self.rmw.read().await)

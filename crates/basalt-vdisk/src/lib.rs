@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use basalt_core::{
     AllocationExtent, BLOCK_SIZE, BlockBackend, BlockError, BoxFuture, ExportRegistry, IoBuf,
-    MAX_REQUEST_BYTES, WriteFlags, WriteSource, check_range, gather_source,
+    WriteFlags, WriteSource, check_range, check_request_len, gather_source, whole_blocks,
 };
 use basalt_store::{Store, StoreError};
 use parking_lot::Mutex;
@@ -88,11 +88,7 @@ impl Vdisk {
     async fn do_read(&self, offset: u64, len: u32) -> Result<IoBuf, BlockError> {
         let size = self.current_size()?;
         check_range(offset, u64::from(len), size)?;
-        if len > MAX_REQUEST_BYTES {
-            return Err(BlockError::Invalid(format!(
-                "read of {len} bytes exceeds the maximum"
-            )));
-        }
+        check_request_len("read", u64::from(len))?;
         if len == 0 {
             return Ok(IoBuf::zeroed(0));
         }
@@ -122,13 +118,8 @@ impl Vdisk {
         source: &mut dyn WriteSource,
         flags: WriteFlags,
     ) -> Result<(), BlockError> {
-        if len > MAX_REQUEST_BYTES {
-            return Err(BlockError::Invalid(format!(
-                "write of {len} bytes exceeds the maximum"
-            )));
-        }
-        let aligned =
-            offset.is_multiple_of(BLOCK_SIZE) && u64::from(len).is_multiple_of(BLOCK_SIZE);
+        check_request_len("write", u64::from(len))?;
+        let aligned = whole_blocks(offset, u64::from(len));
         if !aligned || len == 0 {
             let data = gather_source(source, len as usize)?;
             return self.do_write(offset, data, flags).await;
@@ -156,15 +147,11 @@ impl Vdisk {
         let size = self.current_size()?;
         let len = data.len() as u64;
         check_range(offset, len, size)?;
-        if len > u64::from(MAX_REQUEST_BYTES) {
-            return Err(BlockError::Invalid(format!(
-                "write of {len} bytes exceeds the maximum"
-            )));
-        }
+        check_request_len("write", len)?;
         if len == 0 {
             return Ok(());
         }
-        if offset.is_multiple_of(BLOCK_SIZE) && len.is_multiple_of(BLOCK_SIZE) {
+        if whole_blocks(offset, len) {
             let _shared = self.rmw.read().await;
             return self
                 .store
