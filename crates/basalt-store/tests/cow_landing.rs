@@ -10,123 +10,43 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use basalt_core::IoBuf;
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
-use basalt_store::{OpenedDisk, Store};
+use basalt_store::Store;
 use common::*;
-use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 const EXTENT_BLOCKS: u64 = 256;
 
-/// A simulated disk whose writes of a whole extent or more (copy-on-write
-/// data) wait until the gate is open. Everything else passes straight through.
-struct GatedEngine {
-    inner: Arc<dyn DiskEngine>,
-    open: watch::Receiver<bool>,
-    /// Large writes that reached the engine (held or not).
-    large_writes: Arc<AtomicU64>,
-}
-
-impl DiskEngine for GatedEngine {
-    fn kind(&self) -> EngineKind {
-        self.inner.kind()
-    }
-
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult> {
-        self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(
-        &self,
-        offset: u64,
-        segments: Vec<Segment>,
-    ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let len: usize = segments.iter().map(|s| s.len).sum();
-        if len < (EXTENT_BLOCKS as usize) * BLOCK {
-            return self.inner.write_at(offset, segments);
-        }
-        self.large_writes.fetch_add(1, Ordering::SeqCst);
-        let inner = self.inner.clone();
-        let mut open = self.open.clone();
-        Box::pin(async move {
-            // The simulated disk writes when called: call it only once open.
-            let _ = open.wait_for(|&o| o).await;
-            inner.write_at(offset, segments).await
-        })
-    }
-
-    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
-        self.inner.sync()
-    }
-
-    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
-        self.inner.allocate(offset, len)
-    }
-}
-
 struct Gated {
     store: Store,
     gate: watch::Sender<bool>,
+    /// Writes of a whole extent or more (copy-on-write data) that reached
+    /// the disk, held at the gate or not; everything else passes straight
+    /// through.
     large_writes: Arc<AtomicU64>,
 }
 
 async fn open_gated(dir: &std::path::Path, disk: &SimDisk) -> Gated {
-    let (gate, open) = watch::channel(true);
     let large_writes = Arc::new(AtomicU64::new(0));
-    let engine = GatedEngine {
-        inner: disk.engine(),
-        open,
-        large_writes: large_writes.clone(),
-    };
-    let store = Store::open_with_engines(
-        config(dir),
-        vec![OpenedDisk {
-            path: "gated0".into(),
-            engine: Arc::new(engine),
-        }],
-    )
-    .await
-    .expect("open store");
+    let counted = large_writes.clone();
+    let (engine, hooks) = hooked(disk, move |len| {
+        let large = len >= (EXTENT_BLOCKS as usize) * BLOCK;
+        if large {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        large
+    });
     Gated {
-        store,
-        gate,
+        store: open_engine(dir, engine).await,
+        gate: hooks.gate,
         large_writes,
     }
-}
-
-fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
-    data.as_slice()
-        .chunks(BLOCK)
-        .enumerate()
-        .map(|(i, block)| tag_of(block, first + i as u64))
-        .collect()
-}
-
-/// Creates a vdisk on `g` and writes tag 1 to its extent 1 (not flushed).
-async fn vdisk_with_first_write(g: &Gated) -> u64 {
-    let v = g.store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    g.store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
-    v
 }
 
 /// A gated store with one vdisk whose extent 1 holds tag 1, flushed.
 async fn gated_with_first_write(dir: &std::path::Path, disk: &SimDisk) -> (Gated, u64) {
     let g = open_gated(dir, disk).await;
-    let v = vdisk_with_first_write(&g).await;
+    let v = vdisk_with_extent_one(&g.store).await;
     g.store.flush().await.expect("flush");
     (g, v)
 }
@@ -285,7 +205,7 @@ async fn a_checkpoint_between_two_copy_on_writes_keeps_the_first_readable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
     let g = open_gated(dir.path(), &disk).await;
-    let v = vdisk_with_first_write(&g).await;
+    let v = vdisk_with_extent_one(&g.store).await;
     let write = held_cow_write(&g, v, 2).await;
     checkpointed(&g.store).await;
     assert!(!write.is_finished());

@@ -11,15 +11,6 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const MIB: u64 = 1 << 20;
 
-async fn read_tags(store: &basalt_store::Store, vdisk: u64, first: u64, blocks: u64) -> Vec<u64> {
-    let data = store.read(vdisk, first, blocks).await.expect("read");
-    data.as_slice()
-        .chunks(BLOCK)
-        .enumerate()
-        .map(|(i, b)| tag_of(b, first + i as u64))
-        .collect()
-}
-
 #[tokio::test]
 async fn small_large_and_zero_writes_survive_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -387,68 +378,13 @@ async fn oplog_wraps_many_times() {
     store.shutdown().await.expect("shutdown");
 }
 
-/// A simulated disk that counts the space reservations asked of it.
-struct CountingAllocations {
-    inner: std::sync::Arc<dyn basalt_disk::DiskEngine>,
-    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl basalt_disk::DiskEngine for CountingAllocations {
-    fn kind(&self) -> basalt_disk::EngineKind {
-        self.inner.kind()
-    }
-
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn read_at(
-        &self,
-        offset: u64,
-        buf: basalt_core::IoBuf,
-    ) -> futures::future::BoxFuture<'static, basalt_disk::ReadResult> {
-        self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(
-        &self,
-        offset: u64,
-        segments: Vec<basalt_disk::Segment>,
-    ) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
-        self.inner.write_at(offset, segments)
-    }
-
-    fn sync(&self) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
-        self.inner.sync()
-    }
-
-    fn allocate(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> futures::future::BoxFuture<'static, Result<(), basalt_disk::DiskError>> {
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.allocate(offset, len)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_writes_find_their_slots_reserved_ahead_in_bulk() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(256 * MIB);
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let store = basalt_store::Store::open_with_engines(
-        config(dir.path()),
-        vec![basalt_store::OpenedDisk {
-            path: "counted".into(),
-            engine: std::sync::Arc::new(CountingAllocations {
-                inner: disk.engine(),
-                calls: calls.clone(),
-            }),
-        }],
-    )
-    .await
-    .expect("open store");
+    let (engine, hooks) = hooked(&disk, |_| false);
+    let calls = hooks.allocations;
+    let store = open_engine(dir.path(), engine).await;
     let v = store.create_vdisk("v", 160 * MIB).await.expect("create").id;
     let before = calls.load(std::sync::atomic::Ordering::SeqCst);
     // 150 never-written extents, whole and partial: one reservation per

@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use basalt_core::{BlockError, IoBuf, WriteSource};
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
 use basalt_store::{OpenedDisk, Store, StoreError};
 use common::*;
-use futures::future::BoxFuture;
-use tokio::sync::watch;
 
 const EXTENT_BLOCKS: u64 = 256;
 /// The size of the pieces a streamed extent write is sent in.
@@ -52,19 +49,6 @@ impl WriteSource for TagSource {
         self.taken = end;
         Ok(())
     }
-}
-
-fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
-    data.as_slice()
-        .chunks(BLOCK)
-        .enumerate()
-        .map(|(i, block)| tag_of(block, first + i as u64))
-        .collect()
-}
-
-async fn read_tags(store: &Store, v: u64, first: u64, blocks: u64) -> Vec<u64> {
-    let data = store.read(v, first, blocks).await.expect("read");
-    tags(&data, first)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,16 +108,7 @@ async fn a_source_failing_half_way_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
     let store = open_sim(dir.path(), &disk).await;
-    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
+    let v = vdisk_with_extent_one(&store).await;
     let free_before = basalt_store::free_slots_for_tests(&store);
 
     let mut failing = TagSource::new(2, EXTENT_BLOCKS, EXTENT_BLOCKS);
@@ -173,89 +148,20 @@ async fn a_source_failing_half_way_changes_nothing() {
     store.halt().await;
 }
 
-/// A simulated disk that lets the first `pass` piece-sized writes through
-/// and holds every later one until the gate opens.
-struct PieceGate {
-    inner: Arc<dyn DiskEngine>,
-    open: watch::Receiver<bool>,
-    pass: u64,
-    pieces: Arc<AtomicU64>,
-}
-
-impl DiskEngine for PieceGate {
-    fn kind(&self) -> EngineKind {
-        self.inner.kind()
-    }
-
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult> {
-        self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(
-        &self,
-        offset: u64,
-        segments: Vec<Segment>,
-    ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let len: usize = segments.iter().map(|s| s.len).sum();
-        if len != PIECE || *self.open.borrow() {
-            return self.inner.write_at(offset, segments);
-        }
-        if self.pieces.fetch_add(1, Ordering::SeqCst) < self.pass {
-            return self.inner.write_at(offset, segments);
-        }
-        let inner = self.inner.clone();
-        let mut open = self.open.clone();
-        Box::pin(async move {
-            // The simulated disk writes when called: call it only once open.
-            let _ = open.wait_for(|&o| o).await;
-            inner.write_at(offset, segments).await
-        })
-    }
-
-    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
-        self.inner.sync()
-    }
-
-    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
-        self.inner.allocate(offset, len)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_cut_with_some_pieces_on_the_disk_keeps_the_old_contents() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = SimDisk::new(64 << 20);
-    let (gate, open) = watch::channel(true);
+    // Piece-sized writes after the first two wait at the gate when it is
+    // closed.
     let pieces = Arc::new(AtomicU64::new(0));
-    let engine = PieceGate {
-        inner: disk.engine(),
-        open,
-        pass: 2,
-        pieces: pieces.clone(),
-    };
-    let store = Store::open_with_engines(
-        config(dir.path()),
-        vec![OpenedDisk {
-            path: "gated0".into(),
-            engine: Arc::new(engine),
-        }],
-    )
-    .await
-    .expect("open store");
-    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    store
-        .write(
-            v,
-            EXTENT_BLOCKS,
-            buffer(1, EXTENT_BLOCKS, EXTENT_BLOCKS),
-            false,
-        )
-        .await
-        .expect("first write");
+    let counted = pieces.clone();
+    let (engine, hooks) = hooked(&disk, move |len| {
+        len == PIECE && counted.fetch_add(1, Ordering::SeqCst) >= 2
+    });
+    let gate = hooks.gate;
+    let store = open_engine(dir.path(), engine).await;
+    let v = vdisk_with_extent_one(&store).await;
     store.flush().await.expect("flush");
 
     // Two pieces reach the disk, two are held.

@@ -2,10 +2,15 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use basalt_core::IoBuf;
 use basalt_disk::sim::SimDisk;
+use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
 use basalt_store::{OpenedDisk, Store, StoreConfig};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
 
 pub const BLOCK: usize = 4096;
 
@@ -68,4 +73,118 @@ pub fn buffer(tag: u64, first: u64, blocks: u64) -> IoBuf {
         buf.as_mut_slice()[at..at + BLOCK].copy_from_slice(&pattern(tag, first + i));
     }
     buf
+}
+
+/// The tags of the blocks of `data`, read from block `first` on.
+pub fn tags(data: &IoBuf, first: u64) -> Vec<u64> {
+    data.as_slice()
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(i, block)| tag_of(block, first + i as u64))
+        .collect()
+}
+
+/// The tags of `blocks` blocks of `vdisk` from block `first`.
+pub async fn read_tags(store: &Store, vdisk: u64, first: u64, blocks: u64) -> Vec<u64> {
+    let data = store.read(vdisk, first, blocks).await.expect("read");
+    tags(&data, first)
+}
+
+/// Creates vdisk "v" (4 MiB) on `store` and writes tag 1 to its extent 1
+/// (blocks 256..512), not flushed; returns its id.
+pub async fn vdisk_with_extent_one(store: &Store) -> u64 {
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    store
+        .write(v, 256, buffer(1, 256, 256), false)
+        .await
+        .expect("first write");
+    v
+}
+
+/// A simulated disk with test hooks: a write for which `hold` (given the
+/// write's length) answers true waits until the gate is open (the simulated
+/// disk writes when called, so a held write reaches it only then), and
+/// space reservations are counted.
+pub struct HookedEngine {
+    inner: Arc<dyn DiskEngine>,
+    hold: Box<dyn Fn(usize) -> bool + Send + Sync>,
+    open: watch::Receiver<bool>,
+    allocations: Arc<AtomicU64>,
+}
+
+/// The handles of a [`HookedEngine`].
+pub struct Hooks {
+    /// Open (true, the start) lets held writes through.
+    pub gate: watch::Sender<bool>,
+    /// Space reservations asked of the disk.
+    pub allocations: Arc<AtomicU64>,
+}
+
+/// A [`HookedEngine`] over `disk`, its gate open.
+pub fn hooked(
+    disk: &SimDisk,
+    hold: impl Fn(usize) -> bool + Send + Sync + 'static,
+) -> (Arc<dyn DiskEngine>, Hooks) {
+    let (gate, open) = watch::channel(true);
+    let allocations = Arc::new(AtomicU64::new(0));
+    let engine = HookedEngine {
+        inner: disk.engine(),
+        hold: Box::new(hold),
+        open,
+        allocations: allocations.clone(),
+    };
+    (Arc::new(engine), Hooks { gate, allocations })
+}
+
+/// Opens a store (with [`config`]) on one given engine.
+pub async fn open_engine(dir: &Path, engine: Arc<dyn DiskEngine>) -> Store {
+    Store::open_with_engines(
+        config(dir),
+        vec![OpenedDisk {
+            path: "hooked0".into(),
+            engine,
+        }],
+    )
+    .await
+    .expect("open store")
+}
+
+impl DiskEngine for HookedEngine {
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: IoBuf) -> BoxFuture<'static, ReadResult> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        let len: usize = segments.iter().map(|s| s.len).sum();
+        if !(self.hold)(len) {
+            return self.inner.write_at(offset, segments);
+        }
+        let inner = self.inner.clone();
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|&o| o).await;
+            inner.write_at(offset, segments).await
+        })
+    }
+
+    fn sync(&self) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.inner.sync()
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.allocations.fetch_add(1, Ordering::SeqCst);
+        self.inner.allocate(offset, len)
+    }
 }
