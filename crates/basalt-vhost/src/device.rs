@@ -10,7 +10,9 @@
 //!           (request.rs, pure)
 //!        ─▶ malformed / GET_ID / empty: answer now
 //!        ─▶ otherwise a job: poll its future once, right here
-//!              copy OUT data from guest memory, call the backend
+//!              call the backend; it copies OUT data from guest memory
+//!              as it takes it (a whole extent piece by piece, each piece
+//!              on its way to the disk while the next is copied)
 //!              ├─ ready at once: finish here
 //!              └─ pending: hand the future to the tokio runtime ──┐
 //!        ─▶ end of batch: one guest notification for all        │
