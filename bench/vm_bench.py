@@ -15,7 +15,9 @@ QEMU/TCG, in one run:
             the first disk alternating): both are measured side by side in
             the same seconds, so the host's swings (qsd alone ranges 2x
             between VM runs on a shared machine) hit both alike; per-round
-            ratios, the first round (fresh disks) apart
+            ratios, the first round (fresh disks) apart. Since 2026-11-26
+            20:20 each pass is cut into --pair-chunk-mb chunks (64) and the
+            disks take turns chunk by chunk (0: whole passes, as before)
   migrate   live migration of a 512 MiB guest between two Basalt nodes on
             this machine: QEMU's downtime and the total time (`vm show`)
 
@@ -23,7 +25,8 @@ Every measurement is repeated (--repeat) with the targets in turn; medians
 are printed with the ratios. Absolute numbers on shared machines are noise.
 
 Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
-                         [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--no-build]
+                         [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-chunk-mb 64]
+                         [--no-build]
                          [--only boot,dd,pair,migrate] [--bin-dir target/release]
                          [--json results.json]
 Needs: qemu-system-x86_64, qemu-storage-daemon, what build-guest.sh needs,
@@ -189,6 +192,9 @@ def main():
                         help="dd passes per target on fresh disks, reported apart")
     parser.add_argument("--pair-rounds", type=int, default=7,
                         help="rounds of the one-guest dd comparison (the first on fresh disks)")
+    parser.add_argument("--pair-chunk-mb", type=int, default=64,
+                        help="the one-guest comparison alternates the disks every this many MiB "
+                             "(0: whole passes); must divide --dd-mb")
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts to run: " + ", ".join(PARTS))
     parser.add_argument("--no-build", action="store_true")
@@ -197,6 +203,8 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    if args.pair_chunk_mb < 0 or (args.pair_chunk_mb and args.dd_mb % args.pair_chunk_mb):
+        parser.error("--pair-chunk-mb must be 0 or divide --dd-mb")
     if not parts <= set(PARTS):
         parser.error(f"--only takes {', '.join(PARTS)}; got {args.only}")
 
@@ -303,7 +311,8 @@ def main():
             basalt_sectors = (disk_mb + 64) << 11
             _, text = run_qemu_until(
                 qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
-                                          f"basalt.ddrounds={args.pair_rounds}") +
+                                          f"basalt.ddrounds={args.pair_rounds} "
+                                          f"basalt.ddchunk={args.pair_chunk_mb}") +
                 ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
                  "-numa", "node,memdev=mem",
                  "-chardev", f"socket,id=c0,path={basalt_sock}",

@@ -41,7 +41,11 @@
 #   ddpair         the same on /dev/vda and /dev/vdb in turn, basalt.ddrounds=R rounds
 #                  (default 6; the first disk alternates), so both disks are measured
 #                  side by side in one guest; prints per disk and round
-#                  "BASALT-DDPAIR: round=R disk=D sectors=N mb=N write_s=S read_s=S"
+#                  "BASALT-DDPAIR: round=R disk=D sectors=N mb=N write_s=S read_s=S".
+#                  With basalt.ddchunk=C (MiB) each pass is cut into chunks of C MiB
+#                  and the two disks take turns chunk by chunk (write phase, then
+#                  read phase), so a swing of the host hits both alike; write_s and
+#                  read_s are then the sums over a disk's chunks
 # Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
 # the guest ends with "BASALT-DONE" and powers off.
 #
@@ -370,9 +374,41 @@ dd_pass() {
     read_s=$(awk "BEGIN { print $t2 - $t1 }")
 }
 
+# uptime_now: seconds since boot (10 ms resolution).
+uptime_now() {
+    cut -d' ' -f1 /proc/uptime
+}
+
+# dd_chunked ORDER MB CHUNK: the disks of ORDER take turns, CHUNK MiB each,
+# writing MB MiB each, then reading them back; sets w_<disk> and r_<disk>
+# to each disk's summed seconds.
+dd_chunked() {
+    for d in $1; do eval "w_$d=0; r_$d=0"; done
+    for phase in w r; do
+        c=0
+        while [ $((c * $3)) -lt "$2" ]; do
+            for d in $1; do
+                t0=$(uptime_now)
+                if [ "$phase" = w ]; then
+                    dd if=/dev/zero of="/dev/$d" bs=1048576 count="$3" seek=$((c * $3)) \
+                        oflag=direct conv=fsync 2>/tmp/dd.err || { echo "write $d: $(cat /tmp/dd.err)"; return 1; }
+                else
+                    dd if="/dev/$d" of=/dev/null bs=1048576 count="$3" skip=$((c * $3)) \
+                        iflag=direct 2>/tmp/dd.err || { echo "read $d: $(cat /tmp/dd.err)"; return 1; }
+                fi
+                t1=$(uptime_now)
+                eval "${phase}_$d=\$(awk \"BEGIN { print \$${phase}_$d + $t1 - $t0 }\")"
+            done
+            c=$((c + 1))
+        done
+    done
+}
+
 cmd_ddpair() {
     mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddmb=//p')
     mb=${mb:-256}
+    chunk=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddchunk=//p')
+    chunk=${chunk:-0}
     rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddrounds=//p')
     rounds=${rounds:-6}
     if [ ! -b /dev/vdb ]; then
@@ -388,6 +424,18 @@ cmd_ddpair() {
     r=0
     while [ "$r" -lt "$rounds" ]; do
         if [ $((r % 2)) -eq 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+        if [ "$chunk" -gt 0 ]; then
+            if ! dd_chunked "$order" "$mb" "$chunk" >/tmp/ddpair.err; then
+                result ddpair FAIL "$(cat /tmp/ddpair.err)"
+                return
+            fi
+            for d in vda vdb; do
+                eval "write_s=\$w_$d; read_s=\$r_$d"
+                echo "BASALT-DDPAIR: round=$r disk=$d sectors=$(cat /sys/block/$d/size) mb=$mb write_s=$write_s read_s=$read_s"
+            done
+            r=$((r + 1))
+            continue
+        fi
         for d in $order; do
             if ! dd_pass "/dev/$d" "$mb" >/tmp/ddpair.err; then
                 result ddpair FAIL "$(cat /tmp/ddpair.err)"
