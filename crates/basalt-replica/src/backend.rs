@@ -98,6 +98,16 @@ pub struct ReplicaSet {
 }
 
 impl ReplicaSet {
+    /// This node's replica when it is the vdisk's only copy and in sync:
+    /// its result is the write's result, with nothing to record and nothing
+    /// that could diverge.
+    fn lone_local(&self) -> Option<&Arc<dyn BlockBackend>> {
+        self.local
+            .as_ref()
+            .filter(|_| self.remotes.is_empty() && self.local_in_sync)
+            .map(|(_, replica)| replica)
+    }
+
     fn in_sync_count(&self) -> usize {
         usize::from(self.local.is_some() && self.local_in_sync)
             + self.remotes.iter().filter(|r| r.in_sync).count()
@@ -408,12 +418,7 @@ impl ReplicatedVdisk {
     where
         L: FnOnce(Arc<dyn BlockBackend>) -> BoxFuture<'static, Result<(), BlockError>>,
     {
-        if set.remotes.is_empty()
-            && set.local_in_sync
-            && let Some((_, replica)) = &set.local
-        {
-            // The only copy: its result is the result, nothing to record
-            // and nothing that could diverge.
+        if let Some(replica) = set.lone_local() {
             let _admitted = self.admit_local(&request).await?;
             return local(replica.clone()).await;
         }
@@ -919,11 +924,7 @@ impl ReplicatedVdisk {
             check_range(offset, u64::from(len), self.size())?;
             let _shared = self.rmw.read().await;
             let set = self.current_set().await?;
-            if set.remotes.is_empty()
-                && set.local_in_sync
-                && let Some((_, replica)) = &set.local
-            {
-                // As in `fan_out`: the only copy, nothing to record.
+            if let Some(replica) = set.lone_local() {
                 let request = Request {
                     fua: flags.fua,
                     ..Request::new(Op::Write, self.vdisk, set.epoch, offset, u64::from(len))
