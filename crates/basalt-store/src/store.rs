@@ -1436,17 +1436,15 @@ impl Store {
         // two. Its own task, started here (so the I/O leaves at once), so
         // that no caller dropping its future can abandon a write the log
         // writer waits for.
-        let (data_written, crcs) = match data {
+        let (data_written, written_segments) = match data {
             CowData::Buffer(buf, buf_block) => {
                 let segment = Segment {
                     buf: buf.clone(),
                     start: buf_block * BLOCK_BYTES as usize,
                     len: crate::format::EXTENT_BYTES as usize,
                 };
-                let written = engine.write_at(data_offset, vec![segment]);
-                // Checksummed after the write is started (below), while the
-                // disk writes it.
-                (written, Checksums::Of(buf, buf_block))
+                let written = engine.write_at(data_offset, vec![segment.clone()]);
+                (written, vec![segment])
             }
             CowData::Source(source) => {
                 let started = start_pieces(&engine, data_offset, source);
@@ -1461,7 +1459,7 @@ impl Store {
                     });
                     return Some(Err(StoreError::Source(error)));
                 }
-                (started.written, Checksums::OfPieces(started.pieces))
+                (started.written, started.pieces)
             }
         };
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
@@ -1474,7 +1472,11 @@ impl Store {
             landed_tx.send_replace(outcome);
             result
         });
-        let crcs = crcs.compute();
+        // Checksummed once the write is started, while the disk writes it.
+        let crcs: Vec<u32> = written_segments
+            .iter()
+            .flat_map(|segment| block_crcs(segment.as_slice()))
+            .collect();
         let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
         let rx = {
@@ -1893,28 +1895,6 @@ enum CowData<'a> {
     Source(&'a mut dyn WriteSource),
 }
 
-/// What a copy-on-write write's block checksums are computed over.
-enum Checksums<'a> {
-    /// An extent's worth of blocks of a buffer, from block `.1` on.
-    Of(&'a Arc<IoBuf>, usize),
-    /// The pieces of the extent, in order.
-    OfPieces(Vec<Arc<IoBuf>>),
-}
-
-impl Checksums<'_> {
-    fn compute(&self) -> Vec<u32> {
-        match self {
-            Checksums::Of(buf, first) => {
-                block_crcs(block_range(buf, *first, EXTENT_BLOCKS as usize))
-            }
-            Checksums::OfPieces(pieces) => pieces
-                .iter()
-                .flat_map(|piece| block_crcs(piece.as_slice()))
-                .collect(),
-        }
-    }
-}
-
 /// How much of an extent a streamed copy-on-write write copies before it
 /// sends the piece to the disk. A quarter of an extent: the first piece
 /// leaves after a quarter of the copy, and on the disks measured four
@@ -1928,8 +1908,8 @@ type PiecesWritten = futures::future::BoxFuture<'static, Result<(), DiskError>>;
 struct StartedPieces {
     /// The pieces' writes, joined.
     written: PiecesWritten,
-    /// The pieces copied (to checksum while they are written).
-    pieces: Vec<Arc<IoBuf>>,
+    /// The pieces copied, in order (to checksum while they are written).
+    pieces: Vec<Segment>,
     /// Why the source failed, if it did: then not every piece was started,
     /// and the slot may be reused only once `written` has completed.
     failure: Option<BlockError>,
@@ -1953,14 +1933,9 @@ fn start_pieces(
             failure = Some(error);
             break;
         }
-        let piece = Arc::new(piece);
-        let segment = Segment {
-            buf: piece.clone(),
-            start: 0,
-            len: COW_PIECE_BYTES,
-        };
+        let piece = Segment::whole(Arc::new(piece));
         started.push(spawn_started(
-            engine.write_at(data_offset + at as u64, vec![segment]),
+            engine.write_at(data_offset + at as u64, vec![piece.clone()]),
         ));
         pieces.push(piece);
     }
