@@ -61,7 +61,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
@@ -83,6 +83,7 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
+use crate::cache::WriteCache;
 use crate::config::{
     self, BlkConfig, DISCARD_ALIGNMENT_SECTORS, MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS,
     WRITEBACK_OFFSET,
@@ -118,11 +119,6 @@ pub(crate) const MAX_SEGMENTS: u32 = 256;
 /// zero, and its virtio-blk driver then loops forever on the first read
 /// (Linux's boot code reads every BIOS disk's MBR). 16 MiB stays clear.
 const MAX_ADVERTISED_REQUEST: u32 = 16 << 20;
-
-/// Values of `Device::cache_choice`.
-const CACHE_DEFAULT: u8 = 0;
-const CACHE_WRITETHROUGH: u8 = 1;
-const CACHE_WRITEBACK: u8 = 2;
 
 /// How many malformed-request warnings one connection logs before going quiet.
 const WARNING_BUDGET: u64 = 16;
@@ -234,16 +230,9 @@ pub(crate) struct Device {
     /// that every request taken is answered before the frontend is
     /// disconnected (see [`Device::quiesce`]).
     quiesced: AtomicBool,
-    /// The guest-visible cache mode: true = write-back (FLUSH makes writes
-    /// durable), false = write-through (every write is sent with FUA).
-    /// Derived from the acked features and `cache_choice` (see
-    /// [`Device::update_cache_mode`]); the config space shows this value.
-    /// Kept rather than computed on demand: before any negotiation (when
-    /// QEMU reads and caches the config space) it must say write-back.
-    writeback: AtomicBool,
-    /// The mode the driver chose through the `writeback` config field:
-    /// `CACHE_DEFAULT` (none), `CACHE_WRITETHROUGH` or `CACHE_WRITEBACK`.
-    cache_choice: AtomicU8,
+    /// The write-cache mode the guest chose, shared with the export's other
+    /// connections (see [`crate::cache`]); the config space shows it.
+    cache: Arc<WriteCache>,
     queues: Vec<QueueShared>,
     /// For each worker thread, the queue indices it serves, ascending.
     thread_queues: Vec<Vec<usize>>,
@@ -262,6 +251,7 @@ impl Device {
         options: VhostBlkOptions,
         mem: GuestMemAtomic,
         stats: Arc<SharedStats>,
+        cache: Arc<WriteCache>,
     ) -> Device {
         let num_queues = usize::from(options.num_queues);
         let threads = options.effective_worker_threads();
@@ -277,8 +267,7 @@ impl Device {
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             quiesced: AtomicBool::new(false),
-            writeback: AtomicBool::new(true),
-            cache_choice: AtomicU8::new(CACHE_DEFAULT),
+            cache,
             queues: (0..num_queues).map(|_| QueueShared::default()).collect(),
             thread_queues,
             stats,
@@ -286,18 +275,12 @@ impl Device {
         }
     }
 
-    /// Sets the cache mode from the acked features and the driver's choice:
-    /// write-through if the driver chose it through the config field or
-    /// cannot flush (no `FLUSH`), else write-back.
-    ///
-    /// SeaBIOS negotiates before the guest's driver does, without `FLUSH` or
-    /// `CONFIG_WCE`: the mode that negotiation implies must not outlive it,
-    /// or Linux finds write-through in the config space and every write
-    /// goes out with FUA.
-    fn update_cache_mode(&self) {
-        let writeback = self.cache_choice.load(Ordering::Acquire) != CACHE_WRITETHROUGH
-            && self.acked(VIRTIO_BLK_F_FLUSH);
-        self.writeback.store(writeback, Ordering::Release);
+    /// Whether writes must be durable when answered: the guest chose
+    /// write-through, or its driver cannot flush (SeaBIOS negotiates without
+    /// `FLUSH`). That firmware negotiation leaves the guest's choice alone:
+    /// the config space goes on showing it, as QEMU's copy of it does.
+    fn write_through(&self) -> bool {
+        self.cache.write_through() || !self.acked(VIRTIO_BLK_F_FLUSH)
     }
 
     fn acked(&self, feature: u32) -> bool {
@@ -335,7 +318,7 @@ impl Device {
             physical_block_exp,
             min_io_size: 1 << physical_block_exp,
             opt_io_size: 0,
-            writeback: u8::from(self.writeback.load(Ordering::Acquire)),
+            writeback: u8::from(!self.cache.write_through()),
             num_queues: self.options.num_queues,
             max_discard_sectors: MAX_RANGE_SECTORS,
             max_discard_seg: MAX_RANGE_SEGMENTS,
@@ -561,7 +544,7 @@ impl Device {
     /// Executes a job on the backend and says what to answer.
     async fn execute(&self, job: &Job) -> Answer {
         let status = job.frame.status;
-        let fua = !self.writeback.load(Ordering::Acquire);
+        let fua = self.write_through();
         let result = match job.op {
             Op::Read { offset, len } => match self.backend.read(offset, len).await {
                 Ok(data) if data.len() >= len as usize => {
@@ -602,6 +585,11 @@ impl Device {
                     self.stats
                         .written_bytes
                         .fetch_add(job.budget, Ordering::Relaxed);
+                    if fua {
+                        self.stats
+                            .write_through_writes
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 done
             }
@@ -1006,12 +994,6 @@ impl VhostUserBackend for DeviceHandle {
     fn acked_features(&self, features: u64) {
         let device = &self.0;
         device.acked_features.store(features, Ordering::Release);
-        if !device.acked(VIRTIO_BLK_F_CONFIG_WCE) {
-            // A driver that does not know the config field (SeaBIOS, before
-            // the guest's own driver) voids any earlier choice.
-            device.cache_choice.store(CACHE_DEFAULT, Ordering::Release);
-        }
-        device.update_cache_mode();
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -1033,16 +1015,26 @@ impl VhostUserBackend for DeviceHandle {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the cache mode is writable (VIRTIO_BLK_F_CONFIG_WCE).
         if offset as usize == WRITEBACK_OFFSET && buf.len() == 1 {
-            let writeback = buf[0] != 0;
-            tracing::info!(writeback, "vhost-user-blk: guest changed the cache mode");
-            let choice = if writeback {
-                CACHE_WRITEBACK
-            } else {
-                CACHE_WRITETHROUGH
+            let write_through = buf[0] == 0;
+            let device = &self.0;
+            // This runs on the connection's own thread, outside the runtime:
+            // waiting for the flush here blocks no request.
+            let flush = || {
+                device
+                    .runtime
+                    .block_on(device.backend.flush())
+                    .map_err(|err| format!("flushing before write-through: {err}"))
             };
-            self.0.cache_choice.store(choice, Ordering::Release);
-            self.0.update_cache_mode();
-            return Ok(());
+            return match device.cache.choose(write_through, flush) {
+                Ok(()) => {
+                    tracing::info!(write_through, "vhost-user-blk: guest chose its cache mode");
+                    Ok(())
+                }
+                Err(why) => {
+                    tracing::warn!(write_through, %why, "vhost-user-blk: cache mode change refused");
+                    Err(io::Error::other(why))
+                }
+            };
         }
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,

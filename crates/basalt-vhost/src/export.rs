@@ -12,7 +12,9 @@
 //! while one is served waits in the listen backlog and is accepted when the
 //! first disconnects (a restarted VM's new QEMU may connect before the old
 //! one's connection has been torn down). Each connection gets a fresh
-//! vhost-user daemon, guest memory map and device state.
+//! vhost-user daemon, guest memory map and device state; only the guest's
+//! write-cache choice ([`WriteCache`]) carries over, because QEMU keeps
+//! showing it to the guest across reconnections.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -32,6 +34,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::VhostError;
+use crate::cache::WriteCache;
 use crate::device::{Device, DeviceHandle};
 
 /// How a vdisk is exported.
@@ -124,6 +127,7 @@ pub(crate) struct SharedStats {
     pub(crate) malformed: AtomicU64,
     pub(crate) read_bytes: AtomicU64,
     pub(crate) written_bytes: AtomicU64,
+    pub(crate) write_through_writes: AtomicU64,
 }
 
 /// A snapshot of an export's counters.
@@ -143,6 +147,11 @@ pub struct ExportStats {
     pub read_bytes: u64,
     /// Bytes written by the guest.
     pub written_bytes: u64,
+    /// Writes made durable before they were answered, because the guest
+    /// chose write-through or its driver cannot flush.
+    pub write_through_writes: u64,
+    /// The guest chose write-through (see [`WriteCache`]).
+    pub write_through: bool,
     /// Requests in flight on the current connection.
     pub inflight: u64,
     /// A frontend is connected.
@@ -155,6 +164,7 @@ struct ExportShared {
     /// The connection being served, to shut it down on stop.
     current: Mutex<Option<(ShutdownHandle, Arc<Device>)>>,
     stats: Arc<SharedStats>,
+    cache: Arc<WriteCache>,
 }
 
 /// A vdisk served to one frontend (QEMU) at a time over a vhost-user socket.
@@ -178,6 +188,26 @@ impl VhostBlkExport {
         runtime: Handle,
         options: VhostBlkOptions,
     ) -> Result<VhostBlkExport, VhostError> {
+        Self::start_with_cache(
+            socket_path,
+            backend,
+            runtime,
+            options,
+            Arc::new(WriteCache::default()),
+        )
+    }
+
+    /// Like [`start`](Self::start), with the guest's write-cache mode
+    /// starting from `cache` (a VM's QEMU reconnecting after a restart of
+    /// basaltd, or a migration's destination) and its changes recorded by
+    /// the cache's keeper.
+    pub fn start_with_cache(
+        socket_path: impl AsRef<Path>,
+        backend: Arc<dyn BlockBackend>,
+        runtime: Handle,
+        options: VhostBlkOptions,
+        cache: Arc<WriteCache>,
+    ) -> Result<VhostBlkExport, VhostError> {
         options.validate()?;
         let socket_path = socket_path.as_ref().to_path_buf();
         let listener = bind(&socket_path)?;
@@ -186,6 +216,7 @@ impl VhostBlkExport {
             wake: EventFd::new(EFD_NONBLOCK).map_err(VhostError::EventFd)?,
             current: Mutex::new(None),
             stats: Arc::new(SharedStats::default()),
+            cache,
         });
         let name = format!(
             "vhost-blk-{}",
@@ -222,6 +253,11 @@ impl VhostBlkExport {
         &self.socket_path
     }
 
+    /// The guest's write-cache mode, kept across connections.
+    pub fn write_cache(&self) -> &Arc<WriteCache> {
+        &self.shared.cache
+    }
+
     /// Current counters.
     pub fn stats(&self) -> ExportStats {
         let s = &self.shared.stats;
@@ -234,6 +270,8 @@ impl VhostBlkExport {
             malformed: s.malformed.load(Ordering::Relaxed),
             read_bytes: s.read_bytes.load(Ordering::Relaxed),
             written_bytes: s.written_bytes.load(Ordering::Relaxed),
+            write_through_writes: s.write_through_writes.load(Ordering::Relaxed),
+            write_through: self.shared.cache.write_through(),
             inflight: current
                 .as_ref()
                 .map_or(0, |(_, device)| device.inflight() as u64),
@@ -337,6 +375,7 @@ impl Server {
             self.options.clone(),
             mem.clone(),
             self.shared.stats.clone(),
+            self.shared.cache.clone(),
         ));
         let mut daemon = VhostUserDaemon::new(self.name.clone(), DeviceHandle(device.clone()), mem)
             .map_err(|err| VhostError::Daemon(err.to_string()))?;

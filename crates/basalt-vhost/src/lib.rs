@@ -31,15 +31,18 @@
 //! * `device`: the `vhost_user_backend::VhostUserBackend` of one connection:
 //!   queue processing, concurrency, completion, draining.
 //! * `export`: the socket, one connection after another.
+//! * `cache`: the guest's write-cache choice, which outlives a connection.
 //!
 //! See `docs/vhost-user-blk.md` for the features offered, the threading model
 //! and what is missing.
 
+mod cache;
 pub mod config;
 mod device;
 mod error;
 mod export;
 pub mod request;
 
+pub use cache::{WriteCache, WriteCacheKeeper};
 pub use error::VhostError;
 pub use export::{ExportStats, VhostBlkExport, VhostBlkOptions};

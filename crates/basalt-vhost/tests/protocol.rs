@@ -8,11 +8,11 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use basalt_vhost::config::{VHOST_F_LOG_ALL, bit};
-use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
+use basalt_vhost::{VhostBlkExport, VhostBlkOptions, WriteCache, WriteCacheKeeper};
 use common::MemBackend;
 use common::driver::*;
 use vhost::VhostBackend;
@@ -38,12 +38,22 @@ struct Fixture {
 }
 
 fn fixture(options: VhostBlkOptions) -> Fixture {
+    fixture_with_cache(options, Arc::new(WriteCache::default()))
+}
+
+fn fixture_with_cache(options: VhostBlkOptions, cache: Arc<WriteCache>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vd.sock");
     let backend = MemBackend::new(DISK_SIZE, "basalt-vd-test");
     let runtime = common::runtime();
-    let export =
-        VhostBlkExport::start(&path, backend.clone(), runtime.handle().clone(), options).unwrap();
+    let export = VhostBlkExport::start_with_cache(
+        &path,
+        backend.clone(),
+        runtime.handle().clone(),
+        options,
+        cache,
+    )
+    .unwrap();
     Fixture {
         _dir: dir,
         path,
@@ -476,52 +486,139 @@ fn get_vring_base_waits_for_inflight_requests() {
     assert_eq!(drv.read_mem(st, 1)[0], 0);
 }
 
+/// Records the write-cache choices it is handed; refuses them when told to.
+#[derive(Default)]
+struct Keeper {
+    records: parking_lot::Mutex<Vec<bool>>,
+    refuse: AtomicBool,
+}
+
+impl WriteCacheKeeper for Keeper {
+    fn record(&self, write_through: bool) -> Result<(), String> {
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err("the cluster metadata cannot be reached".into());
+        }
+        self.records.lock().push(write_through);
+        Ok(())
+    }
+}
+
+fn config_writeback(drv: &mut Driver) -> u8 {
+    let (_, config) = drv
+        .frontend
+        .get_config(32, 1, VhostUserConfigFlags::empty(), &[0u8; 1])
+        .unwrap();
+    config[0]
+}
+
+fn wait_disconnected(fx: &Fixture) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fx.export().stats().connected {
+        assert!(Instant::now() < deadline, "disconnect not noticed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
-fn cache_mode_follows_the_last_negotiation_and_the_guest_choice() {
-    let fx = fixture(options());
+fn the_guests_cache_choice_outlives_firmware_negotiation_and_reconnection() {
+    let keeper = Arc::new(Keeper::default());
+    let cache = Arc::new(WriteCache::new(false, Some(keeper.clone())));
+    let fx = fixture_with_cache(options(), cache.clone());
     let mut drv = Driver::connect(&fx.path, 2, bit(VIRTIO_BLK_F_CONFIG_WCE));
     let full = drv.features;
     assert_ne!(full & bit(VIRTIO_BLK_F_CONFIG_WCE), 0);
-    let writeback = |drv: &mut Driver| {
-        let (_, config) = drv
-            .frontend
-            .get_config(32, 1, VhostUserConfigFlags::empty(), &[0u8; 1])
-            .unwrap();
-        config[0]
-    };
     let fua = |fx: &Fixture| fx.backend.fua_writes.load(Ordering::SeqCst);
+    let firmware = bit(VIRTIO_F_VERSION_1) | bit(30);
 
-    // Firmware first (as SeaBIOS does): neither FLUSH nor CONFIG_WCE, so
-    // write-through...
-    drv.frontend
-        .set_features(bit(VIRTIO_F_VERSION_1) | bit(30))
-        .unwrap();
-    assert_eq!(writeback(&mut drv), 0);
-    // ...then the guest's driver with both: write-back, and writes go
-    // without FUA (the firmware's mode does not stick).
-    drv.frontend.set_features(full).unwrap();
-    assert_eq!(writeback(&mut drv), 1);
+    // Write-back: writes go without FUA.
+    assert_eq!(config_writeback(&mut drv), 1);
     assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[1; 512], 0).status, 0);
     assert_eq!(fua(&fx), 0);
+    // Firmware (as SeaBIOS does) negotiates neither FLUSH nor CONFIG_WCE:
+    // it cannot flush, so its writes are made durable at once...
+    drv.frontend.set_features(firmware).unwrap();
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[1; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 1);
+    // ...and once the guest's driver negotiates, write-back again.
+    drv.frontend.set_features(full).unwrap();
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[1; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 1);
 
-    // The guest chooses write-through; features sent again (as QEMU does
-    // when it turns dirty logging on for a migration) keep the choice.
+    // The guest chooses write-through: what was answered before is flushed
+    // and the choice recorded before the frontend hears back.
+    let flushes = fx.backend.flushes.load(Ordering::SeqCst);
     drv.frontend
         .set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
         .unwrap();
+    assert_eq!(fx.backend.flushes.load(Ordering::SeqCst), flushes + 1);
+    assert_eq!(*keeper.records.lock(), vec![true]);
+    assert_eq!(config_writeback(&mut drv), 0);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[2; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 2);
+    // Features sent again (dirty logging for a migration) and a reboot of
+    // the guest inside the same QEMU (firmware, then driver) keep the
+    // choice: QEMU goes on showing the guest its copy of the config space,
+    // write-through, and that guest will never send a FLUSH.
     drv.frontend
         .set_features(full | bit(VHOST_F_LOG_ALL))
         .unwrap();
-    assert_eq!(writeback(&mut drv), 0);
-    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[2; 512], 0).status, 0);
-    assert_eq!(fua(&fx), 1);
-
-    // A new firmware negotiation (a reboot) starts over at write-back.
-    drv.frontend
-        .set_features(bit(VIRTIO_F_VERSION_1) | bit(30))
-        .unwrap();
+    drv.frontend.set_features(firmware).unwrap();
     drv.frontend.set_features(full).unwrap();
-    assert_eq!(writeback(&mut drv), 1);
+    assert_eq!(config_writeback(&mut drv), 0);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[3; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 3);
+
+    // The socket reconnects (basaltd restarted under a running QEMU): the
+    // new connection starts from the choice, not from write-back.
+    drop(drv);
+    wait_disconnected(&fx);
+    let mut drv = Driver::connect(&fx.path, 2, bit(VIRTIO_BLK_F_CONFIG_WCE));
+    assert_eq!(config_writeback(&mut drv), 0);
+    assert_eq!(drv.request(1, VIRTIO_BLK_T_OUT, 4096, &[4; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 4);
+    let stats = fx.export().stats();
+    assert!(stats.write_through);
+    assert_eq!(stats.write_through_writes, 4, "the firmware's write and three: {stats:?}");
+
+    // A choice the keeper cannot record is refused and changes nothing. (The
+    // vhost-user library ends a connection after any refused request; QEMU
+    // keeps its copy of the config space, write-through, and reconnects.)
+    keeper.refuse.store(true, Ordering::SeqCst);
+    assert!(
+        drv.frontend
+            .set_config(32, VhostUserConfigFlags::WRITABLE, &[1])
+            .is_err()
+    );
+    drop(drv);
+    wait_disconnected(&fx);
+    let mut drv = Driver::connect(&fx.path, 2, bit(VIRTIO_BLK_F_CONFIG_WCE));
+    assert_eq!(config_writeback(&mut drv), 0);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[5; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 5);
+    keeper.refuse.store(false, Ordering::SeqCst);
+    drv.frontend
+        .set_config(32, VhostUserConfigFlags::WRITABLE, &[1])
+        .unwrap();
+    assert_eq!(*keeper.records.lock(), vec![true, false]);
+    assert_eq!(drv.request(0, VIRTIO_BLK_T_OUT, 0, &[6; 512], 0).status, 0);
+    assert_eq!(fua(&fx), 5);
+    assert!(!cache.write_through());
+}
+
+#[test]
+fn an_export_started_write_through_shows_it_before_any_negotiation() {
+    // A migration's destination: its QEMU reads the config space once, at
+    // start, before any feature is negotiated, and shows the guest that.
+    let cache = Arc::new(WriteCache::new(true, None));
+    let fx = fixture_with_cache(options(), cache);
+    let mut frontend = vhost::vhost_user::Frontend::connect(&fx.path, 2).unwrap();
+    frontend.get_features().unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    frontend.set_protocol_features(protocol).unwrap();
+    let (_, config) = frontend
+        .get_config(32, 1, VhostUserConfigFlags::empty(), &[0u8; 1])
+        .unwrap();
+    assert_eq!(config[0], 0, "write-through not shown before negotiation");
 }
 
 #[test]
@@ -642,12 +739,7 @@ fn reconnects_after_the_frontend_goes_away_and_stop_removes_the_socket() {
         assert_eq!(drv.request(1, VIRTIO_BLK_T_OUT, 0, &data, 0).status, 0);
         assert_eq!(drv.request(0, VIRTIO_BLK_T_IN, 0, &[], 4096).data, data);
         drop(drv);
-        // Wait for the export to notice the disconnect.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fx.export().stats().connected {
-            assert!(Instant::now() < deadline, "disconnect not noticed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_disconnected(&fx);
     }
     assert_eq!(fx.export().stats().connections, 3);
 
