@@ -29,6 +29,9 @@
 #   verify         reads the host pattern (written by the test into the backend)
 #   discard        blkdiscard of the discard range, then reads it back as zeros
 #   flush          a small write followed by fsync (a FLUSH request)
+#   writethrough   switches /dev/vda to write-through through its cache_type (the
+#                  virtio-blk config field), as a guest that wants no volatile
+#                  cache does; from then on the guest sends no FLUSH
 #   soak           SOAK_ROUNDS rounds of: write a fresh pattern, read it back,
 #                  compare; prints "BASALT-SOAK: round N" (a live-migration load)
 #   seq            writes a sequence: block i (from SEQ_OFFSET) holds "basalt seq <i>",
@@ -282,6 +285,20 @@ cmd_flush() {
         result flush PASS || result flush FAIL "dd: $(cat /tmp/dd.err)"
 }
 
+cmd_writethrough() {
+    f=/sys/block/vda/cache_type
+    if ! echo "write through" >$f 2>/tmp/wt.err; then
+        result writethrough FAIL "$(cat /tmp/wt.err)"
+        return
+    fi
+    mode=$(cat $f)
+    if [ "$mode" = "write through" ]; then
+        result writethrough PASS
+    else
+        result writethrough FAIL "cache_type is $mode"
+    fi
+}
+
 cmd_soak() {
     fails=0
     r=0
@@ -470,6 +487,7 @@ for c in $cmds; do
     verify) compare verify host "$HOST_OFFSET" ;;
     discard) cmd_discard ;;
     flush) cmd_flush ;;
+    writethrough) cmd_writethrough ;;
     soak) cmd_soak ;;
     seq) cmd_seq ;;
     idle) cmd_idle ;;

@@ -351,6 +351,10 @@ pub struct Vm {
     pub last_migration_downtime_ms: Option<u64>,
     /// The last migration's total time, ms.
     pub last_migration_total_ms: Option<u64>,
+    /// Vdisks whose guest chose write-through (its driver's cache mode):
+    /// each of their writes is durable before the guest hears of it.
+    #[serde(default)]
+    pub write_through_disks: Vec<String>,
     /// Creation time, unix seconds.
     pub created: u64,
 }

@@ -39,6 +39,7 @@ pub fn render(node: &Arc<Node>) -> Result<String, std::fmt::Error> {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let status = node.status();
     let disks = node.disks();
+    let exports = node.vhost_stats();
     let collector = NodeCollector {
         counters: vec![
             (
@@ -75,6 +76,11 @@ pub fn render(node: &Arc<Node>) -> Result<String, std::fmt::Error> {
                 "Blocks written home by the drainer",
                 load(&s.drained_blocks),
             ),
+            (
+                "basalt_vhost_write_through_writes",
+                "Writes to the current vhost-user exports made durable before their answer (the guest chose write-through)",
+                exports.iter().map(|(_, e)| e.write_through_writes).sum(),
+            ),
         ],
         gauges: vec![
             (
@@ -97,6 +103,16 @@ pub fn render(node: &Arc<Node>) -> Result<String, std::fmt::Error> {
                 "basalt_oplog_used_bytes",
                 "Oplog bytes in use, all disks",
                 disks.iter().map(|d| d.log_used as i64).sum(),
+            ),
+            (
+                "basalt_vhost_exports",
+                "Vdisks exported over vhost-user",
+                exports.len() as i64,
+            ),
+            (
+                "basalt_vhost_write_through_exports",
+                "Vhost-user exports whose guest chose write-through",
+                exports.iter().filter(|(_, e)| e.write_through).count() as i64,
             ),
         ],
     };

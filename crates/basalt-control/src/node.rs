@@ -18,7 +18,7 @@ use basalt_net::Transport;
 use basalt_replica::{ReplicaGate, ReplicaService, ReplicatedVdisk, SERVICE_REPLICA};
 use basalt_store::{Store, StoreError};
 use basalt_vdisk::VdiskRegistry;
-use basalt_vhost::{VhostBlkExport, VhostBlkOptions};
+use basalt_vhost::{ExportStats, VhostBlkExport, VhostBlkOptions, WriteCache, WriteCacheKeeper};
 use parking_lot::Mutex;
 
 use crate::ControlError;
@@ -639,8 +639,32 @@ impl Node {
 
     /// Exports a vdisk over vhost-user-blk (idempotent) and returns the socket.
     pub fn export_vhost(&self, name: &str) -> Result<VhostExport, ControlError> {
+        self.export_vhost_with(name, None)
+    }
+
+    /// Exports a vdisk to a VM's QEMU process: the guest's write-cache mode
+    /// starts at `write_through` (what that process shows its guest) and
+    /// `keeper` records its changes. An export already there starts over
+    /// with them.
+    pub(crate) fn export_vhost_for_vm(
+        &self,
+        name: &str,
+        write_through: bool,
+        keeper: Arc<dyn WriteCacheKeeper>,
+    ) -> Result<VhostExport, ControlError> {
+        self.export_vhost_with(name, Some((write_through, keeper)))
+    }
+
+    fn export_vhost_with(
+        &self,
+        name: &str,
+        cache: Option<(bool, Arc<dyn WriteCacheKeeper>)>,
+    ) -> Result<VhostExport, ControlError> {
         let mut exports = self.exports.lock();
         if let Some(export) = exports.get(name) {
+            if let Some((write_through, keeper)) = cache {
+                export.write_cache().reset(write_through, Some(keeper));
+            }
             return Ok(VhostExport {
                 name: name.to_string(),
                 socket: export.socket_path().display().to_string(),
@@ -650,11 +674,16 @@ impl Node {
             .backend(name)
             .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))?;
         let socket = self.config.vhost_dir.join(format!("{name}.sock"));
-        let export = VhostBlkExport::start(
+        let cache = match cache {
+            Some((write_through, keeper)) => WriteCache::new(write_through, Some(keeper)),
+            None => WriteCache::default(),
+        };
+        let export = VhostBlkExport::start_with_cache(
             &socket,
             backend,
             self.runtime.clone(),
             VhostBlkOptions::default(),
+            Arc::new(cache),
         )?;
         tracing::info!(name, socket = %socket.display(), "exported vdisk over vhost-user");
         exports.insert(name.to_string(), export);
@@ -662,6 +691,15 @@ impl Node {
             name: name.to_string(),
             socket: socket.display().to_string(),
         })
+    }
+
+    /// The counters of this node's vhost-user exports, by vdisk.
+    pub fn vhost_stats(&self) -> Vec<(String, ExportStats)> {
+        self.exports
+            .lock()
+            .iter()
+            .map(|(name, export)| (name.clone(), export.stats()))
+            .collect()
     }
 
     /// Stops a vhost-user export.

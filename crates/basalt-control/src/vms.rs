@@ -22,7 +22,10 @@
 //! QEMU does not depend on basaltd staying up: a restarted basaltd adopts
 //! the processes it finds in its run directories (pid file and QMP socket)
 //! and exports their vdisks again; QEMU's vhost-user sockets reconnect and
-//! the guests' I/O resumes.
+//! the guests' I/O resumes. A guest's write-cache choice, which its QEMU
+//! shows it for as long as the process runs, is kept next to the process
+//! and in the VM's record, so that the new exports (and a migration's
+//! destination) honour it (`GuestWriteCache`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -263,6 +266,7 @@ pub(crate) fn vm_view(record: &VmRecord) -> Vm {
         }),
         last_migration_downtime_ms: record.last_migration_ms.map(|(d, _)| d),
         last_migration_total_ms: record.last_migration_ms.map(|(_, t)| t),
+        write_through_disks: record.write_through_disks.clone(),
         created: record.created,
     }
 }
@@ -786,6 +790,22 @@ impl Node {
         }
     }
 
+    /// Drops the write-cache choices recorded for an earlier QEMU process of
+    /// `record` (one that crashed and is started afresh).
+    async fn forget_write_through(&self, record: &VmRecord) {
+        for vdisk in &record.write_through_disks {
+            let command = VmCommand::SetDiskWriteThrough {
+                name: record.spec.name.clone(),
+                generation: record.generation,
+                vdisk: vdisk.clone(),
+                write_through: false,
+            };
+            if let Err(error) = self.propose_vm(command).await {
+                tracing::warn!(vm = %record.spec.name, vdisk, %error, "cannot drop an old cache mode");
+            }
+        }
+    }
+
     async fn accel(&self) -> Accel {
         let choice = self.config.vm.accel;
         let qemu = self.config.vm.qemu.clone();
@@ -812,10 +832,23 @@ impl Node {
         let run_dir = self.config.vm.run_dir.join(&name);
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| format!("creating {}: {e}", run_dir.display()))?;
+        // A migration's destination shows its guest the write-cache choices
+        // the source's QEMU shows; a new process starts at write-back.
+        let write_cache = if incoming {
+            GuestWriteCache::starting_from(&run_dir, &record.write_through_disks)
+        } else {
+            self.forget_write_through(record).await;
+            GuestWriteCache::starting_from(&run_dir, &[])
+        }
+        .map_err(|e| format!("recording the disks' cache modes: {e}"))?;
         let mut sockets = Vec::new();
         for disk in &record.spec.disks {
             let export = self
-                .export_vhost(disk)
+                .export_vhost_for_vm(
+                    disk,
+                    write_cache.write_through(disk),
+                    write_cache.keeper(self, &name, record.generation, disk),
+                )
                 .map_err(|e| format!("exporting vdisk {disk}: {e}"))?;
             sockets.push(PathBuf::from(export.socket));
         }
@@ -997,9 +1030,14 @@ impl Node {
                 let _ = std::fs::remove_file(run_dir.join("instance.json"));
                 continue;
             }
-            // Its vdisks first: QEMU is reconnecting to their sockets.
+            // Its vdisks first: QEMU is reconnecting to their sockets. Their
+            // guest's write-cache choices come back before it does.
+            let write_cache = GuestWriteCache::read_back(&run_dir);
             for disk in &file.disks {
-                if let Err(error) = self.export_vhost(disk) {
+                let keeper = write_cache.keeper(self, &name, file.generation, disk);
+                let exported =
+                    self.export_vhost_for_vm(disk, write_cache.write_through(disk), keeper);
+                if let Err(error) = exported {
                     tracing::warn!(vm = %name, disk, %error, "cannot export an adopted VM's vdisk");
                 }
             }
@@ -1011,6 +1049,149 @@ impl Node {
                 .insert(name, instance.clone());
             tokio::spawn(monitor(Arc::downgrade(self), instance));
         }
+    }
+}
+
+/// How long recording a guest's write-cache choice in the cluster may take
+/// before the choice is refused (the guest's vCPU waits for the answer).
+const WRITE_CACHE_RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The write-cache choices of one QEMU process's guest, by vdisk (see
+/// `basalt_vhost::WriteCache` for why they outlive a connection).
+///
+/// Kept twice: in `write-cache.json` in the VM's run directory, which a
+/// restarted basaltd reads back before the process reconnects (and without
+/// waiting for the cluster metadata to catch up), and in the VM's record
+/// (`write_through_disks`), from which a migration's destination starts.
+struct GuestWriteCache {
+    path: PathBuf,
+    write_through: Mutex<Vec<String>>,
+}
+
+impl GuestWriteCache {
+    const FILE: &'static str = "write-cache.json";
+
+    /// The choices of a process that starts now: `write_through` (a
+    /// migration's destination) or none (a new guest), recorded at once.
+    fn starting_from(
+        run_dir: &std::path::Path,
+        write_through: &[String],
+    ) -> std::io::Result<Arc<GuestWriteCache>> {
+        let cache = GuestWriteCache {
+            path: run_dir.join(Self::FILE),
+            write_through: Mutex::new(write_through.to_vec()),
+        };
+        cache.save(write_through)?;
+        Ok(Arc::new(cache))
+    }
+
+    /// The choices recorded for a process that ran under an earlier basaltd.
+    /// None recorded (or unreadable) means write-back everywhere, which is
+    /// what a process started before this file existed shows.
+    fn read_back(run_dir: &std::path::Path) -> Arc<GuestWriteCache> {
+        let path = run_dir.join(Self::FILE);
+        let write_through = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+                tracing::warn!(path = %path.display(), %error, "unreadable; taking write-back");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        Arc::new(GuestWriteCache {
+            path,
+            write_through: Mutex::new(write_through),
+        })
+    }
+
+    fn write_through(&self, vdisk: &str) -> bool {
+        self.write_through.lock().iter().any(|d| d == vdisk)
+    }
+
+    fn save(&self, write_through: &[String]) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(write_through).map_err(std::io::Error::other)?;
+        basalt_meta::replace_file_durably(&self.path, &bytes)
+    }
+
+    /// Records one vdisk's choice in the file; returns the list before.
+    fn set(&self, vdisk: &str, write_through: bool) -> std::io::Result<Vec<String>> {
+        let mut list = self.write_through.lock();
+        let before = list.clone();
+        let mut after: Vec<String> = before.iter().filter(|d| *d != vdisk).cloned().collect();
+        if write_through {
+            after.push(vdisk.to_string());
+            after.sort();
+        }
+        self.save(&after)?;
+        *list = after;
+        Ok(before)
+    }
+
+    fn restore(&self, before: Vec<String>) {
+        let mut list = self.write_through.lock();
+        if let Err(error) = self.save(&before) {
+            tracing::warn!(path = %self.path.display(), %error, "cannot restore the cache modes");
+        }
+        *list = before;
+    }
+
+    /// The keeper the export of `vdisk` hands the guest's changes to.
+    fn keeper(
+        self: &Arc<Self>,
+        node: &Arc<Node>,
+        vm: &str,
+        generation: u64,
+        vdisk: &str,
+    ) -> Arc<dyn basalt_vhost::WriteCacheKeeper> {
+        Arc::new(DiskCacheKeeper {
+            cache: self.clone(),
+            node: Arc::downgrade(node),
+            runtime: tokio::runtime::Handle::current(),
+            vm: vm.to_string(),
+            generation,
+            vdisk: vdisk.to_string(),
+        })
+    }
+}
+
+/// Records one vdisk's write-cache choice for its VM's QEMU process: in the
+/// run directory, then in the cluster. Runs on the export's connection
+/// thread, which answers QEMU only afterwards.
+struct DiskCacheKeeper {
+    cache: Arc<GuestWriteCache>,
+    node: Weak<Node>,
+    runtime: tokio::runtime::Handle,
+    vm: String,
+    generation: u64,
+    vdisk: String,
+}
+
+impl basalt_vhost::WriteCacheKeeper for DiskCacheKeeper {
+    fn record(&self, write_through: bool) -> Result<(), String> {
+        let node = self.node.upgrade().ok_or("basaltd is stopping")?;
+        let before = self
+            .cache
+            .set(&self.vdisk, write_through)
+            .map_err(|e| format!("writing {}: {e}", self.cache.path.display()))?;
+        let command = VmCommand::SetDiskWriteThrough {
+            name: self.vm.clone(),
+            generation: self.generation,
+            vdisk: self.vdisk.clone(),
+            write_through,
+        };
+        // The timer must be made inside the runtime: this thread is not.
+        let recorded = self.runtime.block_on(async {
+            tokio::time::timeout(WRITE_CACHE_RECORD_TIMEOUT, node.propose_vm(command)).await
+        });
+        let refused = match recorded {
+            Ok(Ok(_)) => {
+                tracing::info!(vm = %self.vm, vdisk = %self.vdisk, write_through, "guest chose its disk's cache mode");
+                return Ok(());
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the cluster did not record it in time".to_string(),
+        };
+        self.cache.restore(before);
+        Err(format!("VM {}: {refused}", self.vm))
     }
 }
 

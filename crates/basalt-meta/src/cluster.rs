@@ -158,15 +158,7 @@ pub fn read_membership(dir: &Path) -> Result<Option<Membership>, MetaError> {
 fn write_membership(dir: &Path, membership: &Membership) -> Result<(), MetaError> {
     let bytes =
         serde_json::to_vec_pretty(membership).map_err(|e| MetaError::Storage(e.to_string()))?;
-    let temp = dir.join(format!("{MEMBERSHIP_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temp, dir.join(MEMBERSHIP_FILE))?;
-    std::fs::File::open(dir)?.sync_all()?;
+    crate::replace_file_durably(&dir.join(MEMBERSHIP_FILE), &bytes)?;
     Ok(())
 }
 

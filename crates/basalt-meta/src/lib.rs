@@ -21,6 +21,28 @@ pub mod state;
 pub mod storage;
 pub mod vm;
 
+/// Replaces the file at `path` with `bytes` so that a crash leaves either
+/// the old or the new contents, never a mix, and the new contents are
+/// durable when it returns: written to a temporary file next to it, synced,
+/// renamed over it, and the directory synced.
+pub fn replace_file_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
+    temp_name.push(".tmp");
+    let temp = dir.join(temp_name);
+    {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 pub use cluster::{
     Membership, MetaConfig, MetaNode, NodeAnnouncement, SERVICE_META, read_membership,
 };

@@ -19,7 +19,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -354,12 +354,7 @@ impl StateMachine {
 
     fn persist(&self, snapshot: &SnapshotFile) -> Result<(), std::io::Error> {
         let bytes = serde_json::to_vec(snapshot).map_err(std::io::Error::other)?;
-        let temp = self.inner.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, self.inner.dir.join(SNAPSHOT_FILE))?;
-        std::fs::File::open(&self.inner.dir)?.sync_all()
+        crate::replace_file_durably(&self.inner.dir.join(SNAPSHOT_FILE), &bytes)
     }
 }
 

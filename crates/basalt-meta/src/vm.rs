@@ -136,6 +136,13 @@ pub struct VmRecord {
     /// The last completed migration's downtime and total time, in ms.
     #[serde(default)]
     pub last_migration_ms: Option<(u64, u64)>,
+    /// The VM's vdisks whose guest chose write-through (virtio-blk's
+    /// `writeback` config field) in its current QEMU process. QEMU shows
+    /// the guest that choice until the process ends, so the vdisk's export
+    /// must honour it across a restarted basaltd and on a migration's
+    /// destination; a new placement (start, fail-over) starts over.
+    #[serde(default)]
+    pub write_through_disks: Vec<String>,
 }
 
 /// VM capacity a node offers (its CPUs and memory times the overcommit).
@@ -386,6 +393,7 @@ impl ClusterState {
                         stop_timeout: 0,
                         migration: None,
                         last_migration_ms: None,
+                        write_through_disks: Vec::new(),
                     },
                 );
                 Ok(CommandResult::Done)
@@ -428,6 +436,7 @@ impl ClusterState {
                 vm.node = Some(node);
                 vm.generation += 1;
                 vm.force_stop = false;
+                vm.write_through_disks.clear();
                 vm.reason = format!("{reason}; placed on node {node}");
                 Ok(CommandResult::Id(node))
             }
@@ -593,6 +602,36 @@ impl ClusterState {
                 }
                 Ok(CommandResult::Done)
             }
+            VmCommand::SetDiskWriteThrough {
+                name,
+                generation,
+                vdisk,
+                write_through,
+            } => {
+                let vm = self.vm_mut(name)?;
+                if vm.generation != *generation {
+                    return Err(conflict(format!(
+                        "VM {name} was placed anew (generation {} is not {generation})",
+                        vm.generation
+                    )));
+                }
+                if !vm.spec.disks.contains(vdisk) {
+                    return Err(not_found(format!("VM {name} has no disk {vdisk}")));
+                }
+                if vm.migration.is_some() {
+                    // The destination's QEMU may have read its config space
+                    // already: it would not see the change.
+                    return Err(conflict(format!(
+                        "VM {name} is migrating; its disks' cache modes cannot change"
+                    )));
+                }
+                vm.write_through_disks.retain(|d| d != vdisk);
+                if *write_through {
+                    vm.write_through_disks.push(vdisk.clone());
+                    vm.write_through_disks.sort();
+                }
+                Ok(CommandResult::Done)
+            }
             VmCommand::FailOverVm { name, dead } => {
                 let vm = self.vm_ref(name)?;
                 if vm.node != Some(*dead) || vm.desired != VmDesired::Running {
@@ -613,6 +652,7 @@ impl ClusterState {
                     Ok(node) => {
                         vm.node = Some(node);
                         vm.generation += 1;
+                        vm.write_through_disks.clear();
                         vm.state = VmRunState::Starting;
                         vm.reason = format!(
                             "node {dead} died; restarted on node {node} (high availability)"
@@ -730,6 +770,18 @@ pub enum VmCommand {
         downtime_ms: u64,
         /// Time the migration took, ms.
         total_ms: u64,
+    },
+    /// The guest of the VM's current QEMU process chose write-through
+    /// (`true`) or write-back for one of its vdisks.
+    SetDiskWriteThrough {
+        /// Name.
+        name: String,
+        /// The placement the QEMU process belongs to.
+        generation: u64,
+        /// One of the VM's vdisks.
+        vdisk: String,
+        /// Write-through (`true`) or write-back.
+        write_through: bool,
     },
     /// The leader restarts a VM of the down node `dead` elsewhere.
     FailOverVm {
@@ -1069,6 +1121,85 @@ mod tests {
         let big = state.vm("big").unwrap();
         assert_eq!(big.state, VmRunState::Failed);
         assert!(big.reason.contains("free VM memory"), "{}", big.reason);
+    }
+
+    #[test]
+    fn a_guests_write_through_choice_lasts_for_its_qemu_process_and_a_new_placement_drops_it() {
+        let mut state = cluster(2);
+        create(&mut state, spec("vm", &["a", "b"], 256));
+        start(&mut state, "vm");
+        let generation = state.vm("vm").unwrap().generation;
+        let choose = |generation, vdisk: &str, write_through| {
+            vm_command(VmCommand::SetDiskWriteThrough {
+                name: "vm".into(),
+                generation,
+                vdisk: vdisk.into(),
+                write_through,
+            })
+        };
+        let disks = |state: &ClusterState| state.vm("vm").unwrap().write_through_disks.clone();
+        assert_eq!(
+            state.apply(&choose(generation, "b", true)),
+            CommandResult::Done
+        );
+        state.apply(&choose(generation, "a", true));
+        state.apply(&choose(generation, "a", true));
+        assert_eq!(disks(&state), ["a", "b"]);
+        state.apply(&choose(generation, "b", false));
+        assert_eq!(disks(&state), ["a"]);
+        // Bad input changes nothing.
+        assert_eq!(
+            refused(&state.apply(&choose(generation, "k", true))).0,
+            Refusal::NotFound
+        );
+        assert_eq!(
+            refused(&state.apply(&choose(generation + 1, "b", true))).0,
+            Refusal::Conflict
+        );
+        assert_eq!(disks(&state), ["a"]);
+        // Not while migrating: the destination's QEMU may have read its
+        // config space already. A migration keeps the choice.
+        report(&mut state, "vm", 1, generation, VmRunState::Running, false);
+        state.apply(&vm_command(VmCommand::BeginMigration {
+            name: "vm".into(),
+            to: 2,
+            started: 0,
+        }));
+        assert_eq!(
+            refused(&state.apply(&choose(generation, "b", true))).0,
+            Refusal::Conflict
+        );
+        state.apply(&vm_command(VmCommand::EndMigration {
+            name: "vm".into(),
+            generation,
+            completed: true,
+            reason: String::new(),
+            downtime_ms: 1,
+            total_ms: 2,
+        }));
+        assert_eq!(disks(&state), ["a"]);
+        // A fail-over boots the guest afresh: write-back again.
+        state.apply(&Command::SetNodeState {
+            node: 2,
+            state: NodeState::Down,
+        });
+        state.apply(&vm_command(VmCommand::FailOverVm {
+            name: "vm".into(),
+            dead: 2,
+        }));
+        assert!(disks(&state).is_empty());
+        // So does a new start.
+        let generation = state.vm("vm").unwrap().generation;
+        state.apply(&choose(generation, "a", true));
+        state.apply(&vm_command(VmCommand::StopVm {
+            name: "vm".into(),
+            force: true,
+            timeout: 0,
+        }));
+        report(&mut state, "vm", 1, generation, VmRunState::Stopped, false);
+        assert_eq!(disks(&state), ["a"]);
+        start(&mut state, "vm");
+        assert!(disks(&state).is_empty());
     }
 
     #[test]

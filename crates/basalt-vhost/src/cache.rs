@@ -115,6 +115,8 @@ impl WriteCache {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use std::sync::atomic::AtomicUsize;
 

@@ -574,11 +574,17 @@ fn the_guests_cache_choice_outlives_firmware_negotiation_and_reconnection() {
     wait_disconnected(&fx);
     let mut drv = Driver::connect(&fx.path, 2, bit(VIRTIO_BLK_F_CONFIG_WCE));
     assert_eq!(config_writeback(&mut drv), 0);
-    assert_eq!(drv.request(1, VIRTIO_BLK_T_OUT, 4096, &[4; 512], 0).status, 0);
+    assert_eq!(
+        drv.request(1, VIRTIO_BLK_T_OUT, 4096, &[4; 512], 0).status,
+        0
+    );
     assert_eq!(fua(&fx), 4);
     let stats = fx.export().stats();
     assert!(stats.write_through);
-    assert_eq!(stats.write_through_writes, 4, "the firmware's write and three: {stats:?}");
+    assert_eq!(
+        stats.write_through_writes, 4,
+        "the firmware's write and three: {stats:?}"
+    );
 
     // A choice the keeper cannot record is refused and changes nothing. (The
     // vhost-user library ends a connection after any refused request; QEMU

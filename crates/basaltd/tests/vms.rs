@@ -8,6 +8,8 @@
 //! running, writing guest (QEMU keeps running and reconnects); live
 //! migration between two nodes while the guest writes a sequence; a node
 //! killed with its VM, which restarts elsewhere with its data; bad input.
+//! The restart and migration guests switch their disk to write-through
+//! first: the new basaltd and the destination must honour that choice.
 //!
 //! The guest's `seq` command writes block i = "basalt seq i" from
 //! SEQ_OFFSET, one O_DIRECT write per block, printing `BASALT-SEQ: n` every
@@ -21,7 +23,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, DaemonOptions, assert_guest_pattern, guest_image, wait_for};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 // Kept in sync with the guest's /init (tests/guest/build-guest.sh).
 const SEQ_OFFSET: u64 = 32 << 20;
@@ -153,6 +155,21 @@ fn wait_state(daemon: &Daemon, name: &str, state: &str, timeout: Duration) -> Va
     }
 }
 
+/// A metric of the daemon's `/metrics` (0 if absent).
+fn metric(daemon: &Daemon, name: &str) -> u64 {
+    let answer = daemon.http("GET", "/metrics", None);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer
+        .body
+        .lines()
+        .filter_map(|line| line.strip_prefix(name))
+        .filter_map(|rest| rest.trim().strip_prefix("_total ").or(Some(rest.trim())))
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .next()
+        .unwrap_or(0)
+}
+
 fn node_id(daemon: &Daemon) -> u64 {
     daemon.cli_json(&["cluster", "status"])["node_id"]
         .as_u64()
@@ -263,9 +280,24 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     let mut daemon = vm_daemon(&["--vm-memory", "1G"]);
     daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
     daemon.cli_ok(&["vdisk", "create", "other", "--size", "64M"]);
-    create_guest(&daemon, "w", &["data"], "seq basalt.seq=100000", "768M");
+    // The guest turns its disk's write cache off first: from then on it
+    // sends no FLUSH, and each write must be durable when answered.
+    create_guest(
+        &daemon,
+        "w",
+        &["data"],
+        "writethrough,seq basalt.seq=100000",
+        "768M",
+    );
     daemon.cli_ok(&["vm", "start", "w"]);
     let before_stop = wait_seq(&daemon, "w", 40);
+    assert!(
+        console(&daemon, "w").contains("BASALT-TEST: writethrough PASS"),
+        "{}",
+        console(&daemon, "w")
+    );
+    assert_eq!(show(&daemon, "w")["write_through_disks"], json!(["data"]));
+    assert!(metric(&daemon, "basalt_vhost_write_through_writes") >= 40);
 
     // Bad input while it runs: nothing changes.
     let (kernel, _) = guest_image();
@@ -347,6 +379,16 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     let after = wait_seq(&daemon, "w", during + 50);
     let shown = show(&daemon, "w");
     assert_eq!(shown["state"], "running", "{shown}");
+    // The new basaltd honours the choice the running QEMU still shows its
+    // guest: every write since the restart was durable when answered.
+    assert_eq!(shown["write_through_disks"], json!(["data"]), "{shown}");
+    assert_eq!(metric(&daemon, "basalt_vhost_write_through_exports"), 1);
+    let durable = metric(&daemon, "basalt_vhost_write_through_writes");
+    assert!(
+        durable + 10 >= after - during,
+        "{durable} write-through writes for {} blocks written since the restart",
+        after - during
+    );
     assert_eq!(
         shown["generation"].as_u64(),
         generation,
@@ -373,7 +415,13 @@ fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
             .is_some_and(|n| n.len() == 2)
     });
     first.cli_ok(&["vdisk", "create", "data", "--size", "64M", "--rf", "2"]);
-    create_guest(&first, "mig", &["data"], "seq basalt.seq=1200", "256M");
+    create_guest(
+        &first,
+        "mig",
+        &["data"],
+        "writethrough,seq basalt.seq=1200",
+        "256M",
+    );
     let started = first.cli_json(&["vm", "start", "mig"]);
     let source = started["node"].as_u64().expect("placed");
     let (source_daemon, target_daemon) = if source == node_id(&first) {
@@ -392,6 +440,18 @@ fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
     assert!(
         migrated["last_migration_total_ms"].as_u64().is_some(),
         "{migrated}"
+    );
+    // The destination's export started write-through, as the guest chose on
+    // the source: its writes there are durable when answered.
+    assert_eq!(
+        migrated["write_through_disks"],
+        json!(["data"]),
+        "{migrated}"
+    );
+    wait_for(
+        "write-through writes on the destination",
+        Duration::from_secs(20),
+        || metric(target_daemon, "basalt_vhost_write_through_writes") > 0,
     );
     // The source's QEMU is gone; the destination's runs the guest on.
     wait_for("the source QEMU exits", Duration::from_secs(30), || {
