@@ -1436,7 +1436,7 @@ impl Store {
         // two. Its own task, started here (so the I/O leaves at once), so
         // that no caller dropping its future can abandon a write the log
         // writer waits for.
-        let (data_written, written_segments) = match data {
+        let (data_written, crcs) = match data {
             CowData::Buffer(buf, buf_block) => {
                 let segment = Segment {
                     buf: buf.clone(),
@@ -1444,7 +1444,7 @@ impl Store {
                     len: crate::format::EXTENT_BYTES as usize,
                 };
                 let written = engine.write_at(data_offset, vec![segment.clone()]);
-                (written, vec![segment])
+                (written, PendingCrcs::Whole(segment))
             }
             CowData::Source(source) => {
                 let started = start_pieces(&engine, data_offset, source);
@@ -1459,7 +1459,7 @@ impl Store {
                     });
                     return Some(Err(StoreError::Source(error)));
                 }
-                (started.written, started.pieces)
+                (started.written, PendingCrcs::Pieces(started.crcs))
             }
         };
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
@@ -1472,11 +1472,29 @@ impl Store {
             landed_tx.send_replace(outcome);
             result
         });
-        // Checksummed once the write is started, while the disk writes it.
-        let crcs: Vec<u32> = written_segments
-            .iter()
-            .flat_map(|segment| block_crcs(segment.as_slice()))
-            .collect();
+        // Checksummed while the disk writes it.
+        let crcs = match crcs {
+            PendingCrcs::Pieces(pieces) => {
+                let mut crcs = Vec::with_capacity(EXTENT_BLOCKS as usize);
+                for piece in pieces {
+                    match piece.await {
+                        Ok(piece) => crcs.extend(piece),
+                        Err(_) => {
+                            // The runtime is going away: nothing is acknowledged,
+                            // and the slot goes back once the data has landed.
+                            let store = self.clone();
+                            tokio::spawn(async move {
+                                let _ = landing.await;
+                                give_back(&store);
+                            });
+                            return Some(Err(StoreError::ShuttingDown));
+                        }
+                    }
+                }
+                crcs
+            }
+            PendingCrcs::Whole(segment) => block_crcs(segment.as_slice()),
+        };
         let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
         let rx = {
@@ -1904,12 +1922,24 @@ const COW_PIECE_BYTES: usize = 256 * 1024;
 /// A started data write of a whole extent: its pieces' writes joined.
 type PiecesWritten = futures::future::BoxFuture<'static, Result<(), DiskError>>;
 
+/// Where a copy-on-write write's checksums come from.
+enum PendingCrcs {
+    /// Computed here, over the buffer, once its write is started.
+    Whole(Segment),
+    /// Computed by the pieces' tasks (see [`StartedPieces::crcs`]).
+    Pieces(Vec<oneshot::Receiver<Vec<u32>>>),
+}
+
 /// An extent's data write as [`start_pieces`] started it.
 struct StartedPieces {
     /// The pieces' writes, joined.
     written: PiecesWritten,
-    /// The pieces copied, in order (to checksum while they are written).
-    pieces: Vec<Segment>,
+    /// The checksums of each piece's blocks, in order. A piece is
+    /// checksummed by a runtime worker once its write is started, beside
+    /// the disk writing it and the caller copying the next piece: the
+    /// pieces leave as fast as they are copied, and the remap record (which
+    /// carries the checksums) soon after the last one.
+    crcs: Vec<oneshot::Receiver<Vec<u32>>>,
     /// Why the source failed, if it did: then not every piece was started,
     /// and the slot may be reused only once `written` has completed.
     failure: Option<BlockError>,
@@ -1925,7 +1955,7 @@ fn start_pieces(
 ) -> StartedPieces {
     let extent_bytes = crate::format::EXTENT_BYTES as usize;
     let mut started = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
-    let mut pieces = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
+    let mut crcs = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
     let mut failure = None;
     for at in (0..extent_bytes).step_by(COW_PIECE_BYTES) {
         let mut piece = IoBuf::for_overwrite(COW_PIECE_BYTES);
@@ -1934,10 +1964,18 @@ fn start_pieces(
             break;
         }
         let piece = Segment::whole(Arc::new(piece));
-        started.push(spawn_started(
-            engine.write_at(data_offset + at as u64, vec![piece.clone()]),
-        ));
-        pieces.push(piece);
+        let write = engine.write_at(data_offset + at as u64, vec![piece.clone()]);
+        let (crc_tx, crc_rx) = oneshot::channel();
+        // The first poll, here, submits the write; the checksum waits for
+        // the runtime's poll (`yield_now`), on a worker thread.
+        let checksum = async move {
+            tokio::task::yield_now().await;
+            let _ = crc_tx.send(block_crcs(piece.as_slice()));
+        };
+        started.push(spawn_started(async move {
+            futures::future::join(write, checksum).await.0
+        }));
+        crcs.push(crc_rx);
     }
     let written: PiecesWritten = Box::pin(async move {
         let mut result = Ok(());
@@ -1951,7 +1989,7 @@ fn start_pieces(
     });
     StartedPieces {
         written,
-        pieces,
+        crcs,
         failure,
     }
 }
