@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Where a guest's 1 MiB writes spend their time, Basalt against qsd.
+
+A diagnostic, not a benchmark: it runs the one-guest comparison of
+vm_bench.py (one TCG guest, a Basalt vhost-user-blk disk and a
+qemu-storage-daemon one, `dd` alternating between them in 64 MiB chunks)
+and records, with `perf`, the syscalls and io_uring events of QEMU, qsd and
+basaltd for a few seconds of the write phase. From the events it cuts each
+1 MiB write into:
+
+* backend: the kick (QEMU's vCPU writes the disk's kick eventfd) to the
+  last answer (the backend writes its call eventfd);
+* guest: that answer to the next kick -- the guest completing the request
+  and building the next one;
+* for Basalt also the wait from the data's landing (the last 256 KiB piece
+  completes) to the answer, and the first piece's start after the kick.
+
+The per-chunk times of both disks in the traced window give the ratio the
+guest would measure. Findings of 2026-11-26 are in docs/benchmarks.md.
+
+    cargo build --release --bins
+    sudo python3 bench/trace_pair.py [--seconds 3] [--mb 1024] [--bin-dir DIR]
+
+Needs perf (linux-perf) with syscall and io_uring tracepoints, and what
+vm_bench.py needs. Runs as root (system-wide tracing).
+"""
+
+import argparse
+import bisect
+import os
+import re
+import shutil
+import statistics as st
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import vm_bench  # noqa: E402
+
+EVENTS = ",".join([
+    "syscalls:sys_enter_write", "syscalls:sys_enter_read", "syscalls:sys_enter_io_uring_enter",
+    "io_uring:io_uring_submit_req", "io_uring:io_uring_complete",
+])
+LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")
+
+
+def parse(path):
+    events = []
+    with open(path) as f:
+        for line in f:
+            m = LINE.match(line)
+            if m:
+                comm, pid, tid, t, name, rest = m.groups()
+                fd = re.search(r"fd: 0x([0-9a-f]+)", rest)
+                events.append({"comm": comm, "pid": int(pid), "tid": int(tid), "t": float(t),
+                               "name": name, "rest": rest, "fd": int(fd.group(1), 16) if fd else None})
+    return events
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))] if values else float("nan")
+
+
+def identify(events, pids):
+    """The kick fd (in QEMU) and call fd (in the backend) of each backend:
+    the QEMU write most often followed by the backend reading within 1 ms,
+    and the backend write most often followed by QEMU reading within 200 us."""
+    qemu = pids["qemu"]
+    kicks, calls = {}, {}
+    for name in ("basalt", "qsd"):
+        pid = pids[name]
+        reads = [e["t"] for e in events if e["pid"] == pid and e["name"] == "syscalls:sys_enter_read"]
+        qemu_reads = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_read"]
+        votes, call_votes = {}, {}
+        for e in events:
+            if e["name"] != "syscalls:sys_enter_write":
+                continue
+            if e["pid"] == qemu:
+                i = bisect.bisect_right(reads, e["t"])
+                if i < len(reads) and reads[i] - e["t"] < 0.001:
+                    votes[e["fd"]] = votes.get(e["fd"], 0) + 1
+            elif e["pid"] == pid:
+                i = bisect.bisect_right(qemu_reads, e["t"])
+                hit = i < len(qemu_reads) and qemu_reads[i] - e["t"] < 0.0002
+                tally = call_votes.setdefault(e["fd"], [0, 0])
+                tally[0] += hit
+                tally[1] += 1
+        kicks[name] = max(votes, key=votes.get)
+        calls[name] = max(call_votes, key=lambda fd: (call_votes[fd][0] / call_votes[fd][1], call_votes[fd][1]))
+    # Each backend's kick fd must be one the other's is not.
+    if kicks["basalt"] == kicks["qsd"]:
+        raise RuntimeError("cannot tell the two disks' kick eventfds apart")
+    return kicks, calls
+
+
+def analyze(events, pids):
+    kicks_fd, calls_fd = identify(events, pids)
+    qemu = pids["qemu"]
+    out = {}
+    for name in ("basalt", "qsd"):
+        pid = pids[name]
+        kicks = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_write"
+                 and e["fd"] == kicks_fd[name]]
+        calls = [e["t"] for e in events if e["pid"] == pid and e["name"] == "syscalls:sys_enter_write"
+                 and e["fd"] == calls_fd[name]]
+        # MiB done: completed data bytes reach the next MiB (Basalt: 256 KiB
+        # pieces only; its 4 KiB oplog batches are not data).
+        done, acc, pieces = [], 0, []
+        for e in events:
+            if e["pid"] != pid or e["name"] != "io_uring:io_uring_complete":
+                continue
+            result = int(re.search(r"result (-?\d+)", e["rest"]).group(1))
+            if name == "basalt" and result != 256 * 1024:
+                continue
+            if name == "basalt":
+                pieces.append(e["t"])
+            acc += max(result, 0)
+            while acc >= 1 << 20:
+                acc -= 1 << 20
+                done.append(e["t"])
+        # The last answer before each kick ends a request cycle.
+        last = [t for i, t in enumerate(calls)
+                if (j := bisect.bisect_right(kicks, t)) < len(kicks) and kicks[j] - t < 0.01
+                and not (i + 1 < len(calls) and calls[i + 1] < kicks[j])]
+        guest = [(kicks[bisect.bisect_right(kicks, t)] - t) * 1e6 for t in last]
+        backend = []
+        for before, t in zip(last, last[1:]):
+            first = kicks[bisect.bisect_right(kicks, before)]
+            if first < t and t - first < 0.01:
+                backend.append((t - first) * 1e6)
+        # chunks: runs of this disk's kicks without the other's in between
+        other = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_write"
+                 and e["fd"] == kicks_fd["qsd" if name == "basalt" else "basalt"]]
+        chunks, start = [], None
+        for t in kicks:
+            if start is None:
+                start, last = t, t
+                continue
+            if bisect.bisect_right(other, last) != bisect.bisect_right(other, t):
+                chunks.append((start, last))
+                start = t
+            last = t
+        per_chunk = []
+        for a, z in chunks:
+            n = sum(1 for t in done if a <= t <= z + 0.01)
+            if n >= 32:  # whole chunks only (the window cuts the first and last)
+                per_chunk.append((z - a) * 1e6 / max(n - 1, 1))
+        tail = []
+        if name == "basalt":
+            for t in calls:
+                i = bisect.bisect_right(pieces, t) - 1
+                if i >= 0 and t - pieces[i] < 0.02:
+                    tail.append((t - pieces[i]) * 1e6)
+        out[name] = {"mib": len(done), "guest": guest, "backend": backend, "per_chunk": per_chunk,
+                     "tail": tail}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/var/tmp/basalt-tracepair")
+    parser.add_argument("--seconds", type=float, default=3)
+    parser.add_argument("--mb", type=int, default=1024)
+    parser.add_argument("--bin-dir", default=os.path.join(ROOT, "target/release"))
+    args = parser.parse_args()
+    if not shutil.which("perf"):
+        sys.exit("perf is not installed (apt-get install linux-perf)")
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), vm_bench.GUEST_DIR], check=True)
+    node = vm_bench.Node(args.dir, "node", os.path.join(args.bin_dir, "basaltd"),
+                         os.path.join(args.bin_dir, "basalt"))
+    procs = []
+    try:
+        node.cli("vdisk", "create", "trace", "--size", f"{args.mb + 64}M", "--rf", "1")
+        basalt_sock = node.cli("vdisk", "export", "trace", "--vhost")["socket"]
+        raw = os.path.join(args.dir, "raw.img")
+        subprocess.run(["dd", "if=/dev/zero", f"of={raw}", "bs=1M", f"count={args.mb}", "oflag=direct",
+                        "status=none"], check=True)
+        qsd_sock = os.path.join(args.dir, "qsd.sock")
+        qsd = subprocess.Popen([
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=file0,filename={raw},cache.direct=on,aio=io_uring",
+            "--export", "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,"
+                        f"addr.path={qsd_sock},writable=on,num-queues=1",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(qsd)
+        while not os.path.exists(qsd_sock):
+            time.sleep(0.05)
+        console = os.path.join(args.dir, "console.log")
+        qemu = subprocess.Popen(
+            vm_bench.qemu_args(os.path.join(vm_bench.GUEST_DIR, "vmlinuz"),
+                               os.path.join(vm_bench.GUEST_DIR, "initrd"),
+                               f"basalt.test=ddpair basalt.ddmb={args.mb} basalt.ddrounds=3 "
+                               "basalt.ddchunk=64")
+            + ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
+               "-chardev", f"socket,id=c0,path={basalt_sock}",
+               "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+               "-chardev", f"socket,id=c1,path={qsd_sock}",
+               "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            stdout=open(console, "w"), stderr=subprocess.STDOUT)
+        procs.append(qemu)
+        # The first round writes fresh disks: trace the second's write phase.
+        deadline = time.time() + 600
+        while "round=0 disk=vdb" not in open(console).read():
+            if time.time() > deadline or qemu.poll() is not None:
+                raise RuntimeError("the guest did not finish its first round")
+            time.sleep(0.1)
+        data = os.path.join(args.dir, "perf.data")
+        subprocess.run(["perf", "record", "-q", "-o", data, "-a", "-e", EVENTS, "--",
+                        "sleep", str(args.seconds)], check=True, stdout=subprocess.DEVNULL)
+        text = os.path.join(args.dir, "perf.txt")
+        with open(text, "w") as f:
+            subprocess.run(["perf", "script", "-i", data, "-F", "comm,pid,tid,time,event,trace"],
+                           check=True, stdout=f, stderr=subprocess.DEVNULL)
+        qemu.wait(timeout=900)
+        pids = {"qemu": qemu.pid, "qsd": qsd.pid, "basalt": node.proc.pid}
+        result = analyze(parse(text), pids)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        node.stop()
+    for line in open(console).read().splitlines():
+        if line.startswith("BASALT-DDPAIR: round=1 "):
+            print("traced round as the guest timed it:", line.split(": ", 1)[1])
+    for name, r in result.items():
+        print(f"{name}: {r['mib']} MiB traced; per MiB in whole chunks mean "
+              f"{st.mean(r['per_chunk']):.0f} us ({len(r['per_chunk'])} chunks); "
+              f"guest side p50 {st.median(r['guest']):.0f} us; "
+              f"kick to last answer p50 {st.median(r['backend']):.0f} us")
+        if r["tail"]:
+            print(f"  data landed to answer: p50 {st.median(r['tail']):.0f} us, "
+                  f"p90 {pct(r['tail'], 0.9):.0f} us")
+    ratio = st.mean(result["qsd"]["per_chunk"]) / st.mean(result["basalt"]["per_chunk"])
+    print(f"traced window: basalt/qsd throughput {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
