@@ -355,6 +355,10 @@ pub struct Vm {
     /// each of their writes is durable before the guest hears of it.
     #[serde(default)]
     pub write_through_disks: Vec<String>,
+    /// QEMU crashes within the last 10 minutes (three make it `failed`);
+    /// the operator's next start clears them.
+    #[serde(default)]
+    pub recent_crashes: u64,
     /// Creation time, unix seconds.
     pub created: u64,
 }

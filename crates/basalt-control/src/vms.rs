@@ -17,7 +17,9 @@
 //! Each process has a monitor task that polls QMP: a guest that powered off
 //! (QEMU runs with `-no-shutdown`, so it stays in the `shutdown` state) makes
 //! the VM `stopped` for good; a QEMU that dies unexpectedly is restarted,
-//! until it crashed three times within ten minutes (then `failed`).
+//! until it crashed three times within ten minutes (then `failed`). The
+//! crashes are counted in the VM's record, so a restarted basaltd or the
+//! node a fail-over moves the VM to goes on counting.
 //!
 //! QEMU does not depend on basaltd staying up: a restarted basaltd adopts
 //! the processes it finds in its run directories (pid file and QMP socket)
@@ -202,7 +204,6 @@ pub(crate) struct Supervisor {
     instances: Mutex<HashMap<String, Arc<Instance>>>,
     /// VMs with a start, stop or migration task running.
     busy: Mutex<HashSet<String>>,
-    crashes: Mutex<HashMap<String, Vec<Instant>>>,
     accel: tokio::sync::OnceCell<Accel>,
 }
 
@@ -267,6 +268,7 @@ pub(crate) fn vm_view(record: &VmRecord) -> Vm {
         last_migration_downtime_ms: record.last_migration_ms.map(|(d, _)| d),
         last_migration_total_ms: record.last_migration_ms.map(|(_, t)| t),
         write_through_disks: record.write_through_disks.clone(),
+        recent_crashes: record.crashes_since(unix_now(), CRASH_WINDOW.as_secs()) as u64,
         created: record.created,
     }
 }
@@ -784,6 +786,7 @@ impl Node {
             state,
             reason,
             powered_off,
+            crashed_at: None,
         };
         if let Err(error) = self.propose_vm(command).await {
             tracing::info!(vm = %name, %error, "VM report not taken");
@@ -1479,32 +1482,38 @@ async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
         return;
     }
     node.forget_instance(instance);
-    let crashes = {
-        let mut all = node.vm_supervisor.crashes.lock();
-        let list = all.entry(instance.name.clone()).or_default();
-        list.retain(|t| t.elapsed() < CRASH_WINDOW);
-        list.push(Instant::now());
-        list.len()
-    };
+    // Counted in the cluster: a restarted basaltd, or the node a fail-over
+    // moves the VM to, goes on counting.
+    let now = unix_now();
+    let earlier = node
+        .cluster()
+        .cluster()
+        .vm(&instance.name)
+        .map_or(0, |vm| vm.crashes_since(now, CRASH_WINDOW.as_secs()));
+    let crashes = earlier + 1;
     tracing::warn!(vm = %instance.name, crashes, what, "QEMU crashed");
-    if crashes >= MAX_CRASHES {
-        node.report_vm(
-            &instance.name,
-            instance.generation,
+    let (state, reason) = if crashes >= MAX_CRASHES {
+        (
             VmRunState::Failed,
             format!("{what}; {crashes} crashes within 10 minutes, not restarting"),
-            false,
         )
-        .await;
     } else {
-        node.report_vm(
-            &instance.name,
-            instance.generation,
+        (
             VmRunState::Starting,
             format!("{what} unexpectedly; restarting (crash {crashes})"),
-            false,
         )
-        .await;
+    };
+    let report = VmCommand::VmReport {
+        name: instance.name.clone(),
+        node: node.node_id(),
+        generation: instance.generation,
+        state,
+        reason,
+        powered_off: false,
+        crashed_at: Some(now),
+    };
+    if let Err(error) = node.propose_vm(report).await {
+        tracing::info!(vm = %instance.name, %error, "crash report not taken");
     }
     node.vm_supervisor.release(&instance.name);
 }

@@ -143,6 +143,25 @@ pub struct VmRecord {
     /// destination; a new placement (start, fail-over) starts over.
     #[serde(default)]
     pub write_through_disks: Vec<String>,
+    /// Unix seconds of the VM's QEMU crashes since the operator last
+    /// started it (the last [`KEPT_CRASHES`]), kept here so that a
+    /// restarted basaltd, or another node after a fail-over, counts them
+    /// too.
+    #[serde(default)]
+    pub crashes: Vec<u64>,
+}
+
+/// How many crash times a VM's record keeps.
+pub const KEPT_CRASHES: usize = 16;
+
+impl VmRecord {
+    /// Crashes within the `window` seconds before `now`.
+    pub fn crashes_since(&self, now: u64, window: u64) -> usize {
+        self.crashes
+            .iter()
+            .filter(|at| now.saturating_sub(**at) < window)
+            .count()
+    }
 }
 
 /// VM capacity a node offers (its CPUs and memory times the overcommit).
@@ -394,6 +413,7 @@ impl ClusterState {
                         migration: None,
                         last_migration_ms: None,
                         write_through_disks: Vec::new(),
+                        crashes: Vec::new(),
                     },
                 );
                 Ok(CommandResult::Done)
@@ -437,6 +457,7 @@ impl ClusterState {
                 vm.generation += 1;
                 vm.force_stop = false;
                 vm.write_through_disks.clear();
+                vm.crashes.clear();
                 vm.reason = format!("{reason}; placed on node {node}");
                 Ok(CommandResult::Id(node))
             }
@@ -471,12 +492,18 @@ impl ClusterState {
                 state,
                 reason,
                 powered_off,
+                crashed_at,
             } => {
                 let vm = self.vm_mut(name)?;
                 if vm.node != Some(*node) || vm.generation != *generation {
                     return Err(conflict(format!(
                         "VM {name} no longer runs on node {node} under generation {generation}"
                     )));
+                }
+                if let Some(at) = crashed_at {
+                    vm.crashes.push(*at);
+                    let extra = vm.crashes.len().saturating_sub(KEPT_CRASHES);
+                    vm.crashes.drain(..extra);
                 }
                 vm.state = *state;
                 // An empty reason keeps the one that says how it got here
@@ -726,6 +753,9 @@ pub enum VmCommand {
         reason: String,
         /// The guest powered itself off: it stays stopped.
         powered_off: bool,
+        /// The process crashed at this unix second (counted in `crashes`).
+        #[serde(default)]
+        crashed_at: Option<u64>,
     },
     /// Starts a live migration to `to`.
     BeginMigration {
@@ -910,6 +940,7 @@ mod tests {
             state: run,
             reason: String::new(),
             powered_off: off,
+            crashed_at: None,
         }))
     }
 
@@ -1200,6 +1231,51 @@ mod tests {
         assert_eq!(disks(&state), ["a"]);
         start(&mut state, "vm");
         assert!(disks(&state).is_empty());
+    }
+
+    #[test]
+    fn crashes_are_counted_in_the_record_until_the_operator_starts_the_vm_again() {
+        let mut state = cluster(1);
+        create(&mut state, spec("vm", &["a"], 256));
+        start(&mut state, "vm");
+        let generation = state.vm("vm").unwrap().generation;
+        let crash = |state: &mut ClusterState, at: u64, generation: u64| {
+            state.apply(&vm_command(VmCommand::VmReport {
+                name: "vm".into(),
+                node: 1,
+                generation,
+                state: VmRunState::Starting,
+                reason: "crashed".into(),
+                powered_off: false,
+                crashed_at: Some(at),
+            }))
+        };
+        for at in 0..20 {
+            assert_eq!(
+                crash(&mut state, 1000 + at, generation),
+                CommandResult::Done
+            );
+        }
+        let vm = state.vm("vm").unwrap();
+        assert_eq!(vm.crashes.len(), KEPT_CRASHES);
+        assert_eq!(vm.crashes.last(), Some(&1019));
+        assert_eq!(vm.crashes_since(1019, 5), 5);
+        assert_eq!(vm.crashes_since(5000, 600), 0);
+        // A stale report counts nothing.
+        assert!(matches!(
+            crash(&mut state, 2000, generation + 7),
+            CommandResult::Refused { .. }
+        ));
+        assert_eq!(state.vm("vm").unwrap().crashes.last(), Some(&1019));
+        // The operator's next start gives the VM a fresh budget.
+        state.apply(&vm_command(VmCommand::StopVm {
+            name: "vm".into(),
+            force: true,
+            timeout: 0,
+        }));
+        report(&mut state, "vm", 1, generation, VmRunState::Stopped, false);
+        start(&mut state, "vm");
+        assert!(state.vm("vm").unwrap().crashes.is_empty());
     }
 
     #[test]

@@ -543,7 +543,7 @@ fn guest_vm_of_a_killed_node_restarts_on_another_node_with_its_data() {
 
 #[test]
 fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
-    let daemon = vm_daemon(&[]);
+    let mut daemon = vm_daemon(&[]);
     daemon.cli_ok(&["vdisk", "create", "data", "--size", "64M"]);
     create_guest(&daemon, "crashy", &["data"], "idle", "256M");
     daemon.cli_ok(&["vm", "start", "crashy"]);
@@ -569,9 +569,33 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
         "{restarted}"
     );
     assert_eq!(restarted["desired"], "running");
+    assert_eq!(restarted["recent_crashes"], 1, "{restarted}");
     wait_for("the guest runs again", BOOT_TIMEOUT, || {
         console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
     });
+    // The count lives in the cluster, not in basaltd's memory: after a
+    // restart of basaltd the next crash is the second.
+    daemon.terminate();
+    daemon.restart();
+    let second = daemon.qemu_pids();
+    daemon.kill_qemus();
+    wait_for("QEMU is restarted again", Duration::from_secs(60), || {
+        restarted = show(&daemon, "crashy");
+        let pids = daemon.qemu_pids();
+        restarted["state"] == "running" && pids.len() == 1 && pids != second
+    });
+    assert!(
+        restarted["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarting (crash 2)"),
+        "{restarted}"
+    );
+    assert_eq!(restarted["recent_crashes"], 2, "{restarted}");
     daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
     assert_eq!(show(&daemon, "crashy")["state"], "stopped");
+    // The operator's start gives it a fresh budget.
+    let started = daemon.cli_json(&["vm", "start", "crashy"]);
+    assert_eq!(started["recent_crashes"], 0, "{started}");
+    daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
 }
