@@ -170,6 +170,17 @@ fn metric(daemon: &Daemon, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until VM `name` runs again in a QEMU process other than `before`.
+fn wait_restarted(daemon: &Daemon, name: &str, before: &[u32]) -> Value {
+    let mut shown = Value::Null;
+    wait_for("QEMU is restarted", Duration::from_secs(60), || {
+        shown = show(daemon, name);
+        let pids = daemon.qemu_pids();
+        shown["state"] == "running" && pids.len() == 1 && pids != before
+    });
+    shown
+}
+
 fn node_id(daemon: &Daemon) -> u64 {
     daemon.cli_json(&["cluster", "status"])["node_id"]
         .as_u64()
@@ -555,12 +566,7 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     // QEMU dies under the guest (not a power-off): the supervisor starts it
     // again on the same node and says why.
     daemon.kill_qemus();
-    let mut restarted = Value::Null;
-    wait_for("QEMU is restarted", Duration::from_secs(60), || {
-        restarted = show(&daemon, "crashy");
-        let pids = daemon.qemu_pids();
-        restarted["state"] == "running" && pids.len() == 1 && pids != first
-    });
+    let restarted = wait_restarted(&daemon, "crashy", &first);
     assert!(
         restarted["reason"]
             .as_str()
@@ -579,11 +585,7 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     daemon.restart();
     let second = daemon.qemu_pids();
     daemon.kill_qemus();
-    wait_for("QEMU is restarted again", Duration::from_secs(60), || {
-        restarted = show(&daemon, "crashy");
-        let pids = daemon.qemu_pids();
-        restarted["state"] == "running" && pids.len() == 1 && pids != second
-    });
+    let restarted = wait_restarted(&daemon, "crashy", &second);
     assert!(
         restarted["reason"]
             .as_str()
