@@ -1474,25 +1474,19 @@ impl Store {
         });
         // Checksummed while the disk writes it.
         let crcs = match crcs {
-            PendingCrcs::Pieces(pieces) => {
-                let mut crcs = Vec::with_capacity(EXTENT_BLOCKS as usize);
-                for piece in pieces {
-                    match piece.await {
-                        Ok(piece) => crcs.extend(piece),
-                        Err(_) => {
-                            // The runtime is going away: nothing is acknowledged,
-                            // and the slot goes back once the data has landed.
-                            let store = self.clone();
-                            tokio::spawn(async move {
-                                let _ = landing.await;
-                                give_back(&store);
-                            });
-                            return Some(Err(StoreError::ShuttingDown));
-                        }
-                    }
+            PendingCrcs::Pieces(pieces) => match futures::future::try_join_all(pieces).await {
+                Ok(pieces) => pieces.concat(),
+                Err(_) => {
+                    // The runtime is going away: nothing is acknowledged, and
+                    // the slot goes back once the data has landed.
+                    let store = self.clone();
+                    tokio::spawn(async move {
+                        let _ = landing.await;
+                        give_back(&store);
+                    });
+                    return Some(Err(StoreError::ShuttingDown));
                 }
-                crcs
-            }
+            },
             PendingCrcs::Whole(segment) => block_crcs(segment.as_slice()),
         };
         let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);

@@ -40,17 +40,18 @@ pub trait WriteCacheKeeper: Send + Sync {
 /// connections it serves one after the other.
 pub struct WriteCache {
     write_through: AtomicBool,
+    /// Who records changes. Held for the whole of a change, so that the
+    /// keeper's record and the mode in force cannot be reordered by two
+    /// changes racing, nor by a reset.
     keeper: Mutex<Option<Arc<dyn WriteCacheKeeper>>>,
-    /// Serializes changes, so that the keeper's record and the mode in force
-    /// cannot be reordered by two changes racing.
-    changing: Mutex<()>,
 }
 
 impl std::fmt::Debug for WriteCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteCache")
             .field("write_through", &self.write_through())
-            .field("kept", &self.keeper.lock().is_some())
+            // Not `lock`: a change may hold it while its keeper records.
+            .field("kept", &self.keeper.try_lock().map(|k| k.is_some()))
             .finish()
     }
 }
@@ -70,7 +71,6 @@ impl WriteCache {
         WriteCache {
             write_through: AtomicBool::new(write_through),
             keeper: Mutex::new(keeper),
-            changing: Mutex::new(()),
         }
     }
 
@@ -82,8 +82,8 @@ impl WriteCache {
     /// Starts over for a new frontend process (a fresh QEMU, or the
     /// destination of a migration): its mode and who records its changes.
     pub fn reset(&self, write_through: bool, keeper: Option<Arc<dyn WriteCacheKeeper>>) {
-        let _changing = self.changing.lock();
-        *self.keeper.lock() = keeper;
+        let mut kept = self.keeper.lock();
+        *kept = keeper;
         self.write_through.store(write_through, Ordering::Release);
     }
 
@@ -97,15 +97,14 @@ impl WriteCache {
         write_through: bool,
         before_write_through: impl FnOnce() -> Result<(), String>,
     ) -> Result<(), String> {
-        let _changing = self.changing.lock();
+        let keeper = self.keeper.lock();
         if self.write_through() == write_through {
             return Ok(());
         }
         if write_through {
             before_write_through()?;
         }
-        let keeper = self.keeper.lock().clone();
-        if let Some(keeper) = keeper {
+        if let Some(keeper) = keeper.as_ref() {
             keeper.record(write_through)?;
         }
         self.write_through.store(write_through, Ordering::Release);
