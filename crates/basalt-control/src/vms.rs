@@ -29,7 +29,7 @@
 //! and in the VM's record, so that the new exports (and a migration's
 //! destination) honour it (`GuestWriteCache`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Weak;
@@ -267,7 +267,7 @@ pub(crate) fn vm_view(record: &VmRecord) -> Vm {
         }),
         last_migration_downtime_ms: record.last_migration_ms.map(|(d, _)| d),
         last_migration_total_ms: record.last_migration_ms.map(|(_, t)| t),
-        write_through_disks: record.write_through_disks.clone(),
+        write_through_disks: record.write_through_disks.iter().cloned().collect(),
         recent_crashes: record.crashes_since(unix_now(), CRASH_WINDOW.as_secs()) as u64,
         created: record.created,
     }
@@ -778,6 +778,7 @@ impl Node {
         state: VmRunState,
         reason: String,
         powered_off: bool,
+        crashed_at: Option<u64>,
     ) {
         let command = VmCommand::VmReport {
             name: name.to_string(),
@@ -786,7 +787,7 @@ impl Node {
             state,
             reason,
             powered_off,
-            crashed_at: None,
+            crashed_at,
         };
         if let Err(error) = self.propose_vm(command).await {
             tracing::info!(vm = %name, %error, "VM report not taken");
@@ -841,7 +842,7 @@ impl Node {
             GuestWriteCache::starting_from(&run_dir, &record.write_through_disks)
         } else {
             self.forget_write_through(record).await;
-            GuestWriteCache::starting_from(&run_dir, &[])
+            GuestWriteCache::starting_from(&run_dir, &BTreeSet::new())
         }
         .map_err(|e| format!("recording the disks' cache modes: {e}"))?;
         let mut sockets = Vec::new();
@@ -1068,7 +1069,7 @@ const WRITE_CACHE_RECORD_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`write_through_disks`), from which a migration's destination starts.
 struct GuestWriteCache {
     path: PathBuf,
-    write_through: Mutex<Vec<String>>,
+    write_through: Mutex<BTreeSet<String>>,
 }
 
 impl GuestWriteCache {
@@ -1078,11 +1079,11 @@ impl GuestWriteCache {
     /// migration's destination) or none (a new guest), recorded at once.
     fn starting_from(
         run_dir: &std::path::Path,
-        write_through: &[String],
+        write_through: &BTreeSet<String>,
     ) -> std::io::Result<Arc<GuestWriteCache>> {
         let cache = GuestWriteCache {
             path: run_dir.join(Self::FILE),
-            write_through: Mutex::new(write_through.to_vec()),
+            write_through: Mutex::new(write_through.clone()),
         };
         cache.save(write_through)?;
         Ok(Arc::new(cache))
@@ -1096,9 +1097,9 @@ impl GuestWriteCache {
         let write_through = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
                 tracing::warn!(path = %path.display(), %error, "unreadable; taking write-back");
-                Vec::new()
+                BTreeSet::new()
             }),
-            Err(_) => Vec::new(),
+            Err(_) => BTreeSet::new(),
         };
         Arc::new(GuestWriteCache {
             path,
@@ -1107,34 +1108,33 @@ impl GuestWriteCache {
     }
 
     fn write_through(&self, vdisk: &str) -> bool {
-        self.write_through.lock().iter().any(|d| d == vdisk)
+        self.write_through.lock().contains(vdisk)
     }
 
-    fn save(&self, write_through: &[String]) -> std::io::Result<()> {
+    fn save(&self, write_through: &BTreeSet<String>) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(write_through).map_err(std::io::Error::other)?;
         basalt_meta::replace_file_durably(&self.path, &bytes)
     }
 
-    /// Records one vdisk's choice in the file; returns the list before.
-    fn set(&self, vdisk: &str, write_through: bool) -> std::io::Result<Vec<String>> {
-        let mut list = self.write_through.lock();
-        let before = list.clone();
-        let mut after: Vec<String> = before.iter().filter(|d| *d != vdisk).cloned().collect();
+    /// Records one vdisk's choice in the file; returns the set before.
+    fn set(&self, vdisk: &str, write_through: bool) -> std::io::Result<BTreeSet<String>> {
+        let mut set = self.write_through.lock();
+        let mut after = set.clone();
         if write_through {
-            after.push(vdisk.to_string());
-            after.sort();
+            after.insert(vdisk.to_string());
+        } else {
+            after.remove(vdisk);
         }
         self.save(&after)?;
-        *list = after;
-        Ok(before)
+        Ok(std::mem::replace(&mut *set, after))
     }
 
-    fn restore(&self, before: Vec<String>) {
-        let mut list = self.write_through.lock();
+    fn restore(&self, before: BTreeSet<String>) {
+        let mut set = self.write_through.lock();
         if let Err(error) = self.save(&before) {
             tracing::warn!(path = %self.path.display(), %error, "cannot restore the cache modes");
         }
-        *list = before;
+        *set = before;
     }
 
     /// The keeper the export of `vdisk` hands the guest's changes to.
@@ -1274,8 +1274,15 @@ fn supervise(node: &Arc<Node>, state: &ClusterState) {
             let (name, generation) = (name.clone(), vm.generation);
             tokio::spawn(async move {
                 let reason = "stopped by the operator (no QEMU process was running)";
-                node.report_vm(&name, generation, VmRunState::Stopped, reason.into(), false)
-                    .await;
+                node.report_vm(
+                    &name,
+                    generation,
+                    VmRunState::Stopped,
+                    reason.into(),
+                    false,
+                    None,
+                )
+                .await;
                 node.vm_supervisor.release(&name);
             });
             continue;
@@ -1302,8 +1309,15 @@ fn supervise(node: &Arc<Node>, state: &ClusterState) {
                         .await;
                 } else {
                     let reason = format!("cannot start QEMU: {why}");
-                    node.report_vm(&name, record.generation, VmRunState::Failed, reason, false)
-                        .await;
+                    node.report_vm(
+                        &name,
+                        record.generation,
+                        VmRunState::Failed,
+                        reason,
+                        false,
+                        None,
+                    )
+                    .await;
                 }
             }
             node.vm_supervisor.release(&name);
@@ -1357,6 +1371,7 @@ fn spawn_stop(node: &Arc<Node>, instance: Arc<Instance>, force: bool, timeout: u
             VmRunState::Stopped,
             format!("stopped by the operator ({how})"),
             false,
+            None,
         )
         .await;
         node.vm_supervisor.release(&instance.name);
@@ -1397,6 +1412,7 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
                     VmRunState::Stopped,
                     "the guest powered off".into(),
                     true,
+                    None,
                 )
                 .await;
                 node.vm_supervisor.release(&instance.name);
@@ -1446,6 +1462,7 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
                         VmRunState::Running,
                         String::new(),
                         false,
+                        None,
                     )
                     .await;
                     instance.reported_running.store(true, Ordering::Release);
@@ -1503,18 +1520,15 @@ async fn crashed(node: &Arc<Node>, instance: &Instance, what: &str) {
             format!("{what} unexpectedly; restarting (crash {crashes})"),
         )
     };
-    let report = VmCommand::VmReport {
-        name: instance.name.clone(),
-        node: node.node_id(),
-        generation: instance.generation,
+    node.report_vm(
+        &instance.name,
+        instance.generation,
         state,
         reason,
-        powered_off: false,
-        crashed_at: Some(now),
-    };
-    if let Err(error) = node.propose_vm(report).await {
-        tracing::info!(vm = %instance.name, %error, "crash report not taken");
-    }
+        false,
+        Some(now),
+    )
+    .await;
     node.vm_supervisor.release(&instance.name);
 }
 

@@ -12,6 +12,8 @@
 //! generation: a report from a process of an older placement, or from a node
 //! the VM has left, is refused and changes nothing.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
@@ -142,7 +144,7 @@ pub struct VmRecord {
     /// must honour it across a restarted basaltd and on a migration's
     /// destination; a new placement (start, fail-over) starts over.
     #[serde(default)]
-    pub write_through_disks: Vec<String>,
+    pub write_through_disks: BTreeSet<String>,
     /// Unix seconds of the VM's QEMU crashes since the operator last
     /// started it (the last [`KEPT_CRASHES`]), kept here so that a
     /// restarted basaltd, or another node after a fail-over, counts them
@@ -412,7 +414,7 @@ impl ClusterState {
                         stop_timeout: 0,
                         migration: None,
                         last_migration_ms: None,
-                        write_through_disks: Vec::new(),
+                        write_through_disks: BTreeSet::new(),
                         crashes: Vec::new(),
                     },
                 );
@@ -652,10 +654,10 @@ impl ClusterState {
                         "VM {name} is migrating; its disks' cache modes cannot change"
                     )));
                 }
-                vm.write_through_disks.retain(|d| d != vdisk);
                 if *write_through {
-                    vm.write_through_disks.push(vdisk.clone());
-                    vm.write_through_disks.sort();
+                    vm.write_through_disks.insert(vdisk.clone());
+                } else {
+                    vm.write_through_disks.remove(vdisk);
                 }
                 Ok(CommandResult::Done)
             }
@@ -1168,7 +1170,10 @@ mod tests {
                 write_through,
             })
         };
-        let disks = |state: &ClusterState| state.vm("vm").unwrap().write_through_disks.clone();
+        let disks = |state: &ClusterState| -> Vec<String> {
+            let vm = state.vm("vm").unwrap();
+            vm.write_through_disks.iter().cloned().collect()
+        };
         assert_eq!(
             state.apply(&choose(generation, "b", true)),
             CommandResult::Done

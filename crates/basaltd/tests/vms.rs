@@ -170,14 +170,25 @@ fn metric(daemon: &Daemon, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until VM `name` runs again in a QEMU process other than `before`.
-fn wait_restarted(daemon: &Daemon, name: &str, before: &[u32]) -> Value {
+/// Kills VM `name`'s QEMU, waits until the VM runs again in a new process,
+/// and checks that the supervisor counts this as its crash `n`.
+fn crash_qemu(daemon: &Daemon, name: &str, n: u64) -> Value {
+    let before = daemon.qemu_pids();
+    daemon.kill_qemus();
     let mut shown = Value::Null;
     wait_for("QEMU is restarted", Duration::from_secs(60), || {
         shown = show(daemon, name);
         let pids = daemon.qemu_pids();
         shown["state"] == "running" && pids.len() == 1 && pids != before
     });
+    assert!(
+        shown["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("restarting (crash {n})")),
+        "{shown}"
+    );
+    assert_eq!(shown["recent_crashes"], n, "{shown}");
     shown
 }
 
@@ -561,21 +572,11 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     wait_for("the guest is up", BOOT_TIMEOUT, || {
         console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
     });
-    let first = daemon.qemu_pids();
-    assert_eq!(first.len(), 1);
+    assert_eq!(daemon.qemu_pids().len(), 1);
     // QEMU dies under the guest (not a power-off): the supervisor starts it
     // again on the same node and says why.
-    daemon.kill_qemus();
-    let restarted = wait_restarted(&daemon, "crashy", &first);
-    assert!(
-        restarted["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("restarting (crash 1)"),
-        "{restarted}"
-    );
+    let restarted = crash_qemu(&daemon, "crashy", 1);
     assert_eq!(restarted["desired"], "running");
-    assert_eq!(restarted["recent_crashes"], 1, "{restarted}");
     wait_for("the guest runs again", BOOT_TIMEOUT, || {
         console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
     });
@@ -583,17 +584,7 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     // restart of basaltd the next crash is the second.
     daemon.terminate();
     daemon.restart();
-    let second = daemon.qemu_pids();
-    daemon.kill_qemus();
-    let restarted = wait_restarted(&daemon, "crashy", &second);
-    assert!(
-        restarted["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("restarting (crash 2)"),
-        "{restarted}"
-    );
-    assert_eq!(restarted["recent_crashes"], 2, "{restarted}");
+    crash_qemu(&daemon, "crashy", 2);
     daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
     assert_eq!(show(&daemon, "crashy")["state"], "stopped");
     // The operator's start gives it a fresh budget.
