@@ -37,7 +37,11 @@
 #   seq            writes a sequence: block i (from SEQ_OFFSET) holds "basalt seq <i>",
 #                  for i below basalt.seq=N (default 1000), one O_DIRECT write each,
 #                  printing "BASALT-SEQ: i" every 10 blocks; every 100 blocks it reads
-#                  the last 100 back and compares ("BASALT-SEQ: mismatch ..." if not)
+#                  the last 100 back and compares ("BASALT-SEQ: mismatch ..." if not);
+#                  with basalt.seqreader=1 a second process keeps reading the first
+#                  1 MiB of the sequence (O_DIRECT, 64 KiB at a time) meanwhile, so
+#                  that reads and writes are in flight together, printing
+#                  "BASALT-READS: n" every 20 reads
 #   idle           prints "BASALT-ALIVE: n" every second, forever
 #   ddbench        sequential O_DIRECT write then read of basalt.ddmb=N MiB (default
 #                  256) in 1 MiB requests; prints "BASALT-DD: mb=N write_s=S read_s=S"
@@ -326,6 +330,17 @@ cmd_seq() {
     n=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.seq=//p')
     n=${n:-1000}
     base=$((SEQ_OFFSET / 4096))
+    if tr ' ' '\n' </proc/cmdline | grep -qx 'basalt.seqreader=1'; then
+        (
+            r=0
+            while :; do
+                dd if=/dev/vda of=/dev/null bs=65536 count=1 \
+                    skip=$((SEQ_OFFSET / 65536 + r % 16)) iflag=direct 2>/dev/null
+                r=$((r + 1))
+                [ $((r % 20)) = 0 ] && echo "BASALT-READS: $r"
+            done
+        ) &
+    fi
     fails=0
     i=0
     while [ $i -lt "$n" ]; do

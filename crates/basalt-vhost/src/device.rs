@@ -19,20 +19,39 @@
 //!           requests finished here                               │
 //!                                                                ▼
 //!                         tokio worker: backend completes ─▶ finish
-//!  finish: copy IN data + status into guest memory, add_used (vring lock),
-//!          signal the guest unless EVENT_IDX suppresses it, inflight -= 1,
+//!  finish: copy IN data + status into guest memory; add_used (vring lock)
+//!          for it and every answer it was holding back (in the order taken),
+//!          signal the guest unless EVENT_IDX suppresses it, inflight -= n,
 //!          start jobs parked by the byte budget
 //! ```
 //!
 //! Requests run concurrently: a queue has as many requests in flight as the
-//! guest posts (up to the queue size); completions come back in any order and
-//! from any thread. Polling each job once on the worker thread before handing
+//! guest posts (up to the queue size); the backend completes them in any
+//! order and on any thread. Polling each job once on the worker thread before handing
 //! it to the runtime means a request reaches the backend without waiting for
 //! a runtime thread to wake up, and a backend that answers at once (a cache
 //! hit) completes it with no thread hand-off at all, the way
 //! qemu-storage-daemon's coroutines do. Only the byte volume is bounded: past
 //! [`VhostBlkOptions::max_inflight_bytes`] per queue, parsed requests wait in a
 //! FIFO until earlier ones complete.
+//!
+//! # Answers in order
+//!
+//! Answers enter the used ring in the order their requests were taken off
+//! the available ring; an answer that is ready before an earlier request's
+//! waits for it (its data and status are already in guest memory). The price
+//! is a little head-of-line latency under mixed load. What it buys: when
+//! basaltd dies without a word (`kill -9`, a crash), QEMU cannot ask where the
+//! ring stood (`GET_VRING_BASE` fails on the dead socket) and restarts the
+//! ring at the used index it reads from guest memory. With answers in order,
+//! that index is exactly the first unanswered request: the restarted
+//! basaltd takes every unanswered request again and nothing answered twice.
+//! With answers out of order, a request taken before an answered one would
+//! never be offered again (the guest waits for it forever) and an answered
+//! one would be answered twice (the guest's driver could complete a
+//! different request that reused its tag). `INFLIGHT_SHMFD` would solve the
+//! same problem for out-of-order answers; vhost-user-backend does not
+//! support it.
 //!
 //! # Stopping a queue
 //!
@@ -55,7 +74,7 @@
 //! Lock order: vring lock, then queue state lock. `stop_vring` only takes the
 //! state lock (and waits on its condition variable).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::panic::AssertUnwindSafe;
@@ -141,6 +160,13 @@ struct QueueState {
     batching: bool,
     /// Used entries were added while batching.
     signal_pending: bool,
+    /// Sequence number of the next chain taken off the ring.
+    next_seq: u64,
+    /// Sequence number of the next answer to enter the used ring.
+    next_published: u64,
+    /// Answers waiting for an earlier request's (sequence number → head and
+    /// used length): see "Answers in order" in the module documentation.
+    held: BTreeMap<u64, (u16, u32)>,
 }
 
 #[derive(Default)]
@@ -155,6 +181,8 @@ struct Slot {
     queue: usize,
     head: u16,
     generation: u64,
+    /// Position in the order the queue's chains were taken.
+    seq: u64,
     vring: Vring,
     mem: Arc<GuestMem>,
 }
@@ -355,7 +383,7 @@ impl Device {
         let mut empty_rounds = 0;
         loop {
             let mem = self.mem.memory().into_inner();
-            let (chains, generation) = {
+            let (chains, generation, first_seq) = {
                 let mut guard = vring.get_mut();
                 if event_idx {
                     let _ = guard.get_queue_mut().disable_notification(&*mem);
@@ -366,15 +394,18 @@ impl Device {
                 }
                 let mut state = self.queues[queue].state.lock();
                 state.inflight += chains.len();
-                (chains, state.generation)
+                let first_seq = state.next_seq;
+                state.next_seq += chains.len() as u64;
+                (chains, state.generation, first_seq)
             };
             let popped = chains.len();
             let mut jobs = Vec::new();
-            for chain in chains {
+            for (seq, chain) in (first_seq..).zip(chains) {
                 let slot = Slot {
                     queue,
                     head: chain.head_index(),
                     generation,
+                    seq,
                     vring: vring.clone(),
                     mem: mem.clone(),
                 };
@@ -675,15 +706,27 @@ impl Device {
             let mut state = shared.state.lock();
             state.copying -= 1;
             if state.generation == slot.generation {
-                if let Err(err) = vring.add_used(slot.head, used_len) {
-                    tracing::warn!(queue = slot.queue, %err, "vhost-user-blk: cannot add to used ring");
+                state.held.insert(slot.seq, (slot.head, used_len));
+                let mut published = 0;
+                loop {
+                    let next = state.next_published;
+                    let Some((head, len)) = state.held.remove(&next) else {
+                        break;
+                    };
+                    if let Err(err) = vring.add_used(head, len) {
+                        tracing::warn!(queue = slot.queue, %err, "vhost-user-blk: cannot add to used ring");
+                    }
+                    state.next_published = next + 1;
+                    published += 1;
                 }
-                if state.batching {
-                    state.signal_pending = true;
-                } else {
-                    notify_guest(&mut vring, slot.queue);
+                if published > 0 {
+                    if state.batching {
+                        state.signal_pending = true;
+                    } else {
+                        notify_guest(&mut vring, slot.queue);
+                    }
                 }
-                state.inflight = state.inflight.saturating_sub(1);
+                state.inflight = state.inflight.saturating_sub(published);
                 state.inflight_bytes = state.inflight_bytes.saturating_sub(budget);
                 while let Some(next) = state.pending.front() {
                     if !self.fits(&state, next.budget) {
@@ -727,6 +770,8 @@ impl Device {
             );
             state.generation += 1;
             state.inflight = 0;
+            state.held.clear();
+            state.next_published = state.next_seq;
             state.inflight_bytes = 0;
             state.pending.clear();
             // Completions already writing to guest memory finish first.

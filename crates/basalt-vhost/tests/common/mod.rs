@@ -19,6 +19,8 @@ pub struct MemBackend {
     pub id: String,
     /// Every backend call sleeps this long first (on the tokio timer).
     pub delay: Mutex<Duration>,
+    /// Reads starting at this offset sleep this long instead.
+    pub slow_read: Mutex<Option<(u64, Duration)>>,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub fua_writes: AtomicU64,
@@ -39,6 +41,7 @@ impl MemBackend {
             data: Mutex::new(vec![0u8; size]),
             id: id.to_string(),
             delay: Mutex::new(Duration::ZERO),
+            slow_read: Mutex::new(None),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
@@ -66,9 +69,16 @@ impl MemBackend {
     }
 
     async fn enter(&self) -> InflightGuard<'_> {
+        self.enter_for(None).await
+    }
+
+    async fn enter_for(&self, read_at: Option<u64>) -> InflightGuard<'_> {
         let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_inflight.fetch_max(now, Ordering::SeqCst);
-        let delay = *self.delay.lock();
+        let delay = match (*self.slow_read.lock(), read_at) {
+            (Some((slow, delay)), Some(offset)) if slow == offset => delay,
+            _ => *self.delay.lock(),
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -106,7 +116,7 @@ impl BlockBackend for MemBackend {
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<IoBuf, BlockError>> {
         Box::pin(async move {
-            let _guard = self.enter().await;
+            let _guard = self.enter_for(Some(offset)).await;
             if *self.panic_at.lock() == Some(offset) {
                 panic!("test backend panics at {offset}");
             }
