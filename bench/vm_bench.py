@@ -26,6 +26,7 @@ are printed with the ratios. Absolute numbers on shared machines are noise.
 
 Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
                          [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-chunk-mb 64]
+                         [--pair-write-through]
                          [--no-build]
                          [--only boot,dd,pair,migrate] [--bin-dir target/release]
                          [--json results.json]
@@ -198,6 +199,9 @@ def main():
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts to run: " + ", ".join(PARTS))
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--pair-write-through", action="store_true",
+                        help="dd-pair with both disks write-through (the guest "
+                             "switches them; qsd's export gets writethrough=on)")
     parser.add_argument("--bin-dir",
                         help="where basaltd and basalt are (to compare builds; implies --no-build)")
     parser.add_argument("--json")
@@ -269,10 +273,14 @@ def main():
                       "--kernel", kernel, "--initrd", initrd,
                       "--cmdline", f"{CMDLINE} basalt.test=ddbench basalt.ddmb={args.dd_mb}")
             sock = os.path.join(args.dir, "qsd.sock")
+            # With --pair-write-through the guest makes both disks
+            # write-through; qsd's export then syncs after every write
+            # (writethrough=on), as Basalt makes every such write durable.
+            writethrough = ",writethrough=on" if args.pair_write_through else ""
             qsd = subprocess.Popen([
                 "qemu-storage-daemon",
                 "--blockdev", f"driver=file,node-name=file0,filename={raw},cache.direct=on,aio=io_uring",
-                "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
+                "--export", f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=1{writethrough}",
             ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.time() + 10
             while not os.path.exists(sock):
@@ -312,7 +320,8 @@ def main():
             _, text = run_qemu_until(
                 qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
                                           f"basalt.ddrounds={args.pair_rounds} "
-                                          f"basalt.ddchunk={args.pair_chunk_mb}") +
+                                          f"basalt.ddchunk={args.pair_chunk_mb}" +
+                                          (" basalt.ddwt=1" if args.pair_write_through else "")) +
                 ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
                  "-numa", "node,memdev=mem",
                  "-chardev", f"socket,id=c0,path={basalt_sock}",

@@ -47,7 +47,9 @@
 #                  256) in 1 MiB requests; prints "BASALT-DD: mb=N write_s=S read_s=S"
 #   ddpair         the same on /dev/vda and /dev/vdb in turn, basalt.ddrounds=R rounds
 #                  (default 6; the first disk alternates), so both disks are measured
-#                  side by side in one guest; prints per disk and round
+#                  side by side in one guest (basalt.ddwt=1: both switched to
+#                  write-through first, as a guest that wants no volatile cache);
+#                  prints per disk and round
 #                  "BASALT-DDPAIR: round=R disk=D sectors=N mb=N write_s=S read_s=S".
 #                  With basalt.ddchunk=C (MiB) each pass is cut into chunks of C MiB
 #                  and the two disks take turns chunk by chunk (write phase, then
@@ -446,6 +448,11 @@ cmd_ddpair() {
     if [ ! -b /dev/vdb ]; then
         result ddpair FAIL "no /dev/vdb"
         return
+    fi
+    if tr ' ' '\n' </proc/cmdline | grep -qx 'basalt.ddwt=1'; then
+        for d in vda vdb; do
+            echo "write through" >/sys/block/$d/cache_type
+        done
     fi
     for d in vda vdb; do
         q=/sys/block/$d/queue
