@@ -626,6 +626,7 @@ impl Node {
         )
         .await?;
         self.forget_backend(id);
+        self.forget_hand_export_cache(name);
         let store = self.store.clone();
         if wait_applied(self, |_| store.vdisk_size(id).is_none())
             .await
@@ -638,8 +639,50 @@ impl Node {
     }
 
     /// Exports a vdisk over vhost-user-blk (idempotent) and returns the socket.
+    /// A new export starts in the write-cache mode the vdisk's last export by
+    /// hand was left in (see [`HandExportCacheKeeper`]).
     pub fn export_vhost(&self, name: &str) -> Result<VhostExport, ControlError> {
         self.export_vhost_with(name, None)
+    }
+
+    /// Where the write-through choice of a vdisk exported by hand is kept.
+    fn hand_export_cache_path(&self, name: &str) -> PathBuf {
+        self.config
+            .data_dir
+            .join(HAND_EXPORT_CACHE_DIR)
+            .join(format!("{name}.write-through"))
+    }
+
+    /// The write cache of a new export by hand: write-through if the guest
+    /// of the vdisk's last export by hand chose it and nobody unexported
+    /// the vdisk since.
+    fn hand_export_cache(&self, name: &str) -> Result<WriteCache, ControlError> {
+        let path = self.hand_export_cache_path(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| ControlError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let write_through = path.exists();
+        if write_through {
+            tracing::info!(
+                name,
+                "the guest of this vdisk's last export chose write-through; the new export starts so"
+            );
+        }
+        Ok(WriteCache::new(
+            write_through,
+            Some(Arc::new(HandExportCacheKeeper { path })),
+        ))
+    }
+
+    /// Forgets the write-cache choice of a vdisk's exports by hand.
+    fn forget_hand_export_cache(&self, name: &str) {
+        let path = self.hand_export_cache_path(name);
+        if let Err(error) = remove_file_durably(&path) {
+            tracing::warn!(name, path = %path.display(), %error, "could not forget the write-cache choice");
+        }
     }
 
     /// Exports a vdisk to a VM's QEMU process: the guest's write-cache mode
@@ -676,7 +719,7 @@ impl Node {
         let socket = self.config.vhost_dir.join(format!("{name}.sock"));
         let cache = match cache {
             Some((write_through, keeper)) => WriteCache::new(write_through, Some(keeper)),
-            None => WriteCache::default(),
+            None => self.hand_export_cache(name)?,
         };
         let export = VhostBlkExport::start_with_cache(
             &socket,
@@ -709,6 +752,9 @@ impl Node {
         match export {
             Some(export) => {
                 export.stop();
+                // Whoever used the export is done with it: the next export
+                // by hand starts at write-back again.
+                self.forget_hand_export_cache(name);
                 tracing::info!(name, "stopped vhost-user export");
                 Ok(())
             }
@@ -726,5 +772,51 @@ impl Node {
         }
         self.store.shutdown().await?;
         Ok(())
+    }
+}
+
+/// Directory (in the data directory) of the write-cache choices of vdisks
+/// exported by hand.
+const HAND_EXPORT_CACHE_DIR: &str = "vhost-write-through";
+
+/// Keeps the write-cache choice of a vdisk exported by hand (for a QEMU that
+/// Basalt does not run): `DATA_DIR/vhost-write-through/NAME.write-through`
+/// exists while its guest has chosen write-through.
+///
+/// Why: QEMU shows its guest the mode it read when it started, changed only
+/// by the guest, for as long as it runs. When basaltd restarts under it and
+/// the operator exports the vdisk again, that QEMU reconnects and its guest
+/// still sends no FLUSH; the new export must keep making each write durable
+/// before its answer. `basalt vdisk unexport` forgets the choice.
+struct HandExportCacheKeeper {
+    path: PathBuf,
+}
+
+impl WriteCacheKeeper for HandExportCacheKeeper {
+    fn record(&self, write_through: bool) -> Result<(), String> {
+        let recorded = if write_through {
+            basalt_meta::replace_file_durably(&self.path, b"write-through\n")
+        } else {
+            remove_file_durably(&self.path)
+        };
+        recorded.map_err(|e| {
+            format!(
+                "recording the guest's cache mode in {}: {e}",
+                self.path.display()
+            )
+        })
+    }
+}
+
+/// Removes `path` (gone already is fine) and syncs its directory.
+fn remove_file_durably(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
