@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    Daemon, GUEST_PATTERN_BLOCKS, assert_guest_pattern, guest_image, guest_pattern_block,
-    run_command, tool,
+    Daemon, GUEST_PATTERN_BLOCKS, assert_guest_pattern, guest_count, guest_image,
+    guest_pattern_block, run_command, tool,
 };
 use serde_json::Value;
 
@@ -290,31 +290,6 @@ fn daemon_stops_cleanly_under_a_running_guest() {
     client.disconnect();
 }
 
-/// A counter or gauge from `/metrics` (0 when absent).
-fn metric(daemon: &Daemon, name: &str) -> u64 {
-    let answer = daemon.http("GET", "/metrics", None);
-    assert_eq!(answer.status, 200, "{answer:?}");
-    answer
-        .body
-        .lines()
-        .filter_map(|line| line.strip_prefix(name))
-        .filter_map(|rest| rest.trim().strip_prefix("_total ").or(Some(rest.trim())))
-        .filter_map(|value| value.trim().parse::<f64>().ok())
-        .map(|value| value as u64)
-        .next()
-        .unwrap_or(0)
-}
-
-/// The last `BASALT-SEQ: n` on a console (0 if none).
-fn seq_count(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("BASALT-SEQ: "))
-        .filter_map(|n| n.parse().ok())
-        .next_back()
-        .unwrap_or(0)
-}
-
 /// A guest of a QEMU that Basalt does not run turns its disk's write cache
 /// off; basaltd restarts under it and the operator exports the vdisk again.
 /// That QEMU still shows its guest write-through (the guest sends no FLUSH),
@@ -332,19 +307,19 @@ fn a_hand_made_exports_write_through_choice_outlives_a_daemon_restart() {
     let mut guest = boot_running(&image, &socket, "writethrough,seq basalt.seq=100000");
     guest.wait_for("BASALT-TEST: writethrough PASS", BOOT_TIMEOUT);
     guest.wait_for("BASALT-SEQ: 30", BOOT_TIMEOUT);
-    assert_eq!(metric(&daemon, "basalt_vhost_write_through_exports"), 1);
+    assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
 
     daemon.stop();
-    let before = seq_count(&guest.console());
+    let before = guest_count(&guest.console(), "BASALT-SEQ");
     daemon.restart();
     assert_eq!(
         daemon.cli_json(&["vdisk", "export", "vm", "--vhost"])["socket"],
         Value::from(socket.clone())
     );
-    assert_eq!(metric(&daemon, "basalt_vhost_write_through_exports"), 1);
+    assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
     guest.wait_for(&format!("BASALT-SEQ: {}", before + 50), BOOT_TIMEOUT);
-    let after = seq_count(&guest.console());
-    let durable = metric(&daemon, "basalt_vhost_write_through_writes");
+    let after = guest_count(&guest.console(), "BASALT-SEQ");
+    let durable = daemon.metric("basalt_vhost_write_through_writes");
     assert!(
         durable + 10 >= after - before,
         "{durable} write-through writes for {} blocks written since the restart",
@@ -356,7 +331,7 @@ fn a_hand_made_exports_write_through_choice_outlives_a_daemon_restart() {
     daemon.cli_ok(&["vdisk", "unexport", "vm", "--vhost"]);
     daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
     assert_eq!(
-        metric(&daemon, "basalt_vhost_write_through_exports"),
+        daemon.metric("basalt_vhost_write_through_exports"),
         0,
         "an unexport forgets the choice"
     );

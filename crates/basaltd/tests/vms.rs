@@ -23,7 +23,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, DaemonOptions, assert_guest_pattern, guest_image, wait_for};
+use common::{Daemon, DaemonOptions, assert_guest_pattern, guest_count, guest_image, wait_for};
 use serde_json::{Value, json};
 
 // Kept in sync with the guest's /init (tests/guest/build-guest.sh).
@@ -82,26 +82,6 @@ fn console(daemon: &Daemon, name: &str) -> String {
     daemon.cli_ok(&["vm", "console", name])
 }
 
-/// The last `BASALT-SEQ: n` on the console (0 if none).
-fn seq_count(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("BASALT-SEQ: "))
-        .filter_map(|n| n.parse().ok())
-        .next_back()
-        .unwrap_or(0)
-}
-
-/// The last `BASALT-READS: n` on the console (0 if none).
-fn reads_count(console: &str) -> u64 {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("BASALT-READS: "))
-        .filter_map(|n| n.parse().ok())
-        .next_back()
-        .unwrap_or(0)
-}
-
 /// Waits until the VM's console shows at least `n` sequence blocks written.
 fn wait_seq(daemon: &Daemon, name: &str, n: u64) -> u64 {
     let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -111,7 +91,7 @@ fn wait_seq(daemon: &Daemon, name: &str, n: u64) -> u64 {
             !text.contains("mismatch"),
             "the guest saw corrupted data:\n{text}"
         );
-        let count = seq_count(&text);
+        let count = guest_count(&text, "BASALT-SEQ");
         if count >= n {
             return count;
         }
@@ -164,21 +144,6 @@ fn wait_state(daemon: &Daemon, name: &str, state: &str, timeout: Duration) -> Va
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-/// A metric of the daemon's `/metrics` (0 if absent).
-fn metric(daemon: &Daemon, name: &str) -> u64 {
-    let answer = daemon.http("GET", "/metrics", None);
-    assert_eq!(answer.status, 200, "{answer:?}");
-    answer
-        .body
-        .lines()
-        .filter_map(|line| line.strip_prefix(name))
-        .filter_map(|rest| rest.trim().strip_prefix("_total ").or(Some(rest.trim())))
-        .filter_map(|value| value.trim().parse::<f64>().ok())
-        .map(|value| value as u64)
-        .next()
-        .unwrap_or(0)
 }
 
 /// Kills VM `name`'s QEMU, waits until the VM runs again in a new process,
@@ -330,7 +295,7 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
         console(&daemon, "w")
     );
     assert_eq!(show(&daemon, "w")["write_through_disks"], json!(["data"]));
-    assert!(metric(&daemon, "basalt_vhost_write_through_writes") >= 40);
+    assert!(daemon.metric("basalt_vhost_write_through_writes") >= 40);
 
     // Bad input while it runs: nothing changes.
     let (kernel, _) = guest_image();
@@ -401,8 +366,9 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     // basaltd restarts under the running guest: QEMU keeps running (the same
     // process), reconnects to the vdisk's socket, and the guest goes on.
     daemon.terminate();
-    let during = seq_count(
+    let during = guest_count(
         &std::fs::read_to_string(daemon.data_dir.join("vms/w/console.log")).unwrap_or_default(),
+        "BASALT-SEQ",
     );
     assert!(
         std::path::Path::new(&format!("/proc/{}", pids[0])).exists(),
@@ -415,8 +381,8 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     // The new basaltd honours the choice the running QEMU still shows its
     // guest: every write since the restart was durable when answered.
     assert_eq!(shown["write_through_disks"], json!(["data"]), "{shown}");
-    assert_eq!(metric(&daemon, "basalt_vhost_write_through_exports"), 1);
-    let durable = metric(&daemon, "basalt_vhost_write_through_writes");
+    assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
+    let durable = daemon.metric("basalt_vhost_write_through_writes");
     assert!(
         durable + 10 >= after - during,
         "{durable} write-through writes for {} blocks written since the restart",
@@ -437,14 +403,14 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     daemon.kill9();
     let console_now =
         || std::fs::read_to_string(daemon.data_dir.join("vms/w/console.log")).unwrap_or_default();
-    let killed_at = seq_count(&console_now());
-    let reads_at = reads_count(&console_now());
+    let killed_at = guest_count(&console_now(), "BASALT-SEQ");
+    let reads_at = guest_count(&console_now(), "BASALT-READS");
     daemon.restart();
     let after = wait_seq(&daemon, "w", killed_at.max(after) + 50);
     wait_for(
         "the guest's reader goes on after the kill",
         Duration::from_secs(60),
-        || reads_count(&console(&daemon, "w")) >= reads_at + 40,
+        || guest_count(&console(&daemon, "w"), "BASALT-READS") >= reads_at + 40,
     );
     let shown = show(&daemon, "w");
     assert_eq!(shown["state"], "running", "{shown}");
@@ -506,7 +472,7 @@ fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
     wait_for(
         "write-through writes on the destination",
         Duration::from_secs(20),
-        || metric(target_daemon, "basalt_vhost_write_through_writes") > 0,
+        || target_daemon.metric("basalt_vhost_write_through_writes") > 0,
     );
     // The source's QEMU is gone; the destination's runs the guest on.
     wait_for("the source QEMU exits", Duration::from_secs(30), || {
@@ -528,7 +494,10 @@ fn guest_live_migrates_between_nodes_while_writing_without_losing_a_block() {
         text.contains("BASALT-TEST: seq PASS"),
         "the guest's own checks failed after the migration:\n{text}"
     );
-    assert!(seq_count(&text) > before, "no writes after the migration");
+    assert!(
+        guest_count(&text, "BASALT-SEQ") > before,
+        "no writes after the migration"
+    );
     // Every block, read through either node.
     assert_eq!(read_sequence(target_daemon, "data", 1200), 1200);
     assert_eq!(read_sequence(source_daemon, "data", 1200), 1200);

@@ -769,6 +769,21 @@ impl Daemon {
         v
     }
 
+    /// A counter or gauge from `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        let answer = self.http("GET", "/metrics", None);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        answer
+            .body
+            .lines()
+            .filter_map(|line| line.strip_prefix(name))
+            .filter_map(|rest| rest.trim().strip_prefix("_total ").or(Some(rest.trim())))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .map(|value| value as u64)
+            .next()
+            .unwrap_or(0)
+    }
+
     /// One HTTP request to the daemon.
     pub fn http(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> HttpAnswer {
         http_request(method, &format!("{}{path}", self.api_url()), body)
@@ -1057,4 +1072,16 @@ pub fn assert_guest_pattern(daemon: &Daemon, vdisk: &str) {
         );
     }
     client.disconnect();
+}
+
+/// The last count a test guest printed as `TAG: n` on its console (0 if
+/// none): `BASALT-SEQ` (sequence blocks written), `BASALT-READS`.
+pub fn guest_count(console: &str, tag: &str) -> u64 {
+    let prefix = format!("{tag}: ");
+    console
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix(prefix.as_str()))
+        .filter_map(|n| n.parse().ok())
+        .next_back()
+        .unwrap_or(0)
 }
