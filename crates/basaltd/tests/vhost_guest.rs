@@ -243,18 +243,25 @@ fn boot_running(image: &(PathBuf, PathBuf), socket: &str, commands: &str) -> Run
     }
 }
 
+/// A daemon with a 64 MiB vdisk `vm` exported by hand, and a guest running
+/// `commands` on it: (daemon, socket, guest).
+fn guest_on_a_hand_made_export(commands: &str) -> (Daemon, String, RunningGuest) {
+    tool("qemu-system-x86_64");
+    let image = guest_image();
+    let daemon = Daemon::start();
+    daemon.create_vdisk("vm", "64M");
+    let export = daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
+    let socket = export["socket"].as_str().expect("socket").to_string();
+    let guest = boot_running(&image, &socket, commands);
+    (daemon, socket, guest)
+}
+
 /// SIGTERM while a guest does I/O through the vhost-user export: the daemon
 /// still stops cleanly and in time, and comes back healthy.
 #[test]
 fn daemon_stops_cleanly_under_a_running_guest() {
-    tool("qemu-system-x86_64");
     let _serial = serial();
-    let image = guest_image();
-    let mut daemon = Daemon::start();
-    daemon.create_vdisk("vm", "64M");
-    let export = daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
-    let socket = export["socket"].as_str().expect("socket").to_string();
-    let mut guest = boot_running(&image, &socket, "soak");
+    let (mut daemon, _socket, mut guest) = guest_on_a_hand_made_export("soak");
     guest.wait_for("BASALT-SOAK: round 3", BOOT_TIMEOUT);
     let started = std::time::Instant::now();
     let status = daemon.terminate();
@@ -297,14 +304,9 @@ fn daemon_stops_cleanly_under_a_running_guest() {
 /// Unexporting forgets the choice.
 #[test]
 fn a_hand_made_exports_write_through_choice_outlives_a_daemon_restart() {
-    tool("qemu-system-x86_64");
     let _serial = serial();
-    let image = guest_image();
-    let mut daemon = Daemon::start();
-    daemon.create_vdisk("vm", "64M");
-    let export = daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
-    let socket = export["socket"].as_str().expect("socket").to_string();
-    let mut guest = boot_running(&image, &socket, "writethrough,seq basalt.seq=100000");
+    let (mut daemon, socket, mut guest) =
+        guest_on_a_hand_made_export("writethrough,seq basalt.seq=100000");
     guest.wait_for("BASALT-TEST: writethrough PASS", BOOT_TIMEOUT);
     guest.wait_for("BASALT-SEQ: 30", BOOT_TIMEOUT);
     assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
