@@ -5,7 +5,7 @@
 //! ```text
 //!  vring worker thread (epoll; queue q is served by thread q % threads)
 //!  ─────────────────────────────────────────────────────────────────────
-//!  kick ─▶ pop every available chain (vring lock); inflight += n
+//!  kick ─▶ pop every available chain (vring lock); number them in order
 //!        ─▶ per chain: walk descriptors, frame, read header, classify
 //!           (request.rs, pure)
 //!        ─▶ malformed / GET_ID / empty: answer now
@@ -21,14 +21,14 @@
 //!                         tokio worker: backend completes ─▶ finish
 //!  finish: copy IN data + status into guest memory; add_used (vring lock)
 //!          for it and every answer it was holding back (in the order taken),
-//!          signal the guest unless EVENT_IDX suppresses it, inflight -= n,
+//!          signal the guest unless EVENT_IDX suppresses it,
 //!          start jobs parked by the byte budget
 //! ```
 //!
 //! Requests run concurrently: a queue has as many requests in flight as the
 //! guest posts (up to the queue size); the backend completes them in any
-//! order and on any thread. Polling each job once on the worker thread before handing
-//! it to the runtime means a request reaches the backend without waiting for
+//! order and on any thread. Polling each job once on the worker thread before
+//! handing it to the runtime means a request reaches the backend without waiting for
 //! a runtime thread to wake up, and a backend that answers at once (a cache
 //! hit) completes it with no thread hand-off at all, the way
 //! qemu-storage-daemon's coroutines do. Only the byte volume is bounded: past
@@ -147,8 +147,6 @@ const WARNING_BUDGET: u64 = 16;
 struct QueueState {
     /// Raised when `stop_vring` gives up on in-flight requests.
     generation: u64,
-    /// Chains popped and not yet returned to the guest (including `pending`).
-    inflight: usize,
     /// Completions currently writing into guest memory.
     copying: usize,
     /// Data bytes of running jobs.
@@ -167,6 +165,14 @@ struct QueueState {
     /// Answers waiting for an earlier request's (sequence number → head and
     /// used length): see "Answers in order" in the module documentation.
     held: BTreeMap<u64, (u16, u32)>,
+}
+
+impl QueueState {
+    /// Chains taken off the ring and not yet returned to the guest
+    /// (including `pending` and `held`).
+    fn inflight(&self) -> u64 {
+        self.next_seq - self.next_published
+    }
 }
 
 #[derive(Default)]
@@ -393,7 +399,6 @@ impl Device {
                     chains.push(chain);
                 }
                 let mut state = self.queues[queue].state.lock();
-                state.inflight += chains.len();
                 let first_seq = state.next_seq;
                 state.next_seq += chains.len() as u64;
                 (chains, state.generation, first_seq)
@@ -707,7 +712,7 @@ impl Device {
             state.copying -= 1;
             if state.generation == slot.generation {
                 state.held.insert(slot.seq, (slot.head, used_len));
-                let mut published = 0;
+                let mut published = false;
                 loop {
                     let next = state.next_published;
                     let Some((head, len)) = state.held.remove(&next) else {
@@ -717,16 +722,15 @@ impl Device {
                         tracing::warn!(queue = slot.queue, %err, "vhost-user-blk: cannot add to used ring");
                     }
                     state.next_published = next + 1;
-                    published += 1;
+                    published = true;
                 }
-                if published > 0 {
+                if published {
                     if state.batching {
                         state.signal_pending = true;
                     } else {
                         notify_guest(&mut vring, slot.queue);
                     }
                 }
-                state.inflight = state.inflight.saturating_sub(published);
                 state.inflight_bytes = state.inflight_bytes.saturating_sub(budget);
                 while let Some(next) = state.pending.front() {
                     if !self.fits(&state, next.budget) {
@@ -739,7 +743,7 @@ impl Device {
                     run.push(next);
                 }
             }
-            if state.inflight == 0 || state.copying == 0 {
+            if state.inflight() == 0 || state.copying == 0 {
                 shared.idle.notify_all();
             }
         }
@@ -756,20 +760,19 @@ impl Device {
         };
         let deadline = Instant::now() + self.options.drain_timeout;
         let mut state = shared.state.lock();
-        while state.inflight > 0 {
+        while state.inflight() > 0 {
             if shared.idle.wait_until(&mut state, deadline).timed_out() {
                 break;
             }
         }
-        if state.inflight > 0 {
+        if state.inflight() > 0 {
             tracing::error!(
                 queue,
-                inflight = state.inflight,
+                inflight = state.inflight(),
                 "vhost-user-blk: backend did not complete requests within {:?}; abandoning them",
                 self.options.drain_timeout
             );
             state.generation += 1;
-            state.inflight = 0;
             state.held.clear();
             state.next_published = state.next_seq;
             state.inflight_bytes = 0;
@@ -805,7 +808,10 @@ impl Device {
 
     /// Requests in flight over all queues.
     pub(crate) fn inflight(&self) -> usize {
-        self.queues.iter().map(|q| q.state.lock().inflight).sum()
+        self.queues
+            .iter()
+            .map(|q| q.state.lock().inflight() as usize)
+            .sum()
     }
 }
 
