@@ -680,7 +680,7 @@ impl Node {
     /// Forgets the write-cache choice of a vdisk's exports by hand.
     fn forget_hand_export_cache(&self, name: &str) {
         let path = self.hand_export_cache_path(name);
-        if let Err(error) = remove_file_durably(&path) {
+        if let Err(error) = basalt_meta::remove_file_durably(&path) {
             tracing::warn!(name, path = %path.display(), %error, "could not forget the write-cache choice");
         }
     }
@@ -797,7 +797,7 @@ impl WriteCacheKeeper for HandExportCacheKeeper {
         let recorded = if write_through {
             basalt_meta::replace_file_durably(&self.path, b"write-through\n")
         } else {
-            remove_file_durably(&self.path)
+            basalt_meta::remove_file_durably(&self.path)
         };
         recorded.map_err(|e| {
             format!(
@@ -805,18 +805,5 @@ impl WriteCacheKeeper for HandExportCacheKeeper {
                 self.path.display()
             )
         })
-    }
-}
-
-/// Removes `path` (gone already is fine) and syncs its directory.
-fn remove_file_durably(path: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
     }
 }

@@ -82,6 +82,12 @@ fn console(daemon: &Daemon, name: &str) -> String {
     daemon.cli_ok(&["vm", "console", name])
 }
 
+/// The VM's console log as its file holds it (also while basaltd is down).
+fn console_file(daemon: &Daemon, name: &str) -> String {
+    std::fs::read_to_string(daemon.data_dir.join(format!("vms/{name}/console.log")))
+        .unwrap_or_default()
+}
+
 /// Waits until the VM's console shows at least `n` sequence blocks written.
 fn wait_seq(daemon: &Daemon, name: &str, n: u64) -> u64 {
     let deadline = Instant::now() + BOOT_TIMEOUT;
@@ -366,10 +372,7 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     // basaltd restarts under the running guest: QEMU keeps running (the same
     // process), reconnects to the vdisk's socket, and the guest goes on.
     daemon.terminate();
-    let during = guest_count(
-        &std::fs::read_to_string(daemon.data_dir.join("vms/w/console.log")).unwrap_or_default(),
-        "BASALT-SEQ",
-    );
+    let during = guest_count(&console_file(&daemon, "w"), "BASALT-SEQ");
     assert!(
         std::path::Path::new(&format!("/proc/{}", pids[0])).exists(),
         "QEMU died with basaltd"
@@ -401,10 +404,9 @@ fn guest_vm_stops_starts_and_keeps_running_across_a_basaltd_restart() {
     // on without a reboot (answers enter the used ring in order; see
     // basalt_vhost's device module).
     daemon.kill9();
-    let console_now =
-        || std::fs::read_to_string(daemon.data_dir.join("vms/w/console.log")).unwrap_or_default();
-    let killed_at = guest_count(&console_now(), "BASALT-SEQ");
-    let reads_at = guest_count(&console_now(), "BASALT-READS");
+    let killed = console_file(&daemon, "w");
+    let killed_at = guest_count(&killed, "BASALT-SEQ");
+    let reads_at = guest_count(&killed, "BASALT-READS");
     daemon.restart();
     let after = wait_seq(&daemon, "w", killed_at.max(after) + 50);
     wait_for(
