@@ -126,6 +126,14 @@ def analyze(events, pids):
                 if (j := bisect.bisect_right(kicks, t)) < len(kicks) and kicks[j] - t < 0.01
                 and not (i + 1 < len(calls) and calls[i + 1] < kicks[j])]
         guest = [(kicks[bisect.bisect_right(kicks, t)] - t) * 1e6 for t in last]
+        # QEMU picks the answer up: its first read after the backend's call
+        # write (the call eventfd, which its main loop turns into an interrupt).
+        qemu_reads = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_read"]
+        pickup = []
+        for t in last:
+            i = bisect.bisect_left(qemu_reads, t)
+            if i < len(qemu_reads) and qemu_reads[i] - t < 0.002:
+                pickup.append((qemu_reads[i] - t) * 1e6)
         backend = []
         for before, t in zip(last, last[1:]):
             first = kicks[bisect.bisect_right(kicks, before)]
@@ -155,7 +163,7 @@ def analyze(events, pids):
                 if i >= 0 and t - pieces[i] < 0.02:
                     tail.append((t - pieces[i]) * 1e6)
         out[name] = {"mib": len(done), "guest": guest, "backend": backend, "per_chunk": per_chunk,
-                     "tail": tail}
+                     "tail": tail, "pickup": pickup}
     return out
 
 
@@ -230,9 +238,12 @@ def main():
             print("traced round as the guest timed it:", line.split(": ", 1)[1])
     for name, r in result.items():
         print(f"{name}: {r['mib']} MiB traced; per MiB in whole chunks mean "
-              f"{st.mean(r['per_chunk']):.0f} us ({len(r['per_chunk'])} chunks); "
-              f"guest side p50 {st.median(r['guest']):.0f} us; "
-              f"kick to last answer p50 {st.median(r['backend']):.0f} us")
+              f"{st.mean(r['per_chunk']) if r['per_chunk'] else float('nan'):.0f} us ({len(r['per_chunk'])} chunks); "
+              f"guest side p50 {pct(r['guest'], 0.5):.0f} us; "
+              f"kick to last answer p50 {pct(r['backend'], 0.5):.0f} us ({len(r['guest'])} cycles)")
+        if r["pickup"]:
+            print(f"  answer to QEMU reading it: p50 {st.median(r['pickup']):.0f} us, "
+                  f"p90 {pct(r['pickup'], 0.9):.0f} us")
         if r["tail"]:
             print(f"  data landed to answer: p50 {st.median(r['tail']):.0f} us, "
                   f"p90 {pct(r['tail'], 0.9):.0f} us")
