@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod cluster;
+mod hand_exports;
 pub mod metrics;
 pub mod node;
 pub mod resync;

@@ -121,6 +121,7 @@ impl Node {
         tokio::spawn(crate::resync::resync_forever(Arc::downgrade(&node)));
         tokio::spawn(crate::cluster::watch_local_copies(Arc::downgrade(&node)));
         tokio::spawn(crate::vms::supervise_forever(Arc::downgrade(&node)));
+        tokio::spawn(crate::hand_exports::restore_forever(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -626,7 +627,7 @@ impl Node {
         )
         .await?;
         self.forget_backend(id);
-        self.forget_hand_export_cache(name);
+        self.forget_hand_export(name);
         let store = self.store.clone();
         if wait_applied(self, |_| store.vdisk_size(id).is_none())
             .await
@@ -639,50 +640,11 @@ impl Node {
     }
 
     /// Exports a vdisk over vhost-user-blk (idempotent) and returns the socket.
-    /// A new export starts in the write-cache mode the vdisk's last export by
-    /// hand was left in (see [`HandExportCacheKeeper`]).
+    /// A new export is recorded, so that it comes back after a restart, and
+    /// starts in the write-cache mode the vdisk's last export by hand was left
+    /// in (see `crate::hand_exports`).
     pub fn export_vhost(&self, name: &str) -> Result<VhostExport, ControlError> {
         self.export_vhost_with(name, None)
-    }
-
-    /// Where the write-through choice of a vdisk exported by hand is kept.
-    fn hand_export_cache_path(&self, name: &str) -> PathBuf {
-        self.config
-            .data_dir
-            .join(HAND_EXPORT_CACHE_DIR)
-            .join(format!("{name}.write-through"))
-    }
-
-    /// The write cache of a new export by hand: write-through if the guest
-    /// of the vdisk's last export by hand chose it and nobody unexported
-    /// the vdisk since.
-    fn hand_export_cache(&self, name: &str) -> Result<WriteCache, ControlError> {
-        let path = self.hand_export_cache_path(name);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| ControlError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        let write_through = path.exists();
-        if write_through {
-            tracing::info!(
-                name,
-                "the guest of this vdisk's last export chose write-through; the new export starts so"
-            );
-        }
-        Ok(WriteCache::new(
-            write_through,
-            Some(Arc::new(HandExportCacheKeeper { path })),
-        ))
-    }
-
-    /// Forgets the write-cache choice of a vdisk's exports by hand.
-    fn forget_hand_export_cache(&self, name: &str) {
-        let path = self.hand_export_cache_path(name);
-        if let Err(error) = basalt_meta::remove_file_durably(&path) {
-            tracing::warn!(name, path = %path.display(), %error, "could not forget the write-cache choice");
-        }
     }
 
     /// Exports a vdisk to a VM's QEMU process: the guest's write-cache mode
@@ -717,23 +679,37 @@ impl Node {
             .backend(name)
             .ok_or_else(|| StoreError::NoSuchVdisk(name.to_string()))?;
         let socket = self.config.vhost_dir.join(format!("{name}.sock"));
-        let cache = match cache {
-            Some((write_through, keeper)) => WriteCache::new(write_through, Some(keeper)),
-            None => self.hand_export_cache(name)?,
+        let (cache, new_record) = match cache {
+            Some((write_through, keeper)) => (WriteCache::new(write_through, Some(keeper)), false),
+            None => self.record_hand_export(name)?,
         };
-        let export = VhostBlkExport::start_with_cache(
+        let export = match VhostBlkExport::start_with_cache(
             &socket,
             backend,
             self.runtime.clone(),
             VhostBlkOptions::default(),
             Arc::new(cache),
-        )?;
+        ) {
+            Ok(export) => export,
+            Err(error) => {
+                if new_record {
+                    // Nothing was exported: a restart must not export it.
+                    self.forget_hand_export(name);
+                }
+                return Err(error.into());
+            }
+        };
         tracing::info!(name, socket = %socket.display(), "exported vdisk over vhost-user");
         exports.insert(name.to_string(), export);
         Ok(VhostExport {
             name: name.to_string(),
             socket: socket.display().to_string(),
         })
+    }
+
+    /// Whether `name` is exported over vhost-user on this node.
+    pub(crate) fn vhost_exported(&self, name: &str) -> bool {
+        self.exports.lock().contains_key(name)
     }
 
     /// The counters of this node's vhost-user exports, by vdisk.
@@ -754,7 +730,7 @@ impl Node {
                 export.stop();
                 // Whoever used the export is done with it: the next export
                 // by hand starts at write-back again.
-                self.forget_hand_export_cache(name);
+                self.forget_hand_export(name);
                 tracing::info!(name, "stopped vhost-user export");
                 Ok(())
             }
@@ -772,38 +748,5 @@ impl Node {
         }
         self.store.shutdown().await?;
         Ok(())
-    }
-}
-
-/// Directory (in the data directory) of the write-cache choices of vdisks
-/// exported by hand.
-const HAND_EXPORT_CACHE_DIR: &str = "vhost-write-through";
-
-/// Keeps the write-cache choice of a vdisk exported by hand (for a QEMU that
-/// Basalt does not run): `DATA_DIR/vhost-write-through/NAME.write-through`
-/// exists while its guest has chosen write-through.
-///
-/// Why: QEMU shows its guest the mode it read when it started, changed only
-/// by the guest, for as long as it runs. When basaltd restarts under it and
-/// the operator exports the vdisk again, that QEMU reconnects and its guest
-/// still sends no FLUSH; the new export must keep making each write durable
-/// before its answer. `basalt vdisk unexport` forgets the choice.
-struct HandExportCacheKeeper {
-    path: PathBuf,
-}
-
-impl WriteCacheKeeper for HandExportCacheKeeper {
-    fn record(&self, write_through: bool) -> Result<(), String> {
-        let recorded = if write_through {
-            basalt_meta::replace_file_durably(&self.path, b"write-through\n")
-        } else {
-            basalt_meta::remove_file_durably(&self.path)
-        };
-        recorded.map_err(|e| {
-            format!(
-                "recording the guest's cache mode in {}: {e}",
-                self.path.display()
-            )
-        })
     }
 }

@@ -582,24 +582,35 @@ fn kill9_while_idle_restarts_cleanly() {
     daemon.cli_ok(&["vdisk", "resize", "grown", "--size", "48M"]);
     daemon.cli_ok(&["vdisk", "delete", "doomed"]);
     daemon.create_vdisk("late", "8M");
-    let list = daemon.cli_json(&["vdisk", "list"]);
     // An export whose socket file kill -9 leaves behind.
     let socket = daemon.cli_json(&["vdisk", "export", "late", "--vhost"])["socket"].clone();
+    let list = daemon.cli_json(&["vdisk", "list"]);
 
     daemon.kill9();
     daemon.restart();
+    // The export made by hand comes back by itself, on a fresh socket in
+    // place of the stale one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while daemon.cli_json(&["vdisk", "show", "late"])["vhost_socket"] != socket {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export of late did not come back:\n{}",
+            daemon.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         daemon.cli_json(&["vdisk", "list"]),
         list,
         "vdisks changed across kill -9"
     );
-    // Exports do not outlive the process; exporting again replaces the
-    // stale socket.
+    // Exporting again is a no-op.
     assert_eq!(
         daemon.cli_json(&["vdisk", "export", "late", "--vhost"])["socket"],
         socket
     );
     daemon.cli_ok(&["vdisk", "unexport", "late", "--vhost"]);
+    let list = daemon.cli_json(&["vdisk", "list"]);
     let status = daemon.status();
     assert_eq!(status.health, "healthy");
     assert_eq!(status.vdisks, 3);

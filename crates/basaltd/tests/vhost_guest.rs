@@ -261,7 +261,7 @@ fn guest_on_a_hand_made_export(commands: &str) -> (Daemon, String, RunningGuest)
 #[test]
 fn daemon_stops_cleanly_under_a_running_guest() {
     let _serial = serial();
-    let (mut daemon, _socket, mut guest) = guest_on_a_hand_made_export("soak");
+    let (mut daemon, socket, mut guest) = guest_on_a_hand_made_export("soak");
     guest.wait_for("BASALT-SOAK: round 3", BOOT_TIMEOUT);
     let started = std::time::Instant::now();
     let status = daemon.terminate();
@@ -277,9 +277,9 @@ fn daemon_stops_cleanly_under_a_running_guest() {
     let v = daemon.cli_json(&["vdisk", "show", "vm"]);
     assert_eq!(v["state"], Value::from("healthy"), "{v}");
     assert_eq!(
-        v["vhost_socket"],
-        Value::Null,
-        "exports do not outlive the daemon: {v}"
+        wait_for_hand_export(&daemon, "vm"),
+        socket,
+        "an export made by hand comes back after a restart"
     );
     // The data of a completed soak round is on the vdisk (some round's
     // pattern, whole blocks).
@@ -298,26 +298,31 @@ fn daemon_stops_cleanly_under_a_running_guest() {
 }
 
 /// A guest of a QEMU that Basalt does not run turns its disk's write cache
-/// off; basaltd restarts under it and the operator exports the vdisk again.
-/// That QEMU still shows its guest write-through (the guest sends no FLUSH),
-/// so the new export must make every write durable before answering it.
-/// Unexporting forgets the choice.
+/// off; basaltd is killed (`kill -9`) under it and restarts. The export comes
+/// back by itself (the operator does nothing) and that QEMU reconnects. It
+/// still shows its guest write-through (the guest sends no FLUSH), so the
+/// export must make every write durable before answering it. Unexporting
+/// forgets the export and the choice: the next restart brings back only
+/// what is still exported.
 #[test]
-fn a_hand_made_exports_write_through_choice_outlives_a_daemon_restart() {
+fn a_hand_made_export_and_its_write_through_choice_outlive_a_daemon_crash() {
     let _serial = serial();
     let (mut daemon, socket, mut guest) =
         guest_on_a_hand_made_export("writethrough,seq basalt.seq=100000");
+    daemon.create_vdisk("other", "16M");
+    let other = daemon.cli_json(&["vdisk", "export", "other", "--vhost"])["socket"]
+        .as_str()
+        .expect("socket")
+        .to_string();
     guest.wait_for("BASALT-TEST: writethrough PASS", BOOT_TIMEOUT);
     guest.wait_for("BASALT-SEQ: 30", BOOT_TIMEOUT);
     assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
 
-    daemon.stop();
+    daemon.kill9();
     let before = guest_count(&guest.console(), "BASALT-SEQ");
     daemon.restart();
-    assert_eq!(
-        daemon.cli_json(&["vdisk", "export", "vm", "--vhost"])["socket"],
-        Value::from(socket.clone())
-    );
+    assert_eq!(wait_for_hand_export(&daemon, "vm"), socket);
+    assert_eq!(wait_for_hand_export(&daemon, "other"), other);
     assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
     guest.wait_for(&format!("BASALT-SEQ: {}", before + 50), BOOT_TIMEOUT);
     let after = guest_count(&guest.console(), "BASALT-SEQ");
@@ -331,10 +336,37 @@ fn a_hand_made_exports_write_through_choice_outlives_a_daemon_restart() {
 
     guest.guard.kill();
     daemon.cli_ok(&["vdisk", "unexport", "vm", "--vhost"]);
+    daemon.stop();
+    daemon.restart();
+    // One pass brings back every recorded export: once `other` is back,
+    // `vm` would be too.
+    assert_eq!(wait_for_hand_export(&daemon, "other"), other);
+    assert_eq!(
+        daemon.cli_json(&["vdisk", "show", "vm"])["vhost_socket"],
+        Value::Null,
+        "an unexported vdisk stays unexported after a restart"
+    );
     daemon.cli_json(&["vdisk", "export", "vm", "--vhost"]);
     assert_eq!(
         daemon.metric("basalt_vhost_write_through_exports"),
         0,
         "an unexport forgets the choice"
     );
+}
+
+/// Waits until a restarted daemon has exported `name` again; its socket.
+fn wait_for_hand_export(daemon: &Daemon, name: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = daemon.cli_json(&["vdisk", "show", name]);
+        if let Some(socket) = v["vhost_socket"].as_str() {
+            return socket.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} was not exported again after the restart: {v}\n{}",
+            daemon.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
