@@ -20,7 +20,8 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, Parser)]
 #[command(name = "basalt", version, about)]
 struct Cli {
-    /// URL of the node's API.
+    /// URL of the node's API (`http://HOST:PORT`; a bare `HOST:PORT`, as
+    /// `cluster status` shows a node's API, means http).
     #[arg(
         long,
         env = "BASALT_API",
@@ -236,6 +237,17 @@ fn size_arg(text: &str) -> Result<u64, String> {
     parse_size(text).map_err(|e| e.to_string())
 }
 
+/// The API's base URL from `--api`: `http://` in front of a bare
+/// `HOST:PORT`, no trailing slash.
+fn api_base(text: &str) -> String {
+    let text = text.trim().trim_end_matches('/');
+    if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("http://{text}")
+    }
+}
+
 /// A thin HTTP client that turns API errors into one readable line.
 struct Client {
     base: String,
@@ -248,7 +260,7 @@ impl Client {
             .timeout(std::time::Duration::from_secs(120))
             .build();
         Client {
-            base: base.trim_end_matches('/').to_string(),
+            base: api_base(base),
             agent,
         }
     }
@@ -1142,5 +1154,17 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_base;
+
+    #[test]
+    fn a_bare_api_address_means_http_and_a_trailing_slash_goes() {
+        assert_eq!(api_base("127.0.0.1:7480"), "http://127.0.0.1:7480");
+        assert_eq!(api_base("http://10.0.0.2:7480/"), "http://10.0.0.2:7480");
+        assert_eq!(api_base("https://basalt.example"), "https://basalt.example");
     }
 }

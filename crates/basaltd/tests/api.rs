@@ -141,6 +141,19 @@ fn cli_reports_an_unreachable_api_in_one_line() {
     out.assert_error(&["cannot reach the Basalt API", "is basaltd running"]);
 }
 
+/// `--api` takes a bare `HOST:PORT`, as `cluster status` shows a node's API.
+#[test]
+fn cli_takes_the_api_address_without_a_scheme() {
+    let daemon = Daemon::start();
+    let url = daemon.api_url();
+    let bare = url.trim_start_matches("http://");
+    assert_ne!(bare, url, "the daemon's API URL has a scheme");
+    let out = run_cli(&["--json", "--api", bare, "vdisk", "list"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let list: Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(list, json!([]));
+}
+
 /// Method, path, body (content type, text), expected status, words the
 /// error must contain.
 type HttpCase = (
