@@ -821,9 +821,13 @@ impl Node {
                     AccelChoice::Kvm => Accel::Kvm,
                     AccelChoice::Tcg => Accel::Tcg,
                     AccelChoice::Auto => {
-                        let works = basalt_qemu::probe_kvm(&qemu, Duration::from_secs(5)).await;
-                        tracing::info!(kvm = works, "probed KVM");
-                        if works { Accel::Kvm } else { Accel::Tcg }
+                        let probe = basalt_qemu::probe_kvm(&qemu, KVM_PROBE_TIMEOUT).await;
+                        tracing::info!(kvm = probe.use_kvm, reason = %probe.reason, "probed KVM");
+                        if probe.use_kvm {
+                            Accel::Kvm
+                        } else {
+                            Accel::Tcg
+                        }
                     }
                 }
             })
@@ -1055,6 +1059,10 @@ impl Node {
         }
     }
 }
+
+/// The longest a run of the KVM probe may take (TCG takes about half a
+/// second on the machines the tests run on).
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long recording a guest's write-cache choice in the cluster may take
 /// before the choice is refused (the guest's vCPU waits for the answer).

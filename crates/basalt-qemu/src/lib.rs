@@ -11,19 +11,21 @@
 //!   devices whose sockets reconnect; serial console to a file; QMP socket,
 //!   pid file) and spawning it in its own process group, so that QEMU
 //!   outlives a restart of basaltd.
-//! * [`probe_kvm`]: whether KVM really runs guests here, with a timeout (on
-//!   some machines `/dev/kvm` exists but QEMU hangs with it).
+//! * [`probe_kvm`]: whether KVM really runs guests here, and faster than
+//!   TCG, timed on real work (on some machines `/dev/kvm` exists but a guest
+//!   under it crawls).
 //!
 //! Supported: QEMU 7.2 (Debian 12) and later; the options used exist since
 //! QEMU 6.0.
 
 pub mod launch;
+mod probe;
 pub mod qmp;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 pub use launch::{Accel, BootSource, VmLaunch, kill_process, process_alive, qmp_socket};
+pub use probe::{KvmProbe, probe_kvm};
 pub use qmp::Qmp;
 
 /// Why a QEMU operation failed.
@@ -74,83 +76,5 @@ impl QemuError {
             what: what.into(),
             source,
         }
-    }
-}
-
-/// Whether QEMU runs a guest under KVM here: boots QEMU's firmware with
-/// `-accel kvm` and waits up to `timeout` for the firmware's first words on
-/// its debug console. A QEMU that hangs, fails, or has no `/dev/kvm` says no.
-pub async fn probe_kvm(binary: &std::path::Path, timeout: Duration) -> bool {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        return false;
-    }
-    let Ok(dir) = tempdir() else { return false };
-    let log = dir.join("debugcon.log");
-    let child = tokio::process::Command::new(binary)
-        .args([
-            "-accel",
-            "kvm",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .args(["-serial", "none", "-monitor", "none", "-no-reboot"])
-        .arg("-chardev")
-        .arg(format!("file,id=dbg,path={}", log.display()))
-        .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let Ok(mut child) = child else {
-        let _ = std::fs::remove_dir_all(&dir);
-        return false;
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut works = false;
-    while tokio::time::Instant::now() < deadline {
-        if std::fs::read(&log).is_ok_and(|text| !text.is_empty()) {
-            works = true;
-            break;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
-    works
-}
-
-fn tempdir() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "basalt-kvm-probe-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_missing_qemu_means_no_kvm_at_once() {
-        let started = std::time::Instant::now();
-        let works = probe_kvm(
-            std::path::Path::new("/nonexistent/qemu-system-x86_64"),
-            Duration::from_secs(5),
-        )
-        .await;
-        assert!(!works);
-        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

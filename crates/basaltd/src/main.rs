@@ -92,8 +92,8 @@ struct Args {
     #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
     qemu: PathBuf,
 
-    /// Accelerator of VMs: `auto` uses KVM when a probe shows it runs
-    /// guests (with a timeout), else TCG.
+    /// Accelerator of VMs: `auto` uses KVM when a timed probe runs guest
+    /// code faster under it than under TCG, else TCG.
     #[arg(long, value_enum, default_value_t = VmAccel::Auto)]
     vm_accel: VmAccel,
 
