@@ -904,14 +904,31 @@ fn follow_migration(client: &Client, name: &str, to: u64, json: bool) -> anyhow:
     }
 }
 
+/// Runs `call` (a request the node answers only when it is done, such as
+/// a stop that waits for the guest) behind a spinner that says what is
+/// being waited for; no spinner with `--json` or when stderr is no terminal.
+fn waiting<T>(json: bool, message: String, call: impl FnOnce() -> T) -> T {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    if json {
+        spinner.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    spinner.set_message(message);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = call();
+    spinner.finish_and_clear();
+    result
+}
+
 fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
     match command {
         VmCommand::Create(args) => create_vm(client, json, *args)?,
         VmCommand::Start { name } => {
-            let v: Vm = client.post(
-                &format!("/vms/{}/start", escape(&name)),
-                &serde_json::json!({}),
-            )?;
+            let v: Vm = waiting(json, format!("starting {name}"), || {
+                client.post(
+                    &format!("/vms/{}/start", escape(&name)),
+                    &serde_json::json!({}),
+                )
+            })?;
             if json {
                 return print_json(&v);
             }
@@ -927,26 +944,35 @@ fn vm(client: &Client, json: bool, command: VmCommand) -> anyhow::Result<()> {
             force,
             timeout,
         } => {
-            let v: Vm = client.post(
-                &format!("/vms/{}/stop", escape(&name)),
-                &StopVm {
-                    force,
-                    timeout: Some(timeout),
-                },
-            )?;
+            let message = if force {
+                format!("stopping {name}")
+            } else {
+                format!("stopping {name}: waiting up to {timeout} s for the guest to power off")
+            };
+            let v: Vm = waiting(json, message, || {
+                client.post(
+                    &format!("/vms/{}/stop", escape(&name)),
+                    &StopVm {
+                        force,
+                        timeout: Some(timeout),
+                    },
+                )
+            })?;
             if json {
                 return print_json(&v);
             }
             println!("VM {} is {} ({})", v.name, v.state, v.reason);
         }
         VmCommand::Restart { name, force } => {
-            let v: Vm = client.post(
-                &format!("/vms/{}/restart", escape(&name)),
-                &StopVm {
-                    force,
-                    timeout: None,
-                },
-            )?;
+            let v: Vm = waiting(json, format!("restarting {name}"), || {
+                client.post(
+                    &format!("/vms/{}/restart", escape(&name)),
+                    &StopVm {
+                        force,
+                        timeout: None,
+                    },
+                )
+            })?;
             if json {
                 return print_json(&v);
             }
