@@ -128,9 +128,10 @@ pub(crate) type Vring = VringRwLock<GuestMemAtomic>;
 /// honours `seg_max` produces, low enough to bound the memory of a request.
 pub(crate) const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
-/// Most data segments advertised per request (`seg_max`). Linux needs 256
-/// to send a 1 MiB write of scattered 4 KiB pages as one request (with 254
-/// it splits it into 1016 KiB + 8 KiB, and neither half is a whole extent).
+/// Data segments advertised per request (`seg_max`) by default. Linux needs
+/// 256 to send a 1 MiB write of scattered 4 KiB pages as one request (with
+/// 254 it splits it into 1016 KiB + 8 KiB, and neither half is a whole
+/// extent).
 pub(crate) const MAX_SEGMENTS: u32 = 256;
 
 /// Largest `seg_max * size_max` advertised, in bytes. SeaBIOS computes the
@@ -337,7 +338,10 @@ impl Device {
 
     /// The configuration space as the guest sees it now.
     pub(crate) fn blk_config(&self) -> BlkConfig {
-        let seg_max = MAX_SEGMENTS.min(u32::from(self.options.queue_size).saturating_sub(2).max(1));
+        let seg_max = self
+            .options
+            .max_segments
+            .min(u32::from(self.options.queue_size).saturating_sub(2).max(1));
         // seg_max * size_max stays within the largest request the backend
         // takes and within what SeaBIOS can count.
         let largest = basalt_core::MAX_REQUEST_BYTES.min(MAX_ADVERTISED_REQUEST);

@@ -62,6 +62,13 @@ pub struct VhostBlkOptions {
     pub drain_timeout: Duration,
     /// Data bytes in flight per queue before further requests wait.
     pub max_inflight_bytes: u64,
+    /// Data segments a request may have (`seg_max`), 1 to 1022; default 256,
+    /// so that Linux sends a 1 MiB write of scattered 4 KiB pages as one
+    /// request, which a vdisk writes copy-on-write as one whole extent. The
+    /// guest splits larger writes into requests of at most this many pages
+    /// (qemu-storage-daemon shows 126). `bench/front_pair.py` measures what
+    /// the choice costs the guest.
+    pub max_segments: u32,
 }
 
 impl Default for VhostBlkOptions {
@@ -74,6 +81,7 @@ impl Default for VhostBlkOptions {
             worker_threads: 0,
             drain_timeout: Duration::from_secs(60),
             max_inflight_bytes: 64 << 20,
+            max_segments: crate::device::MAX_SEGMENTS,
         }
     }
 }
@@ -101,6 +109,12 @@ impl VhostBlkOptions {
             return bad(format!(
                 "worker_threads {} exceeds num_queues {}",
                 self.worker_threads, self.num_queues
+            ));
+        }
+        if !(1..=1022).contains(&self.max_segments) {
+            return bad(format!(
+                "max_segments {} not in 1..=1022",
+                self.max_segments
             ));
         }
         if self.max_inflight_bytes == 0 {

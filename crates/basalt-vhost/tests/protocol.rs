@@ -730,6 +730,27 @@ fn config_space_describes_the_disk() {
 }
 
 #[test]
+fn max_segments_sets_seg_max_and_bad_values_are_refused() {
+    let fx = fixture(VhostBlkOptions {
+        max_segments: 126,
+        ..options()
+    });
+    let mut drv = Driver::connect(&fx.path, 2, 0);
+    let (_, config) = drv
+        .frontend
+        .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(config[12..16].try_into().unwrap()), 126);
+    for bad in [0, 1023] {
+        let options = VhostBlkOptions {
+            max_segments: bad,
+            ..options()
+        };
+        assert!(options.validate().is_err(), "max_segments {bad} accepted");
+    }
+}
+
+#[test]
 fn read_only_export_refuses_writes() {
     let fx = fixture(VhostBlkOptions {
         read_only: true,

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""The vhost-user-blk device alone against qemu-storage-daemon's, in one guest.
+
+A diagnostic beside vm_bench.py's one-guest comparison: instead of a vdisk
+on basaltd it exports a raw file (O_DIRECT, blocking pread/pwrite) or a null
+disk through Basalt's device (`crates/basalt-vhost/examples/file_export.rs`,
+no store) and qsd exports the same kind (`driver=file` with
+`cache.direct=on`, or `null-co`). The test guest runs `ddpair` over both
+disks, chunk by chunk, so the guest's figures show what the device itself
+costs, and `--max-segments` shows what the request shape costs: with 256
+(Basalt's default) a 1 MiB guest write is one request, with 126 (what qsd
+shows) it is three.
+
+    cargo build --release -p basalt-vhost --example file_export
+    python3 bench/front_pair.py [--null] [--max-segments 256] [--rounds 7] [--runs 1]
+
+Needs qemu-system-x86_64, qemu-storage-daemon and the test guest
+(tests/guest/build-guest.sh). Findings are in docs/benchmarks.md.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics as st
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import vm_bench  # noqa: E402
+
+DISK_MB = 1024
+
+
+def one_run(args, exporter, scratch):
+    """One guest over both disks; the per-round (write, read) ratios device/qsd."""
+    ours, theirs = os.path.join(scratch, "ours.img"), os.path.join(scratch, "qsd.img")
+    # Our disk is 64 MiB larger: the guest prints each disk's size.
+    sizes = {ours: (DISK_MB + 64) << 20, theirs: DISK_MB << 20}
+    if not args.null:
+        for path, size in sizes.items():
+            subprocess.run(["fallocate", "-l", str(size), path], check=True)
+    our_sock, qsd_sock = os.path.join(scratch, "ours.sock"), os.path.join(scratch, "qsd.sock")
+    disk = ["--null", str(sizes[ours])] if args.null else ["--file", ours]
+    procs = [subprocess.Popen([exporter, *disk, "--socket", our_sock,
+                               "--max-segments", str(args.max_segments)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    blockdev = (f"driver=null-co,node-name=d0,size={sizes[theirs]},read-zeroes=on" if args.null
+                else f"driver=file,node-name=d0,filename={theirs},cache.direct=on,aio=io_uring")
+    procs.append(subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev", blockdev, "--export",
+         f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={qsd_sock},"
+         "writable=on,num-queues=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        deadline = time.time() + 30
+        while not (os.path.exists(our_sock) and os.path.exists(qsd_sock)):
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("an export did not start")
+            time.sleep(0.05)
+        guest = vm_bench.GUEST_DIR
+        _, text = vm_bench.run_qemu_until(
+            vm_bench.qemu_args(os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd"),
+                               f"basalt.test=ddpair basalt.ddmb={args.mb} "
+                               f"basalt.ddrounds={args.rounds} basalt.ddchunk=64") +
+            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
+             "-chardev", f"socket,id=c0,path={our_sock}",
+             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+             "-chardev", f"socket,id=c1,path={qsd_sock}",
+             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            "BASALT-DONE", timeout=1800)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    our_sectors = sizes[ours] >> 9
+    rounds = {}
+    for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=\d+ "
+                         r"write_s=([\d.]+) read_s=([\d.]+)", text):
+        who = "ours" if int(m.group(2)) == our_sectors else "qsd"
+        rounds.setdefault(int(m.group(1)), {})[who] = (float(m.group(3)), float(m.group(4)))
+    if "ddpair PASS" not in text:
+        raise RuntimeError(f"the guest's ddpair failed:\n{text[-2000:]}")
+    for line in text.splitlines():
+        if "BASALT-DDPAIR-DISK" in line:
+            print("  " + line.split(": ", 1)[1])
+    # Round 0 writes fresh disks; the ratio is time(qsd) / time(ours).
+    return [(r["qsd"][0] / r["ours"][0], r["qsd"][1] / r["ours"][1])
+            for n, r in sorted(rounds.items()) if n > 0 and len(r) == 2]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--null", action="store_true", help="null disks instead of raw files")
+    parser.add_argument("--max-segments", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--mb", type=int, default=512, help="MiB per dd pass")
+    parser.add_argument("--dir", default="/var/tmp/basalt-frontpair")
+    parser.add_argument("--exporter", default=os.path.join(ROOT, "target/release/examples/file_export"))
+    args = parser.parse_args()
+    if not os.path.exists(args.exporter):
+        sys.exit("build it first: cargo build --release -p basalt-vhost --example file_export")
+    subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), vm_bench.GUEST_DIR], check=True)
+    kind = "null" if args.null else "raw file"
+    for run in range(args.runs):
+        shutil.rmtree(args.dir, ignore_errors=True)
+        os.makedirs(args.dir)
+        try:
+            ratios = one_run(args, args.exporter, args.dir)
+        finally:
+            shutil.rmtree(args.dir, ignore_errors=True)
+        writes, reads = [w for w, _ in ratios], [r for _, r in ratios]
+        print(f"run {run + 1}, {kind}, max_segments {args.max_segments}: device/qsd write "
+              f"{st.median(writes):.2f}x (rounds {min(writes):.2f}-{max(writes):.2f}), "
+              f"read {st.median(reads):.2f}x (rounds {min(reads):.2f}-{max(reads):.2f})")
+
+
+if __name__ == "__main__":
+    main()
