@@ -883,3 +883,43 @@ fn a_qemu_that_exits_while_starting_fails_the_start_at_once_and_says_why() {
         "{vdisks}"
     );
 }
+
+/// An export made by hand comes back after a restart, unless a VM of the
+/// cluster uses its vdisk by then: the VM's node serves it, and a second
+/// export could hand its data to another writer.
+#[test]
+fn a_hand_made_export_is_not_restored_for_a_vdisk_a_vm_now_uses() {
+    let mut daemon = Daemon::start();
+    daemon.create_vdisk("kept", "16M");
+    daemon.create_vdisk("taken", "16M");
+    daemon.cli_ok(&["vdisk", "export", "kept", "--vhost"]);
+    daemon.cli_ok(&["vdisk", "export", "taken", "--vhost"]);
+    create_vm_booting_from(&daemon, "user", "taken");
+    daemon.stop();
+    daemon.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let taken_record = daemon.data_dir.join("vhost-exports/taken.export");
+    while daemon.cli_json(&["vdisk", "show", "kept"])["vhost_socket"].is_null()
+        || taken_record.exists()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kept was not exported again, or taken's record not dropped:\n{}",
+            daemon.log_tail(30)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        daemon.cli_json(&["vdisk", "show", "taken"])["vhost_socket"],
+        Value::Null,
+        "a vdisk a VM uses is not exported by hand again"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("not exporting a vdisk by hand again: a VM uses it now"),
+        "{}",
+        daemon.log_tail(30)
+    );
+    assert!(daemon.data_dir.join("vhost-exports/kept.export").exists());
+}
