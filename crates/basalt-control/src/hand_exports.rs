@@ -16,9 +16,11 @@
 //! disk's write cache off sends no FLUSH, so the export that comes back must
 //! keep making each write durable before answering it.
 //!
-//! A recorded vdisk that a VM of the cluster now uses is not exported again
-//! (the VM's node serves it); its record is dropped with a warning. A
-//! recorded vdisk this node does not know (yet) waits until it does.
+//! A recorded vdisk that a VM of the cluster now uses, or that another node
+//! (up) serves by now, is not exported again: its record is dropped with a
+//! warning, and the operator exports it again by hand if that is still
+//! meant. A recorded vdisk this node does not know (yet) waits until it
+//! does.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,9 @@ const LEGACY_DIR: &str = "vhost-write-through";
 
 /// File name suffix of a record.
 const SUFFIX: &str = ".export";
+
+/// How long one attempt to catch up with the cluster's state may take.
+const CATCH_UP: Duration = Duration::from_secs(10);
 
 /// How often a start-up with recorded exports still waiting for their vdisks
 /// looks again when the cluster state does not change.
@@ -172,8 +177,23 @@ impl Node {
                 self.forget_hand_export(&name);
                 continue;
             }
-            if state.vdisk_by_name(&name).is_none() {
+            let Some(record) = state.vdisk_by_name(&name) else {
                 still.insert(name);
+                continue;
+            };
+            if let Some(owner) = record.owner
+                && owner != self.node_id()
+                && state.is_up(owner)
+            {
+                // A client took the vdisk over on another node while this
+                // one was down; exporting it here again would let the old
+                // QEMU, reconnecting, take it back from under that client.
+                tracing::warn!(
+                    vdisk = %name,
+                    owner,
+                    "not exporting a vdisk by hand again: another node serves it now"
+                );
+                self.forget_hand_export(&name);
                 continue;
             }
             match self.export_vhost(&name) {
@@ -239,6 +259,17 @@ pub(crate) async fn restore_forever(node: Weak<Node>) {
                 let todo = waiting
                     .take()
                     .unwrap_or_else(|| node.recorded_hand_exports());
+                if todo.is_empty() {
+                    return;
+                }
+                // Decide on the cluster's current state, not on what this
+                // node last knew before it went down.
+                if let Err(error) = node.cluster().catch_up(CATCH_UP).await {
+                    tracing::info!(%error, "exports by hand wait until this node has caught up with its cluster");
+                    waiting = Some(todo);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 let still = node.restore_hand_exports(todo);
                 if still.is_empty() {
                     return;

@@ -74,6 +74,8 @@ enum MetaRequest {
     Join(NodeAnnouncement),
     Propose(Command),
     Ping,
+    /// Leader only: the log index a linearizable read must wait for.
+    ReadIndex,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +84,7 @@ enum MetaReply {
     Joined(Membership),
     Applied(CommandResult),
     Pong,
+    ReadIndex(u64),
 }
 
 /// Timing of the metadata group.
@@ -677,6 +680,69 @@ impl MetaNode {
             .is_some_and(|seen| seen.elapsed() <= window)
     }
 
+    /// Leader only: the log index up to which a linearizable read must see
+    /// the state, once a quorum has confirmed this node still leads.
+    async fn leader_read_index(&self) -> Result<u64, MetaError> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
+        let (read, _applied) = raft
+            .get_read_log_id()
+            .await
+            .map_err(|e| MetaError::Raft(e.to_string()))?;
+        Ok(read.map_or(0, |id| id.index))
+    }
+
+    /// Waits until this node's state holds everything the cluster had
+    /// committed when the call began (a read barrier through the leader).
+    /// A node that has just restarted reads its own, older state until the
+    /// leader catches it up; decisions that must not act on a stale state
+    /// (exporting a vdisk again, for one) wait for this first.
+    pub async fn catch_up(&self, timeout: Duration) -> Result<(), MetaError> {
+        let raft = self
+            .raft()
+            .ok_or_else(|| MetaError::Raft("this node is not in a cluster".into()))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_error = MetaError::Raft("no leader elected yet".into());
+        while tokio::time::Instant::now() < deadline {
+            let metrics = raft.metrics().borrow().clone();
+            let index = if metrics.state == ServerState::Leader {
+                self.leader_read_index().await
+            } else if let Some(leader) = metrics.current_leader
+                && let Some(node) = metrics.membership_config.membership().get_node(&leader)
+            {
+                match meta_call(
+                    &self.inner.transport,
+                    &node.addr,
+                    &MetaRequest::ReadIndex,
+                    Duration::from_secs(5),
+                )
+                .await
+                {
+                    Ok(MetaReply::ReadIndex(index)) => Ok(index),
+                    Ok(_) => Err(MetaError::Raft("unexpected reply to a read index".into())),
+                    Err(error) => Err(error),
+                }
+            } else {
+                Err(MetaError::Raft("no leader elected yet".into()))
+            };
+            match index {
+                Ok(index) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    return raft
+                        .wait(Some(left))
+                        .applied_index_at_least(Some(index), "catch up with the leader")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| MetaError::Raft(format!("catching up: {e}")));
+                }
+                Err(error) => last_error = error,
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(last_error)
+    }
+
     /// The current leader's id, as this node knows it.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft()
@@ -884,6 +950,12 @@ impl Handler for MetaService {
                         return Err(RemoteError::new(CODE_META, "join the cluster first"));
                     }
                     MetaReply::Applied(node.propose(command).await.map_err(fail)?)
+                }
+                MetaRequest::ReadIndex => {
+                    if request.peer.joining {
+                        return Err(RemoteError::new(CODE_META, "join the cluster first"));
+                    }
+                    MetaReply::ReadIndex(node.leader_read_index().await.map_err(fail)?)
                 }
             };
             serde_json::to_vec(&reply)

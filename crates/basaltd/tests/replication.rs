@@ -190,6 +190,54 @@ fn a_client_moving_to_another_node_fences_the_old_owner() {
     new.disconnect();
 }
 
+/// A node restarts with an export made by hand of a vdisk that a client on
+/// another node took over meanwhile: the export is not brought back (its
+/// old QEMU, reconnecting, would take the vdisk back from that client).
+#[test]
+fn a_hand_made_export_is_not_restored_when_another_node_took_the_vdisk_over() {
+    let (mut first, second, _third) = three_nodes();
+    first.cli_ok(&["vdisk", "create", "handv", "--size", "16M", "--rf", "3"]);
+    first.cli_ok(&["vdisk", "create", "stays", "--size", "16M", "--rf", "3"]);
+    first.cli_ok(&["vdisk", "export", "handv", "--vhost"]);
+    first.cli_ok(&["vdisk", "export", "stays", "--vhost"]);
+    let mut client = first.nbd("handv");
+    client
+        .write(0, &common::tagged_block(0, 1), true)
+        .expect("write through the first node");
+    client.disconnect();
+    first.stop();
+
+    let mut taker = second.nbd("handv");
+    taker
+        .write(4096, &common::tagged_block(1, 1), true)
+        .expect("write through the second node");
+    assert_eq!(
+        second.cli_json(&["vdisk", "show", "handv"])["owner"],
+        node_id(&second)
+    );
+    first.restart();
+    let record = first.data_dir.join("vhost-exports/handv.export");
+    wait_for("the restore pass", Duration::from_secs(30), || {
+        !record.exists() && !first.cli_json(&["vdisk", "show", "stays"])["vhost_socket"].is_null()
+    });
+    assert_eq!(
+        first.cli_json(&["vdisk", "show", "handv"])["vhost_socket"],
+        Value::Null,
+        "{}",
+        first.log_tail(20)
+    );
+    assert!(
+        first
+            .log_text()
+            .contains("not exporting a vdisk by hand again: another node serves it now"),
+        "{}",
+        first.log_tail(20)
+    );
+    // The second node's client was not disturbed.
+    check_blocks(&second, &mut taker, 2, |_| 1);
+    taker.disconnect();
+}
+
 fn write_range(client: &mut common::nbd::NbdClient, blocks: std::ops::Range<u64>, seq: u64) {
     let mut at = blocks.start;
     while at < blocks.end {
