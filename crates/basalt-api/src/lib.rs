@@ -75,6 +75,10 @@ pub struct NodeStatus {
     pub vdisks: u64,
     /// Counters since start.
     pub io: IoCounters,
+    /// What this node's VMs run under: `kvm` or `tcg`, and why (with
+    /// `--vm-accel auto`, the probe's times); null until the first VM start
+    /// on the node has decided it.
+    pub vm_accelerator: Option<String>,
 }
 
 /// A disk owned by the node.

@@ -480,6 +480,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("{} ({})", s.io.writes, format_size(s.io.write_bytes)),
                 ),
                 ("checksum errors", s.io.checksum_errors.to_string()),
+                (
+                    "VMs run under",
+                    s.vm_accelerator
+                        .clone()
+                        .unwrap_or_else(|| "not decided yet (at the first VM start)".into()),
+                ),
             ];
             for (k, v) in rows {
                 t.add_row(vec![k.to_string(), v]);

@@ -342,6 +342,7 @@ impl Node {
                 log_batches: stats.log_batches.load(Ordering::Relaxed),
                 drains: stats.drains.load(Ordering::Relaxed),
             },
+            vm_accelerator: self.accel_decided(),
         }
     }
 

@@ -204,7 +204,8 @@ pub(crate) struct Supervisor {
     instances: Mutex<HashMap<String, Arc<Instance>>>,
     /// VMs with a start, stop or migration task running.
     busy: Mutex<HashSet<String>>,
-    accel: tokio::sync::OnceCell<Accel>,
+    /// The accelerator, and why it was chosen; set by the first VM start.
+    accel: tokio::sync::OnceCell<(Accel, String)>,
 }
 
 impl Supervisor {
@@ -813,25 +814,34 @@ impl Node {
     async fn accel(&self) -> Accel {
         let choice = self.config.vm.accel;
         let qemu = self.config.vm.qemu.clone();
-        *self
-            .vm_supervisor
+        self.vm_supervisor
             .accel
             .get_or_init(|| async move {
                 match choice {
-                    AccelChoice::Kvm => Accel::Kvm,
-                    AccelChoice::Tcg => Accel::Tcg,
+                    AccelChoice::Kvm => (Accel::Kvm, "forced by --vm-accel kvm".to_string()),
+                    AccelChoice::Tcg => (Accel::Tcg, "forced by --vm-accel tcg".to_string()),
                     AccelChoice::Auto => {
                         let probe = basalt_qemu::probe_kvm(&qemu, KVM_PROBE_TIMEOUT).await;
                         tracing::info!(kvm = probe.use_kvm, reason = %probe.reason, "probed KVM");
-                        if probe.use_kvm {
+                        let accel = if probe.use_kvm {
                             Accel::Kvm
                         } else {
                             Accel::Tcg
-                        }
+                        };
+                        (accel, probe.reason)
                     }
                 }
             })
             .await
+            .0
+    }
+
+    /// The accelerator this node's VMs run under and why, once decided.
+    pub(crate) fn accel_decided(&self) -> Option<String> {
+        self.vm_supervisor
+            .accel
+            .get()
+            .map(|(accel, why)| format!("{} ({why})", accel.as_str()))
     }
 
     /// Starts QEMU for `record` here (waiting for a migration if `incoming`).

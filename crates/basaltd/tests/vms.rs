@@ -84,6 +84,11 @@ fn a_guest_boots_with_the_default_accelerator() {
     let daemon = Daemon::start();
     daemon.create_vdisk("auto-data", "16M");
     create_guest(&daemon, "auto", &["auto-data"], "idle", "256M");
+    assert_eq!(
+        daemon.status().vm_accelerator,
+        None,
+        "decided before any VM start"
+    );
     daemon.cli_ok(&["vm", "start", "auto"]);
     let deadline = Instant::now() + BOOT_TIMEOUT;
     while !console(&daemon, "auto").contains("BASALT-ALIVE: 1") {
@@ -100,6 +105,15 @@ fn a_guest_boots_with_the_default_accelerator() {
         .find(|l| l.contains("probed KVM"))
         .unwrap_or_else(|| panic!("no probe in the log:\n{log}"));
     eprintln!("{probed}");
+    // The node says what its VMs run under, and why.
+    let accel = daemon
+        .status()
+        .vm_accelerator
+        .expect("decided by the start");
+    assert!(
+        (accel.starts_with("kvm (") || accel.starts_with("tcg (")) && accel.contains(" ms"),
+        "{accel}"
+    );
     daemon.cli_ok(&["vm", "stop", "auto", "--force"]);
 }
 
