@@ -20,7 +20,6 @@ Needs qemu-system-x86_64, qemu-storage-daemon and the test guest
 
 import argparse
 import os
-import re
 import shutil
 import statistics as st
 import subprocess
@@ -75,19 +74,14 @@ def one_run(args, exporter, scratch):
         for p in procs:
             p.kill()
             p.wait()
-    our_sectors = sizes[ours] >> 9
-    rounds = {}
-    for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=\d+ "
-                         r"write_s=([\d.]+) read_s=([\d.]+)", text):
-        who = "ours" if int(m.group(2)) == our_sectors else "qsd"
-        rounds.setdefault(int(m.group(1)), {})[who] = (float(m.group(3)), float(m.group(4)))
+    rounds = vm_bench.ddpair_rounds(text, sizes[ours] >> 9)
     if "ddpair PASS" not in text:
         raise RuntimeError(f"the guest's ddpair failed:\n{text[-2000:]}")
     for line in text.splitlines():
         if "BASALT-DDPAIR-DISK" in line:
             print("  " + line.split(": ", 1)[1])
     # Round 0 writes fresh disks; the ratio is time(qsd) / time(ours).
-    return [(r["qsd"][0] / r["ours"][0], r["qsd"][1] / r["ours"][1])
+    return [(r["qsd"][1] / r["basalt"][1], r["qsd"][2] / r["basalt"][2])
             for n, r in sorted(rounds.items()) if n > 0 and len(r) == 2]
 
 

@@ -173,6 +173,18 @@ def run_qemu_until(args, needle, timeout=300):
     return seen, text.decode(errors="replace")
 
 
+def ddpair_rounds(text, basalt_sectors):
+    """The guest's `ddpair` lines: round -> {"basalt" | "qsd": (mb, write_s,
+    read_s)}; the disks are told apart by size (`basalt_sectors`)."""
+    rounds = {}
+    for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=(\d+) "
+                         r"write_s=([\d.]+) read_s=([\d.]+)", text):
+        target = "basalt" if int(m.group(2)) == basalt_sectors else "qsd"
+        rounds.setdefault(int(m.group(1)), {})[target] = (
+            int(m.group(3)), float(m.group(4)), float(m.group(5)))
+    return rounds
+
+
 def dd_figures(text):
     m = re.search(r"BASALT-DD: mb=(\d+) write_s=([\d.]+) read_s=([\d.]+)", text)
     if not m:
@@ -329,14 +341,10 @@ def main():
                  "-chardev", f"socket,id=c1,path={sock}",
                  "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
                 "BASALT-DONE", timeout=1800)
-            rounds = {}
-            for m in re.finditer(r"BASALT-DDPAIR: round=(\d+) disk=\w+ sectors=(\d+) mb=(\d+) "
-                                 r"write_s=([\d.]+) read_s=([\d.]+)", text):
-                rnd, sectors, mb = int(m.group(1)), int(m.group(2)), int(m.group(3))
-                target = "basalt" if sectors == basalt_sectors else "qsd"
-                rounds.setdefault(rnd, {})[target] = {
-                    "write_mbs": mb / max(float(m.group(4)), 0.01),
-                    "read_mbs": mb / max(float(m.group(5)), 0.01)}
+            rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
+                                     "read_mbs": mb / max(read_s, 0.01)}
+                            for target, (mb, write_s, read_s) in disks.items()}
+                      for rnd, disks in ddpair_rounds(text, basalt_sectors).items()}
             if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
                     any(len(r) != 2 for r in rounds.values()):
                 raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")

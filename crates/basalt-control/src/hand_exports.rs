@@ -149,12 +149,6 @@ impl Node {
         }
     }
 
-    /// The vdisks with a record, after turning the previous version's
-    /// write-through files into records.
-    fn recorded_hand_exports(&self) -> BTreeSet<String> {
-        recorded(&self.config.data_dir)
-    }
-
     /// Exports again what `waiting` names, as far as this node can yet;
     /// returns what still waits for its vdisk.
     fn restore_hand_exports(&self, waiting: BTreeSet<String>) -> BTreeSet<String> {
@@ -164,11 +158,7 @@ impl Node {
             if self.vhost_exported(&name) {
                 continue;
             }
-            if let Some(vm) = state
-                .vms
-                .values()
-                .find(|vm| vm.spec.disks.iter().any(|d| d == &name))
-            {
+            if let Some(vm) = state.vm_using(&name) {
                 tracing::warn!(
                     vdisk = %name,
                     vm = %vm.spec.name,
@@ -258,7 +248,7 @@ pub(crate) async fn restore_forever(node: Weak<Node>) {
             if node.node_id() != 0 && !state.cluster_id.is_nil() {
                 let todo = waiting
                     .take()
-                    .unwrap_or_else(|| node.recorded_hand_exports());
+                    .unwrap_or_else(|| recorded(&node.config.data_dir));
                 if todo.is_empty() {
                     return;
                 }

@@ -603,13 +603,7 @@ impl Node {
     /// vhost-user on this node (a VM may be using it).
     pub async fn delete_vdisk(&self, name: &str) -> Result<(), ControlError> {
         let id = self.vdisk(name)?.id;
-        if let Some(vm) = self
-            .cluster
-            .cluster()
-            .vms
-            .values()
-            .find(|vm| vm.spec.disks.iter().any(|d| d == name))
-        {
+        if let Some(vm) = self.cluster.cluster().vm_using(name) {
             return Err(ControlError::Busy(format!(
                 "vdisk {name} is used by VM {}; delete the VM first",
                 vm.spec.name

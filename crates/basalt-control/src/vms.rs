@@ -1675,8 +1675,8 @@ async fn run_migration(node: &Node, instance: &Instance, uri: &str) -> Result<(u
 /// Whether this node must not take `vdisk` over yet: a VM using it is
 /// migrating here and has not switched over (the source still serves it).
 pub(crate) fn migration_pending(state: &ClusterState, me: NodeId, vdisk: &str) -> bool {
-    state.vms.values().any(|vm| {
-        vm.migration.as_ref().is_some_and(|m| m.to == me)
-            && vm.spec.disks.iter().any(|d| d == vdisk)
-    })
+    state
+        .vms
+        .values()
+        .any(|vm| vm.migration.as_ref().is_some_and(|m| m.to == me) && vm.uses(vdisk))
 }

@@ -708,12 +708,10 @@ impl MetaNode {
             let metrics = raft.metrics().borrow().clone();
             let index = if metrics.state == ServerState::Leader {
                 self.leader_read_index().await
-            } else if let Some(leader) = metrics.current_leader
-                && let Some(node) = metrics.membership_config.membership().get_node(&leader)
-            {
+            } else if let Some(leader) = leader_address(&metrics) {
                 match meta_call(
                     &self.inner.transport,
-                    &node.addr,
+                    &leader,
                     &MetaRequest::ReadIndex,
                     Duration::from_secs(5),
                 )
@@ -979,10 +977,8 @@ impl MetaNode {
             if metrics.state == ServerState::Leader {
                 return self.admit(me).await;
             }
-            if let Some(leader) = metrics.current_leader
-                && let Some(node) = metrics.membership_config.membership().get_node(&leader)
-            {
-                return self.forward_join(&node.addr, &me).await;
+            if let Some(leader) = leader_address(&metrics) {
+                return self.forward_join(&leader, &me).await;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -1023,6 +1019,16 @@ async fn send_join(
 }
 
 /// Sends one meta-service request to the node at `addr`; returns its reply.
+/// The current leader's address, as `metrics` (this node's view) knows it.
+fn leader_address(metrics: &openraft::RaftMetrics<NodeId, crate::Node>) -> Option<String> {
+    let leader = metrics.current_leader?;
+    metrics
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|node| node.addr.clone())
+}
+
 async fn meta_call(
     transport: &Transport,
     addr: &str,

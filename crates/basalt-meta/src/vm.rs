@@ -157,6 +157,11 @@ pub struct VmRecord {
 pub const KEPT_CRASHES: usize = 16;
 
 impl VmRecord {
+    /// Whether `vdisk` is one of the VM's disks.
+    pub fn uses(&self, vdisk: &str) -> bool {
+        self.spec.disks.iter().any(|d| d == vdisk)
+    }
+
     /// Crashes within the `window` seconds before `now`.
     pub fn crashes_since(&self, now: u64, window: u64) -> usize {
         self.crashes
@@ -186,6 +191,11 @@ impl ClusterState {
     /// The VM called `name`.
     pub fn vm(&self, name: &str) -> Option<&VmRecord> {
         self.vms.get(name)
+    }
+
+    /// A VM that has `vdisk` among its disks (running or not).
+    pub fn vm_using(&self, vdisk: &str) -> Option<&VmRecord> {
+        self.vms.values().find(|vm| vm.uses(vdisk))
     }
 
     fn vm_ref(&self, name: &str) -> Result<&VmRecord, Refused> {
@@ -278,7 +288,7 @@ impl ClusterState {
         self.vms.values().find(|vm| {
             vm.spec.name != except
                 && (vm.desired == VmDesired::Running || vm.state != VmRunState::Stopped)
-                && vm.spec.disks.iter().any(|d| d == vdisk)
+                && vm.uses(vdisk)
         })
     }
 

@@ -111,9 +111,11 @@ impl VhostBlkOptions {
                 self.worker_threads, self.num_queues
             ));
         }
-        if !(1..=1022).contains(&self.max_segments) {
+        // A chain also carries the request header and the status byte.
+        let most_segments = crate::device::MAX_CHAIN_DESCRIPTORS as u32 - 2;
+        if !(1..=most_segments).contains(&self.max_segments) {
             return bad(format!(
-                "max_segments {} not in 1..=1022",
+                "max_segments {} not in 1..={most_segments}",
                 self.max_segments
             ));
         }

@@ -897,18 +897,13 @@ fn a_hand_made_export_is_not_restored_for_a_vdisk_a_vm_now_uses() {
     create_vm_booting_from(&daemon, "user", "taken");
     daemon.stop();
     daemon.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    daemon.wait_for_vhost_export("kept");
     let taken_record = daemon.data_dir.join("vhost-exports/taken.export");
-    while daemon.cli_json(&["vdisk", "show", "kept"])["vhost_socket"].is_null()
-        || taken_record.exists()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "kept was not exported again, or taken's record not dropped:\n{}",
-            daemon.log_tail(30)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    common::wait_for(
+        "taken's record is dropped",
+        std::time::Duration::from_secs(30),
+        || !taken_record.exists(),
+    );
     assert_eq!(
         daemon.cli_json(&["vdisk", "show", "taken"])["vhost_socket"],
         Value::Null,

@@ -590,15 +590,10 @@ fn kill9_while_idle_restarts_cleanly() {
     daemon.restart();
     // The export made by hand comes back by itself, on a fresh socket in
     // place of the stale one.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while daemon.cli_json(&["vdisk", "show", "late"])["vhost_socket"] != socket {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the export of late did not come back:\n{}",
-            daemon.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_eq!(
+        serde_json::Value::from(daemon.wait_for_vhost_export("late")),
+        socket
+    );
     assert_eq!(
         daemon.cli_json(&["vdisk", "list"]),
         list,

@@ -277,7 +277,7 @@ fn daemon_stops_cleanly_under_a_running_guest() {
     let v = daemon.cli_json(&["vdisk", "show", "vm"]);
     assert_eq!(v["state"], Value::from("healthy"), "{v}");
     assert_eq!(
-        wait_for_hand_export(&daemon, "vm"),
+        daemon.wait_for_vhost_export("vm"),
         socket,
         "an export made by hand comes back after a restart"
     );
@@ -321,8 +321,8 @@ fn a_hand_made_export_and_its_write_through_choice_outlive_a_daemon_crash() {
     daemon.kill9();
     let before = guest_count(&guest.console(), "BASALT-SEQ");
     daemon.restart();
-    assert_eq!(wait_for_hand_export(&daemon, "vm"), socket);
-    assert_eq!(wait_for_hand_export(&daemon, "other"), other);
+    assert_eq!(daemon.wait_for_vhost_export("vm"), socket);
+    assert_eq!(daemon.wait_for_vhost_export("other"), other);
     assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
     guest.wait_for(&format!("BASALT-SEQ: {}", before + 50), BOOT_TIMEOUT);
     let after = guest_count(&guest.console(), "BASALT-SEQ");
@@ -340,7 +340,7 @@ fn a_hand_made_export_and_its_write_through_choice_outlive_a_daemon_crash() {
     daemon.restart();
     // One pass brings back every recorded export: once `other` is back,
     // `vm` would be too.
-    assert_eq!(wait_for_hand_export(&daemon, "other"), other);
+    assert_eq!(daemon.wait_for_vhost_export("other"), other);
     assert_eq!(
         daemon.cli_json(&["vdisk", "show", "vm"])["vhost_socket"],
         Value::Null,
@@ -352,21 +352,4 @@ fn a_hand_made_export_and_its_write_through_choice_outlive_a_daemon_crash() {
         0,
         "an unexport forgets the choice"
     );
-}
-
-/// Waits until a restarted daemon has exported `name` again; its socket.
-fn wait_for_hand_export(daemon: &Daemon, name: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = daemon.cli_json(&["vdisk", "show", name]);
-        if let Some(socket) = v["vhost_socket"].as_str() {
-            return socket.to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{name} was not exported again after the restart: {v}\n{}",
-            daemon.log_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

@@ -769,6 +769,24 @@ impl Daemon {
         v
     }
 
+    /// Waits (up to 30 s) until `name` is exported over vhost-user, as a
+    /// restarted daemon does again for exports made by hand; its socket.
+    pub fn wait_for_vhost_export(&self, name: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.cli_json(&["vdisk", "show", name]);
+            if let Some(socket) = v["vhost_socket"].as_str() {
+                return socket.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} was not exported again after the restart: {v}\n{}",
+                self.log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// A counter or gauge from `/metrics` (0 when absent).
     pub fn metric(&self, name: &str) -> u64 {
         let answer = self.http("GET", "/metrics", None);
