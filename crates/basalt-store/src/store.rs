@@ -786,7 +786,8 @@ impl Store {
             .iter()
             .map(|&(extent, start, n, _)| self.read_piece(vdisk, extent, start, n));
         let results = futures::future::try_join_all(reads).await?;
-        let mut out = IoBuf::zeroed((blocks * BLOCK_BYTES) as usize);
+        // The pieces cover the whole range: nothing to clear first.
+        let mut out = IoBuf::for_overwrite((blocks * BLOCK_BYTES) as usize);
         for ((_, _, _, at), piece) in parts.iter().zip(results) {
             let at = (*at * BLOCK_BYTES) as usize;
             out.as_mut_slice()[at..at + piece.len()].copy_from_slice(piece.as_slice());
@@ -831,7 +832,10 @@ impl Store {
                 let Some(meta) = e.meta.as_ref() else {
                     break 'plan Err(Unready::Meta(e.disk, e.slot, e.alloc_id));
                 };
-                let mut out = IoBuf::zeroed(len);
+                // Overlay blocks with data, by their byte offset in the
+                // result; copied out of their (immutable, shared) buffers
+                // after the lock is released.
+                let mut from_overlay: Vec<(usize, Segment)> = Vec::new();
                 // Runs of consecutive blocks to read from the slot: (first, count).
                 let mut runs: Vec<(u16, u16)> = Vec::new();
                 let mut fingerprint = Vec::new();
@@ -839,8 +843,7 @@ impl Store {
                     let i = usize::from(b - start) * BLOCK_BYTES as usize;
                     if let Some(entry) = e.overlay.get(&b) {
                         if let Content::Data { seg, .. } = &entry.content {
-                            out.as_mut_slice()[i..i + BLOCK_BYTES as usize]
-                                .copy_from_slice(seg.as_slice());
+                            from_overlay.push((i, seg.clone()));
                         }
                         continue;
                     }
@@ -866,14 +869,14 @@ impl Store {
                 }
                 let d = &st.disks[e.disk];
                 Ok((
-                    out,
+                    from_overlay,
                     runs,
                     d.engine.clone(),
                     d.slot_offset(e.slot) + SLOT_META_BYTES,
                     (e.alloc_id, fingerprint),
                 ))
             };
-            let (mut out, runs, engine, base, fingerprint) = match planned {
+            let (from_overlay, runs, engine, base, fingerprint) = match planned {
                 Ok(plan) => plan,
                 Err(Unready::Meta(disk, slot, alloc)) => {
                     self.load_meta(key, disk, slot, alloc).await?;
@@ -888,8 +891,21 @@ impl Store {
                     continue;
                 }
             };
+            // The result, for a read not served by one fetch alone: blocks
+            // neither in the overlay nor fetched read as zeros.
+            let assemble = |fetched: Vec<(u16, IoBuf)>| {
+                let mut out = IoBuf::zeroed(len);
+                for (at, seg) in &from_overlay {
+                    out.as_mut_slice()[*at..*at + seg.len].copy_from_slice(seg.as_slice());
+                }
+                for (f, buf) in fetched {
+                    let at = usize::from(f - start) * BLOCK_BYTES as usize;
+                    out.as_mut_slice()[at..at + buf.len()].copy_from_slice(buf.as_slice());
+                }
+                out
+            };
             if runs.is_empty() {
-                return Ok(out);
+                return Ok(assemble(Vec::new()));
             }
             // Fetch and verify.
             let whole = runs.len() == 1 && runs[0] == (start, n);
@@ -931,11 +947,7 @@ impl Store {
                     {
                         return Ok(buf);
                     }
-                    for (f, buf) in fetched {
-                        let at = usize::from(f - start) * BLOCK_BYTES as usize;
-                        out.as_mut_slice()[at..at + buf.len()].copy_from_slice(buf.as_slice());
-                    }
-                    return Ok(out);
+                    return Ok(assemble(fetched));
                 }
                 Some(b) => {
                     // A drain or remap may have moved the block under us: retry if
