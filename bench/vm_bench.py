@@ -17,7 +17,9 @@ QEMU/TCG, in one run:
             between VM runs on a shared machine) hit both alike; per-round
             ratios, the first round (fresh disks) apart. Since 2026-11-26
             20:20 each pass is cut into --pair-chunk-mb chunks (64) and the
-            disks take turns chunk by chunk (0: whole passes, as before)
+            disks take turns chunk by chunk (0: whole passes, as before);
+            also the CPU time basaltd and qsd spent per GiB the guest
+            moved through them (an HCI node shares its CPUs with the VMs)
   migrate   live migration of a 512 MiB guest between two Basalt nodes on
             this machine: QEMU's downtime and the total time (`vm show`)
 
@@ -171,6 +173,13 @@ def run_qemu_until(args, needle, timeout=300):
     if seen is None:
         raise RuntimeError(f"{needle!r} never appeared:\n{text.decode(errors='replace')[-2000:]}")
     return seen, text.decode(errors="replace")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time a process has used so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ddpair_rounds(text, basalt_sectors):
@@ -329,6 +338,7 @@ def main():
             first.cli("vdisk", "create", "pair-data", "--size", f"{disk_mb + 64}M", "--rf", "1")
             basalt_sock = first.cli("vdisk", "export", "pair-data", "--vhost")["socket"]
             basalt_sectors = (disk_mb + 64) << 11
+            cpu_before = {"basalt": cpu_seconds(first.proc.pid), "qsd": cpu_seconds(qsd.pid)}
             _, text = run_qemu_until(
                 qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
                                           f"basalt.ddrounds={args.pair_rounds} "
@@ -349,6 +359,12 @@ def main():
                     any(len(r) != 2 for r in rounds.values()):
                 raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
             results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
+            # What each backend spent on the CPU over the whole guest run
+            # (basaltd also keeps its idle cluster chores going meanwhile).
+            moved_gib = 2 * args.pair_rounds * args.dd_mb / 1024
+            results["pair_cpu_s_per_gib"] = {
+                target: (cpu_seconds(pid) - cpu_before[target]) / moved_gib
+                for target, pid in (("basalt", first.proc.pid), ("qsd", qsd.pid))}
             # What each device told the guest (request limits, cache mode).
             results["pair_disks"] = {}
             for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=\w+ sectors=(\d+) (.*)", text):
@@ -416,6 +432,10 @@ def main():
             parts.append(f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
                          f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
         print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
+    if "pair_cpu_s_per_gib" in results:
+        cpu = results["pair_cpu_s_per_gib"]
+        print(f"  backend CPU per GiB the guest moved: basaltd {cpu['basalt']:.2f} s, "
+              f"qsd {cpu['qsd']:.2f} s, basalt/qsd {cpu['basalt'] / max(cpu['qsd'], 1e-9):.2f}x")
     for target, limits in sorted(results.get("pair_disks", {}).items()):
         print(f"  as the guest sees {target}'s disk: {limits}")
     if results["migration"]:
