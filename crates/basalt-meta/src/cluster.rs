@@ -1018,7 +1018,6 @@ async fn send_join(
     }
 }
 
-/// Sends one meta-service request to the node at `addr`; returns its reply.
 /// The current leader's address, as `metrics` (this node's view) knows it.
 fn leader_address(metrics: &openraft::RaftMetrics<NodeId, crate::Node>) -> Option<String> {
     let leader = metrics.current_leader?;
@@ -1029,6 +1028,7 @@ fn leader_address(metrics: &openraft::RaftMetrics<NodeId, crate::Node>) -> Optio
         .map(|node| node.addr.clone())
 }
 
+/// Sends one meta-service request to the node at `addr`; returns its reply.
 async fn meta_call(
     transport: &Transport,
     addr: &str,
