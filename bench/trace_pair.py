@@ -13,7 +13,11 @@ basaltd for a few seconds of the write phase. From the events it cuts each
 * guest: that answer to the next kick -- the guest completing the request
   and building the next one;
 * for Basalt also the wait from the data's landing (the last 256 KiB piece
-  completes) to the answer, and the first piece's start after the kick.
+  completes) to the answer, and the first piece's start after the kick;
+* from the scheduler's switches: how much CPU the backend itself used
+  while the guest built its next request, and how long QEMU's threads sat
+  preempted (runnable but off the CPU) meanwhile, which says whether the
+  backend's own work competes with the guest's.
 
 The per-chunk times of both disks in the traced window give the ratio the
 guest would measure. Findings of 2026-11-26 are in docs/benchmarks.md.
@@ -21,7 +25,7 @@ guest would measure. Findings of 2026-11-26 are in docs/benchmarks.md.
     cargo build --release --bins
     sudo python3 bench/trace_pair.py [--seconds 3] [--mb 1024] [--bin-dir DIR]
 
-Needs perf (linux-perf) with syscall and io_uring tracepoints, and what
+Needs perf (linux-perf) with syscall, io_uring and sched tracepoints, and what
 vm_bench.py needs. Runs as root (system-wide tracing).
 """
 
@@ -41,9 +45,10 @@ import vm_bench  # noqa: E402
 
 EVENTS = ",".join([
     "syscalls:sys_enter_write", "syscalls:sys_enter_read", "syscalls:sys_enter_io_uring_enter",
-    "io_uring:io_uring_submit_req", "io_uring:io_uring_complete",
+    "io_uring:io_uring_submit_req", "io_uring:io_uring_complete", "sched:sched_switch",
 ])
-LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")
+LINE = re.compile(r"^\s*(\S+)\s+(\d+)/(\d+)\s+(?:\[\d+\]\s+)?([\d.]+):\s+(\S+):\s*(.*)$")
+SWITCH = re.compile(r"prev_pid=(\d+) .*prev_state=(\S+) ==> .*next_pid=(\d+)")
 
 
 def parse(path):
@@ -53,6 +58,14 @@ def parse(path):
             m = LINE.match(line)
             if m:
                 comm, pid, tid, t, name, rest = m.groups()
+                if name == "sched:sched_switch":
+                    sw = SWITCH.search(rest)
+                    if sw:
+                        events.append({"comm": comm, "pid": int(pid), "tid": int(tid), "t": float(t),
+                                       "name": name, "rest": rest, "fd": None,
+                                       "prev": int(sw.group(1)), "state": sw.group(2),
+                                       "next": int(sw.group(3))})
+                    continue
                 fd = re.search(r"fd: 0x([0-9a-f]+)", rest)
                 events.append({"comm": comm, "pid": int(pid), "tid": int(tid), "t": float(t),
                                "name": name, "rest": rest, "fd": int(fd.group(1), 16) if fd else None})
@@ -96,8 +109,42 @@ def identify(events, pids):
     return kicks, calls
 
 
-def analyze(events, pids):
+def on_cpu(events, threads):
+    """Per process name: sorted (start, end) on-CPU intervals of its threads,
+    and for QEMU also its threads' preempted (runnable, switched out) ones."""
+    running, preempted_at = {}, {}
+    busy = {name: [] for name in threads}
+    waiting = {name: [] for name in threads}
+    owner = {tid: name for name, tids in threads.items() for tid in tids}
+    for e in events:
+        if e["name"] != "sched:sched_switch":
+            continue
+        t, prev, nxt = e["t"], e["prev"], e["next"]
+        if prev in owner:
+            if prev in running:
+                busy[owner[prev]].append((running.pop(prev), t))
+            if e["state"].startswith("R"):
+                preempted_at[prev] = t
+        if nxt in owner:
+            running[nxt] = t
+            if nxt in preempted_at:
+                waiting[owner[nxt]].append((preempted_at.pop(nxt), t))
+    return ({k: sorted(v) for k, v in busy.items()}, {k: sorted(v) for k, v in waiting.items()})
+
+
+def overlap(intervals, a, z):
+    """Microseconds of `intervals` (sorted by start) inside [a, z]."""
+    total = 0.0
+    for s, e in intervals[max(0, bisect.bisect_left(intervals, (a - 0.05, 0))):]:
+        if s > z:
+            break
+        total += max(0.0, min(e, z) - max(s, a))
+    return total * 1e6
+
+
+def analyze(events, pids, threads=None):
     kicks_fd, calls_fd = identify(events, pids)
+    busy, waiting = on_cpu(events, threads) if threads else ({}, {})
     qemu = pids["qemu"]
     out = {}
     for name in ("basalt", "qsd"):
@@ -126,6 +173,12 @@ def analyze(events, pids):
                 if (j := bisect.bisect_right(kicks, t)) < len(kicks) and kicks[j] - t < 0.01
                 and not (i + 1 < len(calls) and calls[i + 1] < kicks[j])]
         guest = [(kicks[bisect.bisect_right(kicks, t)] - t) * 1e6 for t in last]
+        cpu_in_guest, qemu_wait_in_guest = [], []
+        for t in last:
+            k = kicks[bisect.bisect_right(kicks, t)]
+            if name in busy:
+                cpu_in_guest.append(overlap(busy[name], t, k))
+                qemu_wait_in_guest.append(overlap(waiting["qemu"], t, k))
         # QEMU picks the answer up: its first read after the backend's call
         # write (the call eventfd, which its main loop turns into an interrupt).
         qemu_reads = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_read"]
@@ -163,7 +216,8 @@ def analyze(events, pids):
                 if i >= 0 and t - pieces[i] < 0.02:
                     tail.append((t - pieces[i]) * 1e6)
         out[name] = {"mib": len(done), "guest": guest, "backend": backend, "per_chunk": per_chunk,
-                     "tail": tail, "pickup": pickup}
+                     "tail": tail, "pickup": pickup, "cpu_in_guest": cpu_in_guest,
+                     "qemu_wait_in_guest": qemu_wait_in_guest}
     return out
 
 
@@ -222,11 +276,12 @@ def main():
                         "sleep", str(args.seconds)], check=True, stdout=subprocess.DEVNULL)
         text = os.path.join(args.dir, "perf.txt")
         with open(text, "w") as f:
-            subprocess.run(["perf", "script", "-i", data, "-F", "comm,pid,tid,time,event,trace"],
+            subprocess.run(["perf", "script", "-i", data, "-F", "comm,pid,tid,cpu,time,event,trace"],
                            check=True, stdout=f, stderr=subprocess.DEVNULL)
-        qemu.wait(timeout=900)
         pids = {"qemu": qemu.pid, "qsd": qsd.pid, "basalt": node.proc.pid}
-        result = analyze(parse(text), pids)
+        threads = {name: [int(t) for t in os.listdir(f"/proc/{pid}/task")] for name, pid in pids.items()}
+        qemu.wait(timeout=900)
+        result = analyze(parse(text), pids, threads)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -244,6 +299,11 @@ def main():
         if r["pickup"]:
             print(f"  answer to QEMU reading it: p50 {st.median(r['pickup']):.0f} us, "
                   f"p90 {pct(r['pickup'], 0.9):.0f} us")
+        if r["cpu_in_guest"]:
+            print(f"  {name}'s own CPU while the guest builds the next request: "
+                  f"mean {st.mean(r['cpu_in_guest']):.0f} us, p90 {pct(r['cpu_in_guest'], 0.9):.0f} us; "
+                  f"QEMU threads preempted meanwhile: mean {st.mean(r['qemu_wait_in_guest']):.0f} us, "
+                  f"p90 {pct(r['qemu_wait_in_guest'], 0.9):.0f} us")
         if r["tail"]:
             print(f"  data landed to answer: p50 {st.median(r['tail']):.0f} us, "
                   f"p90 {pct(r['tail'], 0.9):.0f} us")
