@@ -20,6 +20,14 @@ QEMU/TCG, in one run:
             disks take turns chunk by chunk (0: whole passes, as before);
             also the CPU time basaltd and qsd spent per GiB the guest
             moved through them (an HCI node shares its CPUs with the VMs)
+  fio       fio in the same one-guest setup (Debian's fio on a third,
+            read-only disk built by tests/guest/build-fio-disk.sh): 1 MiB
+            sequential writes at depth 1 and 4, reads at depth 4, 4 KiB random
+            reads and writes at depth 32, 4 KiB random writes at depth 1
+            (IOPS and completion latency), and a 4 KiB random read at depth 1
+            beside a 1 MiB writer at depth 4 (the reader's latency shows
+            requests waiting behind the writer's); --fio-rounds rounds, the
+            first disk alternating, ratios per round
   migrate   live migration of a 512 MiB guest between two Basalt nodes on
             this machine: QEMU's downtime and the total time (`vm show`)
 
@@ -30,9 +38,10 @@ Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
                          [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-chunk-mb 64]
                          [--pair-write-through]
                          [--no-build]
-                         [--only boot,dd,pair,migrate] [--bin-dir target/release]
+                         [--fio-rounds 2] [--fio-runtime 5] [--fio-mb 256] [--fio-jobs a,b]
+                         [--only boot,dd,pair,fio,migrate] [--bin-dir target/release]
                          [--json results.json]
-Needs: qemu-system-x86_64, qemu-storage-daemon, what build-guest.sh needs,
+Needs: qemu-system-x86_64, qemu-storage-daemon, fio, what build-guest.sh needs,
 a release build (`cargo build --release --bins`, done unless --no-build).
 """
 import argparse
@@ -202,7 +211,56 @@ def dd_figures(text):
     return mb / max(write_s, 0.01), mb / max(read_s, 0.01)
 
 
-PARTS = ("boot", "dd", "pair", "migrate")
+PARTS = ("boot", "dd", "pair", "fio", "migrate")
+
+# fio's terse format, version 3: 0-based fields (see fio's HOWTO, "Terse output").
+TERSE_JOB = 2
+TERSE_READ_BW_KIB, TERSE_READ_IOPS, TERSE_READ_CLAT_PCT = 6, 7, range(17, 37)
+TERSE_WRITE_BW_KIB, TERSE_WRITE_IOPS, TERSE_WRITE_CLAT_PCT = 47, 48, range(58, 78)
+
+# What each fio job of the guest's `fiopair` is judged by: (label, job name
+# in fio's output, figure, higher is better).
+FIO_FIGURES = [
+    ("seq write 1M QD1 (MB/s)", "seqwrite", "write_mbs", True),
+    ("seq write 1M QD4 (MB/s)", "seqwrite-qd4", "write_mbs", True),
+    ("seq read 1M QD4 (MB/s)", "seqread-qd4", "read_mbs", True),
+    ("rand read 4k QD32 (IOPS)", "randread", "read_iops", True),
+    ("rand write 4k QD32 (IOPS)", "randwrite", "write_iops", True),
+    ("rand write 4k QD1 (IOPS)", "randwrite-qd1", "write_iops", True),
+    ("rand write 4k QD1 p50 (us)", "randwrite-qd1", "write_p50_us", False),
+    ("rand write 4k QD1 p99 (us)", "randwrite-qd1", "write_p99_us", False),
+    ("beside a writer: rand read 4k QD1 p50 (us)", "probe", "read_p50_us", False),
+    ("beside a writer: rand read 4k QD1 p99 (us)", "probe", "read_p99_us", False),
+    ("beside a writer: the writer (MB/s)", "bulk", "write_mbs", True),
+]
+
+
+def terse_percentile(fields, indices, percent):
+    """The completion-latency percentile `percent` (µs) from a terse line."""
+    for i in indices:
+        key, _, value = fields[i].partition("=")
+        if key.endswith("%") and abs(float(key[:-1]) - percent) < 1e-6:
+            return float(value)
+    raise RuntimeError(f"no {percent}% percentile in fio's terse line")
+
+
+def fio_rounds(text, basalt_sectors):
+    """The guest's `BASALT-FIO` lines: round -> target -> fio job -> figures."""
+    rounds = {}
+    for m in re.finditer(r"BASALT-FIO: round=(\d+) disk=\w+ sectors=(\d+) job=\S+ (\S+)", text):
+        fields = m.group(3).split(";")
+        target = "basalt" if int(m.group(2)) == basalt_sectors else "qsd"
+        rounds.setdefault(int(m.group(1)), {}).setdefault(target, {})[fields[TERSE_JOB]] = {
+            "read_mbs": float(fields[TERSE_READ_BW_KIB]) * 1024 / 1e6,
+            "write_mbs": float(fields[TERSE_WRITE_BW_KIB]) * 1024 / 1e6,
+            "read_iops": float(fields[TERSE_READ_IOPS]),
+            "write_iops": float(fields[TERSE_WRITE_IOPS]),
+            "read_p50_us": terse_percentile(fields, TERSE_READ_CLAT_PCT, 50),
+            "read_p99_us": terse_percentile(fields, TERSE_READ_CLAT_PCT, 99),
+            "write_p50_us": terse_percentile(fields, TERSE_WRITE_CLAT_PCT, 50),
+            "write_p99_us": terse_percentile(fields, TERSE_WRITE_CLAT_PCT, 99),
+        }
+    return rounds
 
 
 def main():
@@ -217,6 +275,12 @@ def main():
     parser.add_argument("--pair-chunk-mb", type=int, default=64,
                         help="the one-guest comparison alternates the disks every this many MiB "
                              "(0: whole passes); must divide --dd-mb")
+    parser.add_argument("--fio-rounds", type=int, default=2,
+                        help="rounds of the one-guest fio comparison")
+    parser.add_argument("--fio-runtime", type=int, default=5, help="seconds per fio job and disk")
+    parser.add_argument("--fio-mb", type=int, default=256, help="MiB of each disk fio works on")
+    parser.add_argument("--fio-jobs", help="comma-separated fio jobs to run (default: all); "
+                                           "names as in FIO_FIGURES ('mixed' runs bulk and probe)")
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma-separated parts to run: " + ", ".join(PARTS))
     parser.add_argument("--no-build", action="store_true")
@@ -236,6 +300,8 @@ def main():
     if not args.no_build and args.bin_dir is None:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), GUEST_DIR], check=True)
+    if "fio" in parts:
+        subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-fio-disk.sh"), GUEST_DIR], check=True)
     kernel = os.path.join(GUEST_DIR, "vmlinuz")
     initrd = os.path.join(GUEST_DIR, "initrd")
     bin_dir = args.bin_dir or os.path.join(ROOT, "target/release")
@@ -247,7 +313,7 @@ def main():
                "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": [],
                "warmup_dd_write_mbs": {"basalt": [], "qsd": []},
                "warmup_dd_read_mbs": {"basalt": [], "qsd": []},
-               "pair_rounds": [], "pair_disks": {}}
+               "pair_rounds": [], "pair_disks": {}, "fio_rounds": []}
     nodes = []
     qsd = None
     try:
@@ -288,7 +354,7 @@ def main():
                         results["boot_s"]["raw"].append(seen)
 
         # --- dd -----------------------------------------------------------------
-        if "dd" in parts or "pair" in parts:
+        if parts & {"dd", "pair", "fio"}:
             first.cli("vdisk", "create", "dd-data", "--size", f"{disk_mb}M", "--rf", "1")
             first.cli("vm", "create", "dd", "--memory", "256M", "--disk", "dd-data",
                       "--kernel", kernel, "--initrd", initrd,
@@ -371,6 +437,33 @@ def main():
                 target = "basalt" if int(m.group(1)) == basalt_sectors else "qsd"
                 results["pair_disks"][target] = m.group(2).strip()
             first.cli("vdisk", "unexport", "pair-data", "--vhost")
+
+        # --- fio: one guest, both disks, fio from a third disk -------------------
+        if "fio" in parts:
+            first.cli("vdisk", "create", "fio-data", "--size", f"{disk_mb + 64}M", "--rf", "1")
+            basalt_sock = first.cli("vdisk", "export", "fio-data", "--vhost")["socket"]
+            basalt_sectors = (disk_mb + 64) << 11
+            fio_img = os.path.join(GUEST_DIR, "fio.img")
+            _, text = run_qemu_until(
+                qemu_args(kernel, initrd, f"basalt.test=fiopair basalt.fiomb={min(args.fio_mb, disk_mb)} "
+                                          f"basalt.fiorounds={args.fio_rounds} "
+                                          f"basalt.fioruntime={args.fio_runtime}" +
+                                          (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
+                ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+                 "-numa", "node,memdev=mem",
+                 "-chardev", f"socket,id=c0,path={basalt_sock}",
+                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+                 "-chardev", f"socket,id=c1,path={sock}",
+                 "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1",
+                 "-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,drive=tools"],
+                "BASALT-DONE", timeout=3600)
+            rounds = fio_rounds(text, basalt_sectors)
+            if "fiopair PASS" not in text or len(rounds) != args.fio_rounds or \
+                    any(len(r) != 2 for r in rounds.values()):
+                raise RuntimeError(f"the one-guest fio did not finish:\n{text[-3000:]}")
+            results["fio_rounds"] = [rounds[r] for r in sorted(rounds)]
+            first.cli("vdisk", "unexport", "fio-data", "--vhost")
         if qsd:
             qsd.terminate()
             qsd.wait()
@@ -438,6 +531,18 @@ def main():
               f"qsd {cpu['qsd']:.2f} s, basalt/qsd {cpu['basalt'] / max(cpu['qsd'], 1e-9):.2f}x")
     for target, limits in sorted(results.get("pair_disks", {}).items()):
         print(f"  as the guest sees {target}'s disk: {limits}")
+    if results["fio_rounds"]:
+        print(f"fio, one guest, both disks in turn ({len(results['fio_rounds'])} rounds, "
+              f"{args.fio_runtime} s per job; for latencies the ratio is qsd/basalt, "
+              "so above 1 is Basalt better everywhere):")
+        for label, job, figure, higher_better in FIO_FIGURES:
+            if any(job not in r["basalt"] for r in results["fio_rounds"]):
+                continue
+            pairs = [(r["basalt"][job][figure], r["qsd"][job][figure]) for r in results["fio_rounds"]]
+            ratios = [(b / q if higher_better else q / b) if min(b, q) > 0 else float("nan")
+                      for b, q in pairs]
+            print(f"  {label}: basalt {med(b for b, _ in pairs):.0f}, qsd {med(q for _, q in pairs):.0f}, "
+                  f"{med(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
     if results["migration"]:
         down = med(m["downtime_ms"] for m in results["migration"])
         total = med(m["total_ms"] for m in results["migration"])

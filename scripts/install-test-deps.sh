@@ -14,6 +14,8 @@ command -v fio >/dev/null || need+=(fio)
 command -v syslinux >/dev/null || need+=(syslinux)
 command -v mcopy >/dev/null || need+=(mtools)
 [ -x /usr/sbin/mkfs.fat ] || command -v mkfs.fat >/dev/null || need+=(dosfstools)
+# The guest's fio disk for bench/vm_bench.py (tests/guest/build-fio-disk.sh).
+[ -x /usr/sbin/mkfs.ext4 ] || command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ "${1:-}" != "--force" ] && [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -26,4 +28,4 @@ fi
 # installed newer qemu-utils (bookworm-backports) is replaced by bookworm's.
 apt-get install -y -q --allow-downgrades \
   qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm \
-  libnbd-bin fio busybox-static syslinux mtools dosfstools
+  libnbd-bin fio busybox-static syslinux mtools dosfstools e2fsprogs

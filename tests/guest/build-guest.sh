@@ -55,6 +55,14 @@
 #                  and the two disks take turns chunk by chunk (write phase, then
 #                  read phase), so a swing of the host hits both alike; write_s and
 #                  read_s are then the sums over a disk's chunks
+#   fiopair        fio (from the disk tests/guest/build-fio-disk.sh builds, attached as
+#                  /dev/vdc) on /dev/vda and /dev/vdb in turn, basalt.fiorounds=R rounds
+#                  (default 2; the first disk alternates) of the jobs in FIO_JOBS, each
+#                  basalt.fioruntime=S seconds (default 5) over the first basalt.fiomb=N
+#                  MiB (default 256), after one write of that range on both disks
+#                  (basalt.fiojobs=a,b: only the jobs named);
+#                  prints fio's terse (version 3) lines as
+#                  "BASALT-FIO: round=R disk=D sectors=N job=J <terse line>"
 # Result lines: "BASALT-TEST: <cmd> PASS" or "BASALT-TEST: <cmd> FAIL <why>";
 # the guest ends with "BASALT-DONE" and powers off.
 #
@@ -487,6 +495,79 @@ cmd_ddpair() {
     result ddpair PASS
 }
 
+# fiopair: fio jobs on /dev/vda and /dev/vdb in turn (see the header).
+FIO_JOBS='seqwrite --rw=write --bs=1M --iodepth=1
+seqwrite-qd4 --rw=write --bs=1M --iodepth=4
+seqread-qd4 --rw=read --bs=1M --iodepth=4
+randread --rw=randread --bs=4k --iodepth=32
+randwrite --rw=randwrite --bs=4k --iodepth=32
+randwrite-qd1 --rw=randwrite --bs=4k --iodepth=1
+mixed --name=bulk --rw=write --bs=1M --iodepth=4 --name=probe --rw=randread --bs=4k --iodepth=1'
+
+cmd_fiopair() {
+    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiomb=//p')
+    mb=${mb:-256}
+    runtime=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fioruntime=//p')
+    runtime=${runtime:-5}
+    rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiorounds=//p')
+    rounds=${rounds:-2}
+    only=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiojobs=//p' | tr ',' ' ')
+    for d in vda vdb vdc; do
+        [ -b /dev/$d ] || { result fiopair FAIL "no /dev/$d"; return; }
+    done
+    mkdir -p /mnt/fio
+    if ! mount -t ext4 -o ro /dev/vdc /mnt/fio 2>/tmp/mount.err; then
+        result fiopair FAIL "mount /dev/vdc: $(cat /tmp/mount.err)"
+        return
+    fi
+    lib=/mnt/fio/fio/lib
+    fio() {
+        "$lib/ld-linux-x86-64.so.2" --library-path "$lib" /mnt/fio/fio/bin/fio \
+            --eta=never --direct=1 --ioengine=libaio --size="${mb}M" "$@"
+    }
+    # Both disks written once first: reads then find data on both, not holes.
+    for d in vda vdb; do
+        if ! fio --filename=/dev/$d --name=prep --rw=write --bs=1M --iodepth=4 \
+            >/dev/null 2>/tmp/fio.err; then
+            result fiopair FAIL "prep $d: $(tail -n 3 /tmp/fio.err)"
+            return
+        fi
+    done
+    : >/tmp/fio.fail
+    r=0
+    while [ "$r" -lt "$rounds" ]; do
+        if [ $((r % 2)) -eq 0 ]; then order="vda vdb"; else order="vdb vda"; fi
+        echo "$FIO_JOBS" | while read -r job opts; do
+            if [ -n "$only" ] && ! echo " $only " | grep -q " $job "; then
+                continue
+            fi
+            for d in $order; do
+                # $opts is meant to split into options.
+                # shellcheck disable=SC2086
+                # A job line of several jobs names each of them itself.
+                case "$opts" in --name=*) name="" ;; *) name="--name=$job" ;; esac
+                if ! fio --filename=/dev/$d --runtime="$runtime" --time_based \
+                    --output-format=terse --terse-version=3 $name $opts \
+                    >/tmp/fio.out 2>/tmp/fio.err; then
+                    echo "BASALT-FIO-FAIL: $job $d: $(tail -n 3 /tmp/fio.err)"
+                    echo "$job $d" >>/tmp/fio.fail
+                    continue
+                fi
+                while read -r line; do
+                    echo "BASALT-FIO: round=$r disk=$d sectors=$(cat /sys/block/$d/size) job=$job $line"
+                done </tmp/fio.out
+            done
+        done
+        r=$((r + 1))
+    done
+    umount /mnt/fio
+    if [ -s /tmp/fio.fail ]; then
+        result fiopair FAIL "see BASALT-FIO-FAIL lines"
+    else
+        result fiopair PASS
+    fi
+}
+
 cmd_idle() {
     n=0
     while true; do
@@ -515,6 +596,7 @@ for c in $cmds; do
     idle) cmd_idle ;;
     ddbench) cmd_ddbench ;;
     ddpair) cmd_ddpair ;;
+    fiopair) cmd_fiopair ;;
     shell) setsid cttyhack sh ;;
     *) result "$c" FAIL unknown command ;;
     esac
