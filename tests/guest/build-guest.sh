@@ -238,6 +238,13 @@ done
 
 result() { echo "BASALT-TEST: $*"; }
 
+# param NAME DEFAULT: the value of basalt.NAME= on the kernel command line,
+# or DEFAULT when it is not given.
+param() {
+    value=$(tr ' ' '\n' </proc/cmdline | sed -n "s/^basalt\.$1=//p")
+    echo "${value:-$2}"
+}
+
 # pattern WORD [N]: N (default PATTERN_BLOCKS) blocks of 4096 bytes,
 # block i = "basalt WORD block i" padded with spaces, ending in a newline.
 pattern() {
@@ -337,10 +344,9 @@ cmd_soak() {
 }
 
 cmd_seq() {
-    n=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.seq=//p')
-    n=${n:-1000}
+    n=$(param seq 1000)
     base=$((SEQ_OFFSET / 4096))
-    if tr ' ' '\n' </proc/cmdline | grep -qx 'basalt.seqreader=1'; then
+    if [ "$(param seqreader 0)" = 1 ]; then
         (
             r=0
             while :; do
@@ -382,8 +388,7 @@ cmd_seq() {
 }
 
 cmd_ddbench() {
-    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddmb=//p')
-    mb=${mb:-256}
+    mb=$(param ddmb 256)
     t0=$(cut -d' ' -f1 /proc/uptime)
     if ! dd if=/dev/zero of=/dev/vda bs=1048576 count="$mb" oflag=direct conv=fsync 2>/tmp/dd.err; then
         result ddbench FAIL "write: $(cat /tmp/dd.err)"
@@ -447,17 +452,14 @@ dd_chunked() {
 }
 
 cmd_ddpair() {
-    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddmb=//p')
-    mb=${mb:-256}
-    chunk=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddchunk=//p')
-    chunk=${chunk:-0}
-    rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.ddrounds=//p')
-    rounds=${rounds:-6}
+    mb=$(param ddmb 256)
+    chunk=$(param ddchunk 0)
+    rounds=$(param ddrounds 6)
     if [ ! -b /dev/vdb ]; then
         result ddpair FAIL "no /dev/vdb"
         return
     fi
-    if tr ' ' '\n' </proc/cmdline | grep -qx 'basalt.ddwt=1'; then
+    if [ "$(param ddwt 0)" = 1 ]; then
         for d in vda vdb; do
             echo "write through" >/sys/block/$d/cache_type
         done
@@ -505,13 +507,10 @@ randwrite-qd1 --rw=randwrite --bs=4k --iodepth=1
 mixed --name=bulk --rw=write --bs=1M --iodepth=4 --name=probe --rw=randread --bs=4k --iodepth=1'
 
 cmd_fiopair() {
-    mb=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiomb=//p')
-    mb=${mb:-256}
-    runtime=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fioruntime=//p')
-    runtime=${runtime:-5}
-    rounds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiorounds=//p')
-    rounds=${rounds:-2}
-    only=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.fiojobs=//p' | tr ',' ' ')
+    mb=$(param fiomb 256)
+    runtime=$(param fioruntime 5)
+    rounds=$(param fiorounds 2)
+    only=$(param fiojobs "" | tr ',' ' ')
     for d in vda vdb vdc; do
         [ -b /dev/$d ] || { result fiopair FAIL "no /dev/$d"; return; }
     done
