@@ -13,6 +13,7 @@ shows) it is three.
 
     cargo build --release -p basalt-vhost --example file_export
     python3 bench/front_pair.py [--null] [--max-segments 256] [--rounds 7] [--runs 1]
+    python3 bench/front_pair.py --control    # qsd on both disks: the harness's own bias
 
 Needs qemu-system-x86_64, qemu-storage-daemon and the test guest
 (tests/guest/build-guest.sh). Findings are in docs/benchmarks.md.
@@ -43,16 +44,23 @@ def one_run(args, exporter, scratch):
             subprocess.run(["fallocate", "-l", str(size), path], check=True)
     our_sock, qsd_sock = os.path.join(scratch, "ours.sock"), os.path.join(scratch, "qsd.sock")
     disk = ["--null", str(sizes[ours])] if args.null else ["--file", ours]
-    procs = [subprocess.Popen([exporter, *disk, "--socket", our_sock,
-                               "--max-segments", str(args.max_segments)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    blockdev = (f"driver=null-co,node-name=d0,size={sizes[theirs]},read-zeroes=on" if args.null
-                else f"driver=file,node-name=d0,filename={theirs},cache.direct=on,aio=io_uring")
-    procs.append(subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev", blockdev, "--export",
-         f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={qsd_sock},"
-         "writable=on,num-queues=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    def qsd(path, size, sock):
+        blockdev = (f"driver=null-co,node-name=d0,size={size},read-zeroes=on" if args.null
+                    else f"driver=file,node-name=d0,filename={path},cache.direct=on,aio=io_uring")
+        return subprocess.Popen(
+            ["qemu-storage-daemon", "--blockdev", blockdev, "--export",
+             f"type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={sock},"
+             "writable=on,num-queues=1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    if args.control:
+        # qsd on both sides: what the harness itself favours.
+        procs = [qsd(ours, sizes[ours], our_sock)]
+    else:
+        procs = [subprocess.Popen([exporter, *disk, "--socket", our_sock,
+                                   "--max-segments", str(args.max_segments)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(qsd(theirs, sizes[theirs], qsd_sock))
     try:
         deadline = time.time() + 30
         while not (os.path.exists(our_sock) and os.path.exists(qsd_sock)):
@@ -94,11 +102,13 @@ def main():
     parser.add_argument("--mb", type=int, default=512, help="MiB per dd pass")
     parser.add_argument("--dir", default="/var/tmp/basalt-frontpair")
     parser.add_argument("--exporter", default=os.path.join(ROOT, "target/release/examples/file_export"))
+    parser.add_argument("--control", action="store_true",
+                        help="qsd on both disks: the ratios the harness gives two equal exports")
     args = parser.parse_args()
-    if not os.path.exists(args.exporter):
+    if not args.control and not os.path.exists(args.exporter):
         sys.exit("build it first: cargo build --release -p basalt-vhost --example file_export")
     subprocess.run(["sh", os.path.join(ROOT, "tests/guest/build-guest.sh"), vm_bench.GUEST_DIR], check=True)
-    kind = "null" if args.null else "raw file"
+    kind = ("null" if args.null else "raw file") + (", qsd against qsd" if args.control else "")
     for run in range(args.runs):
         shutil.rmtree(args.dir, ignore_errors=True)
         os.makedirs(args.dir)
