@@ -72,11 +72,7 @@ def one_run(args, exporter, scratch):
             vm_bench.qemu_args(os.path.join(guest, "vmlinuz"), os.path.join(guest, "initrd"),
                                f"basalt.test=ddpair basalt.ddmb={args.mb} "
                                f"basalt.ddrounds={args.rounds} basalt.ddchunk=64") +
-            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-             "-chardev", f"socket,id=c0,path={our_sock}",
-             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
-             "-chardev", f"socket,id=c1,path={qsd_sock}",
-             "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            vm_bench.vhost_disks(our_sock, qsd_sock),
             "BASALT-DONE", timeout=1800)
     finally:
         for p in procs:

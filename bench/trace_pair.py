@@ -110,8 +110,8 @@ def identify(events, pids):
 
 
 def on_cpu(events, threads):
-    """Per process name: sorted (start, end) on-CPU intervals of its threads,
-    and for QEMU also its threads' preempted (runnable, switched out) ones."""
+    """Per process name: the sorted (start, end) intervals its threads were on
+    a CPU, and those they sat preempted (runnable but switched out)."""
     running, preempted_at = {}, {}
     busy = {name: [] for name in threads}
     waiting = {name: [] for name in threads}
@@ -133,7 +133,8 @@ def on_cpu(events, threads):
 
 
 def overlap(intervals, a, z):
-    """Microseconds of `intervals` (sorted by start) inside [a, z]."""
+    """Microseconds of `intervals` (sorted by start) inside [a, z]; an
+    interval that began more than 50 ms before `a` is not counted."""
     total = 0.0
     for s, e in intervals[max(0, bisect.bisect_left(intervals, (a - 0.05, 0))):]:
         if s > z:
@@ -258,11 +259,7 @@ def main():
                                os.path.join(vm_bench.GUEST_DIR, "initrd"),
                                f"basalt.test=ddpair basalt.ddmb={args.mb} basalt.ddrounds=3 "
                                "basalt.ddchunk=64")
-            + ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem",
-               "-chardev", f"socket,id=c0,path={basalt_sock}",
-               "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
-               "-chardev", f"socket,id=c1,path={qsd_sock}",
-               "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+            + vm_bench.vhost_disks(basalt_sock, qsd_sock),
             stdout=open(console, "w"), stderr=subprocess.STDOUT)
         procs.append(qemu)
         # The first round writes fresh disks: trace the second's write phase.

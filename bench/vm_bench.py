@@ -155,6 +155,17 @@ def qemu_args(kernel, initrd, cmdline, memory="256"):
             "-kernel", kernel, "-initrd", initrd, "-append", f"{CMDLINE} {cmdline}"]
 
 
+def vhost_disks(*sockets):
+    """QEMU options for guest RAM that a vhost-user backend can map (256 MiB,
+    as `qemu_args` gives) and one vhost-user-blk disk, one queue, per socket,
+    in order (the guest's vda, vdb, ...)."""
+    args = ["-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-numa", "node,memdev=mem"]
+    for i, sock in enumerate(sockets):
+        args += ["-chardev", f"socket,id=c{i},path={sock}",
+                 "-device", f"vhost-user-blk-pci,chardev=c{i},num-queues=1"]
+    return args
+
+
 def run_qemu_until(args, needle, timeout=300):
     """Runs QEMU; returns (seconds until `needle` on the serial console,
     whole console once the guest powered off)."""
@@ -387,10 +398,7 @@ def main():
                     else:
                         _, text = run_qemu_until(
                             qemu_args(kernel, initrd, f"basalt.test=ddbench basalt.ddmb={args.dd_mb}") +
-                            ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-                             "-numa", "node,memdev=mem",
-                             "-chardev", f"socket,id=c0,path={sock}",
-                             "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"],
+                            vhost_disks(sock),
                             "BASALT-DONE", timeout=600)
                     write, read = dd_figures(text)
                     phase = "warmup_" if i < args.warmup else ""
@@ -410,12 +418,7 @@ def main():
                                           f"basalt.ddrounds={args.pair_rounds} "
                                           f"basalt.ddchunk={args.pair_chunk_mb}" +
                                           (" basalt.ddwt=1" if args.pair_write_through else "")) +
-                ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-                 "-numa", "node,memdev=mem",
-                 "-chardev", f"socket,id=c0,path={basalt_sock}",
-                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
-                 "-chardev", f"socket,id=c1,path={sock}",
-                 "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"],
+                vhost_disks(basalt_sock, sock),
                 "BASALT-DONE", timeout=1800)
             rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
                                      "read_mbs": mb / max(read_s, 0.01)}
@@ -449,13 +452,8 @@ def main():
                                           f"basalt.fiorounds={args.fio_rounds} "
                                           f"basalt.fioruntime={args.fio_runtime}" +
                                           (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
-                ["-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-                 "-numa", "node,memdev=mem",
-                 "-chardev", f"socket,id=c0,path={basalt_sock}",
-                 "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
-                 "-chardev", f"socket,id=c1,path={sock}",
-                 "-device", "vhost-user-blk-pci,chardev=c1,num-queues=1",
-                 "-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
+                vhost_disks(basalt_sock, sock) +
+                ["-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
                  "-device", "virtio-blk-pci,drive=tools"],
                 "BASALT-DONE", timeout=3600)
             rounds = fio_rounds(text, basalt_sectors)

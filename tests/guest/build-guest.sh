@@ -541,10 +541,10 @@ cmd_fiopair() {
                 continue
             fi
             for d in $order; do
-                # $opts is meant to split into options.
-                # shellcheck disable=SC2086
                 # A job line of several jobs names each of them itself.
                 case "$opts" in --name=*) name="" ;; *) name="--name=$job" ;; esac
+                # $name and $opts are meant to split into options.
+                # shellcheck disable=SC2086
                 if ! fio --filename=/dev/$d --runtime="$runtime" --time_based \
                     --output-format=terse --terse-version=3 $name $opts \
                     >/tmp/fio.out 2>/tmp/fio.err; then
@@ -576,7 +576,7 @@ cmd_idle() {
     done
 }
 
-cmds=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^basalt.test=//p' | tr ',' ' ')
+cmds=$(param test "" | tr ',' ' ')
 if [ ! -b /dev/vda ]; then
     echo "BASALT-TEST: boot FAIL no /dev/vda"
     cmds=""
