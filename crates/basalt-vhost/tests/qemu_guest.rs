@@ -394,17 +394,17 @@ fn linux_guest_writes_reads_discards_and_flushes() {
 /// vdisk. Needs dirty-page logging (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`): QEMU
 /// refuses to migrate without it, and guest pages the device writes during
 /// the migration (read data) would reach the destination stale.
+///
+/// QEMU 7.2 under TCG corrupts shared guest memory in about a third of live
+/// migrations (crashes, hangs, corrupted buffers, a source QEMU that dies
+/// mid-migration), whatever the disk backend; in CI that made the whole
+/// suite fail at random, so this one is run by hand: `cargo test -p
+/// basalt-vhost --test qemu_guest -- --ignored`. Dirty logging itself is
+/// tested in tests/protocol.rs on every run, and migration between Basalt
+/// nodes in basaltd's tests/vms.rs.
 #[test]
+#[ignore = "QEMU 7.2 TCG corrupts about a third of live migrations; run with --ignored"]
 fn linux_guest_live_migrates_between_two_exports() {
-    // QEMU 7.2 under TCG corrupts shared guest memory in about a third of
-    // live migrations (crashes, hangs, corrupted buffers, a source QEMU that
-    // dies mid-migration), whatever the disk backend; in CI that made the
-    // whole suite fail at random. Run by hand: BASALT_QEMU_MIGRATION=1.
-    // Dirty logging itself is tested in tests/protocol.rs on every run.
-    if std::env::var_os("BASALT_QEMU_MIGRATION").is_none() {
-        eprintln!("live migration under QEMU 7.2 TCG is opt-in: set BASALT_QEMU_MIGRATION=1");
-        return;
-    }
     if !qemu_available() {
         assert!(
             std::env::var_os("BASALT_REQUIRE_QEMU").is_none(),
