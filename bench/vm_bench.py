@@ -19,7 +19,8 @@ QEMU/TCG, in one run:
             20:20 each pass is cut into --pair-chunk-mb chunks (64) and the
             disks take turns chunk by chunk (0: whole passes, as before);
             also the CPU time basaltd and qsd spent per GiB the guest
-            moved through them (an HCI node shares its CPUs with the VMs)
+            moved through them (an HCI node shares its CPUs with the VMs),
+            and the requests and interrupts each disk cost the guest
   fio       fio in the same one-guest setup (Debian's fio on a third,
             read-only disk built by tests/guest/build-fio-disk.sh): 1 MiB
             sequential writes at depth 1 and 4, reads at depth 4, 4 KiB random
@@ -436,9 +437,15 @@ def main():
                 for target, pid in (("basalt", first.proc.pid), ("qsd", qsd.pid))}
             # What each device told the guest (request limits, cache mode).
             results["pair_disks"] = {}
-            for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=\w+ sectors=(\d+) (.*)", text):
-                target = "basalt" if int(m.group(1)) == basalt_sectors else "qsd"
-                results["pair_disks"][target] = m.group(2).strip()
+            disk_targets = {}
+            for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=(\w+) sectors=(\d+) (.*)", text):
+                target = "basalt" if int(m.group(2)) == basalt_sectors else "qsd"
+                disk_targets[m.group(1)] = target
+                results["pair_disks"][target] = m.group(3).strip()
+            # What each disk cost the guest: requests and interrupts.
+            results["pair_cost"] = {}
+            for m in re.finditer(r"BASALT-DDPAIR-COST: disk=(\w+) (.*)", text):
+                results["pair_cost"][disk_targets.get(m.group(1), m.group(1))] = m.group(2).strip()
             first.cli("vdisk", "unexport", "pair-data", "--vhost")
 
         # --- fio: one guest, both disks, fio from a third disk -------------------
@@ -529,6 +536,8 @@ def main():
               f"qsd {cpu['qsd']:.2f} s, basalt/qsd {cpu['basalt'] / max(cpu['qsd'], 1e-9):.2f}x")
     for target, limits in sorted(results.get("pair_disks", {}).items()):
         print(f"  as the guest sees {target}'s disk: {limits}")
+    for target, cost in sorted(results.get("pair_cost", {}).items()):
+        print(f"  what {target}'s disk cost the guest (requests completed, interrupts): {cost}")
     if results["fio_rounds"]:
         print(f"fio, one guest, both disks in turn ({len(results['fio_rounds'])} rounds, "
               f"{args.fio_runtime} s per job; for latencies the ratio is qsd/basalt, "

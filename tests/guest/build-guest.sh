@@ -494,6 +494,14 @@ cmd_ddpair() {
         done
         r=$((r + 1))
     done
+    # What each disk cost the guest: its requests (reads and writes
+    # completed, from /sys/block/*/stat) and its queue's interrupts.
+    for d in vda vdb; do
+        virtio=$(basename "$(readlink -f /sys/block/$d/device)")
+        irqs=$(grep -E "[[:space:]]$virtio-req\." /proc/interrupts | awk '{ n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; s += n } END { print s + 0 }')
+        set -- $(cat /sys/block/$d/stat)
+        echo "BASALT-DDPAIR-COST: disk=$d reads=$1 writes=$5 irqs=$irqs"
+    done
     result ddpair PASS
 }
 
