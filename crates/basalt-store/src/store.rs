@@ -923,21 +923,24 @@ impl Store {
                 Ok(f) => f,
                 Err(e) => return Err(StoreError::Disk(e)),
             };
-            let expected: HashMap<u16, u32> =
-                fingerprint.1.iter().map(|&(b, crc, _)| (b, crc)).collect();
-            let mut bad = None;
-            for (f, buf) in &fetched {
-                for (i, block) in buf.as_slice().chunks(BLOCK_BYTES as usize).enumerate() {
-                    let b = f + i as u16;
-                    if expected.get(&b).is_some_and(|&crc| block_crc(block) != crc) {
-                        bad = Some(b);
-                        break;
+            // The runs were planned from the fingerprint, block by block in
+            // order, so the fetched blocks pair with its entries in order (no
+            // lookup per block); a block that does not pair counts as bad.
+            let mut expected = fingerprint.1.iter();
+            let bad = fetched
+                .iter()
+                .flat_map(|(f, buf)| {
+                    buf.as_slice()
+                        .chunks(BLOCK_BYTES as usize)
+                        .enumerate()
+                        .map(move |(i, block)| (f + i as u16, block))
+                })
+                .find_map(|(b, block)| match expected.next() {
+                    Some(&(planned, crc, _)) if planned == b => {
+                        (block_crc(block) != crc).then_some(b)
                     }
-                }
-                if bad.is_some() {
-                    break;
-                }
-            }
+                    _ => Some(b),
+                });
             match bad {
                 None => {
                     let mut fetched = fetched;
