@@ -40,6 +40,9 @@ JOBS = [
     ("write-1m-qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw"),
     # What a guest's dd (one 1 MiB write at a time) asks of the disk.
     ("write-1m-qd1", ["--rw=write", "--bs=1M", "--iodepth=1"], "bw"),
+    # A sequential writer in units smaller than an extent (an extent is
+    # rewritten in parts, each written once).
+    ("write-256k-qd4", ["--rw=write", "--bs=256k", "--iodepth=4"], "bw"),
     ("randwrite-4k-qd32-flush32", ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--fsync=32"], "iops"),
 ]
 

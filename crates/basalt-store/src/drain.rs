@@ -121,15 +121,17 @@ impl Store {
     /// Runs one drain cycle on disk `index`; `clean` marks a shutdown checkpoint.
     pub(crate) async fn drain_disk(&self, index: usize, clean: bool) -> Result<(), StoreError> {
         let (limit, engine) = {
-            let st = self.lock();
-            let d = &st.disks[index];
+            let mut st = self.lock();
+            let d = &mut st.disks[index];
             if let Some(why) = &d.failed {
                 return Err(StoreError::DiskFailed(
                     d.path.display().to_string(),
                     why.clone(),
                 ));
             }
-            (d.log.completed_lsn, d.engine.clone())
+            // Rewrites in parts must be replayed whole or not at all.
+            let limit = d.shadow_checkpoint_limit(d.log.completed_lsn);
+            (limit, d.engine.clone())
         };
         // Metadata of every extent to drain must be in memory first.
         let jobs = loop {

@@ -483,14 +483,28 @@ pub enum RecordKind {
     },
     /// The extent no longer has a slot (discarded whole).
     Unmap,
+    /// Part of an extent's rewrite, written copy-on-write into the slot
+    /// `slot` of the new tenancy `alloc_id` at the blocks' own offsets
+    /// (a *shadow* slot; the extent's current slot is untouched). The parts
+    /// of one rewrite arrive in block order from block 0; the part that
+    /// makes them whole carries `completes` and switches the extent to the
+    /// shadow slot. Until then (and for every part of a rewrite that was
+    /// interrupted) each part's blocks count as written to the extent's
+    /// current tenancy, their data read from the shadow slot.
+    Shadow {
+        /// crc32c of each block of the part.
+        crcs: Vec<u32>,
+        /// This part makes the rewrite whole: the extent moves to the slot.
+        completes: bool,
+    },
 }
 
 /// One change recorded in the oplog.
 ///
 /// | bytes | field |
 /// |---|---|
-/// | 0 | kind: 1 write, 2 zero, 3 remap, 4 unmap |
-/// | 1 | zero |
+/// | 0 | kind: 1 write, 2 zero, 3 remap, 4 unmap, 5 shadow |
+/// | 1 | flags: bit 0 = shadow part that completes its rewrite; else zero |
 /// | 2..4 | block count |
 /// | 4..6 | first block within the extent |
 /// | 6..8 | zero |
@@ -501,7 +515,7 @@ pub enum RecordKind {
 /// | 40..48 | generation of the change |
 /// | 48..52 | write: index of the first data block in the batch |
 /// | 52..56 | zero |
-/// | 56.. | write and remap: one u32 crc32c per block |
+/// | 56.. | write, remap and shadow: one u32 crc32c per block |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Vdisk the change belongs to.
@@ -530,19 +544,23 @@ impl Record {
     pub fn encoded_len(&self) -> usize {
         RECORD_FIXED_BYTES
             + match &self.kind {
-                RecordKind::Write { crcs, .. } | RecordKind::Remap { crcs } => 4 * crcs.len(),
+                RecordKind::Write { crcs, .. }
+                | RecordKind::Remap { crcs }
+                | RecordKind::Shadow { crcs, .. } => 4 * crcs.len(),
                 _ => 0,
             }
     }
 
     fn encode_into(&self, b: &mut [u8]) {
-        let (kind, data_index) = match &self.kind {
-            RecordKind::Write { data_index, .. } => (1u8, *data_index),
-            RecordKind::Zero => (2, 0),
-            RecordKind::Remap { .. } => (3, 0),
-            RecordKind::Unmap => (4, 0),
+        let (kind, flags, data_index) = match &self.kind {
+            RecordKind::Write { data_index, .. } => (1u8, 0u8, *data_index),
+            RecordKind::Zero => (2, 0, 0),
+            RecordKind::Remap { .. } => (3, 0, 0),
+            RecordKind::Unmap => (4, 0, 0),
+            RecordKind::Shadow { completes, .. } => (5, u8::from(*completes), 0),
         };
         b[0] = kind;
+        b[1] = flags;
         put_u16(b, 2, self.blocks);
         put_u16(b, 4, self.first_block);
         put_u64(b, 8, self.vdisk_id);
@@ -551,7 +569,10 @@ impl Record {
         put_u64(b, 32, self.slot);
         put_u64(b, 40, self.generation);
         put_u32(b, 48, data_index);
-        if let RecordKind::Write { crcs, .. } | RecordKind::Remap { crcs } = &self.kind {
+        if let RecordKind::Write { crcs, .. }
+        | RecordKind::Remap { crcs }
+        | RecordKind::Shadow { crcs, .. } = &self.kind
+        {
             for (i, crc) in crcs.iter().enumerate() {
                 put_u32(b, RECORD_FIXED_BYTES + 4 * i, *crc);
             }
@@ -594,6 +615,15 @@ impl Record {
                 }
             }
             4 => RecordKind::Unmap,
+            5 => {
+                if b[1] > 1 {
+                    return Err(FormatError::Invalid("shadow record flags"));
+                }
+                RecordKind::Shadow {
+                    completes: b[1] == 1,
+                    crcs: crcs(&mut len)?,
+                }
+            }
             _ => return Err(FormatError::Invalid("record kind")),
         };
         let record = Record {
@@ -834,6 +864,32 @@ mod tests {
                     blocks: 256,
                     generation: 78,
                     kind: RecordKind::Remap { crcs: vec![9; 256] },
+                },
+                Record {
+                    vdisk_id: 1,
+                    extent: 8,
+                    alloc_id: 9,
+                    slot: 10,
+                    first_block: 0,
+                    blocks: 126,
+                    generation: 79,
+                    kind: RecordKind::Shadow {
+                        crcs: (0..126).collect(),
+                        completes: false,
+                    },
+                },
+                Record {
+                    vdisk_id: 1,
+                    extent: 8,
+                    alloc_id: 9,
+                    slot: 10,
+                    first_block: 126,
+                    blocks: 130,
+                    generation: 80,
+                    kind: RecordKind::Shadow {
+                        crcs: (0..130).map(|c| c * 3).collect(),
+                        completes: true,
+                    },
                 },
             ],
         };

@@ -1,11 +1,12 @@
 //! The oplog: group commit on the way in, replay on the way back.
 //!
 //! One writer task per disk takes the oldest gathered batch, places it in the
-//! ring, and writes header and data in one vectored I/O. Only one batch is in
-//! flight per disk, so batches reach the disk in LSN order and, while one is
-//! being written, the next one gathers everything that arrives (group
-//! commit). A batch carrying a FUA write is synced before its writers hear
-//! back.
+//! ring, and writes header and data in one vectored I/O. Only one batch's
+//! own write is outstanding per disk, so while it is being written the next
+//! one gathers everything that arrives (group commit); a batch that only
+//! waits for the copy-on-write data its records point at does not hold up
+//! the next. Batches complete in LSN order. A batch carrying a FUA write is
+//! synced before its writers hear back.
 //!
 //! Replay walks the ring from the checkpointed tail, batch by batch, while
 //! each next batch is valid (header checksum, expected LSN, this disk's id,
@@ -17,12 +18,13 @@
 //! lost acknowledged data, and the disk is failed rather than serving stale
 //! blocks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use basalt_core::IoBuf;
 use basalt_disk::{DiskEngine, DiskError, Segment};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::StoreError;
@@ -49,34 +51,107 @@ struct Job {
     written_waiters: Vec<crate::state::Waiter>,
 }
 
+/// A batch whose write was started and whose writers have not all heard.
+struct InFlight {
+    lsn: u64,
+    pos: u64,
+    bytes: u64,
+    fua: bool,
+    waiters: Vec<crate::state::Waiter>,
+    /// The batch's own write, then the copy-on-write data it points at.
+    done: tokio::task::JoinHandle<Result<(), DiskError>>,
+}
+
+/// A batch whose write was started, until its copy-on-write writers (who
+/// wait for their own data beside it) have heard that it is written.
+struct Unwritten {
+    lsn: u64,
+    written: oneshot::Receiver<Result<(), String>>,
+    waiters: Vec<crate::state::Waiter>,
+}
+
+/// Most batches started and not completed at once per disk.
+const MAX_BATCHES_IN_FLIGHT: usize = 16;
+
 impl Store {
     /// The log writer of disk `index`.
+    ///
+    /// Batches complete in LSN order: a batch's writers hear back only once
+    /// every earlier batch is complete, so replay (which stops at the first
+    /// invalid batch) never drops a batch that anyone was told about. A new
+    /// batch is started as soon as no batch's own write is outstanding; a
+    /// batch waiting only for the copy-on-write data its remap records
+    /// point at does not hold up the next one (the parts of an extent's
+    /// rewrite arrive one after the other, each with its own record).
     pub(crate) async fn log_writer(&self, index: usize) {
+        let mut unwritten: VecDeque<Unwritten> = VecDeque::new();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         loop {
             let wake = self.inner.log_wake[index].notified();
             let progress = self.inner.progress.notified();
+            tokio::pin!(wake);
             tokio::pin!(progress);
+            wake.as_mut().enable();
             progress.as_mut().enable();
-            let job = self.take_batch(index);
-            let Some(job) = job else {
-                tokio::select! {
-                    _ = wake => {}
-                    _ = &mut progress => {}
-                }
-                continue;
-            };
-            let engine = self.lock().disks[index].engine.clone();
-            let mut result = engine.write_at(job.pos, job.segments).await;
-            for waiter in job.written_waiters {
-                let _ = waiter.send(match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(format!("oplog write failed: {e}")),
-                });
+            while unwritten.is_empty() && in_flight.len() < MAX_BATCHES_IN_FLIGHT {
+                let Some(job) = self.take_batch(index) else {
+                    break;
+                };
+                let (started, written) = self.start_batch(index, job);
+                unwritten.push_back(written);
+                in_flight.push_back(started);
             }
+            let may_start = unwritten.is_empty() && in_flight.len() < MAX_BATCHES_IN_FLIGHT;
+            tokio::select! {
+                biased;
+                result = async {
+                    match unwritten.front_mut() {
+                        Some(front) => (&mut front.written).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(front) = unwritten.pop_front() {
+                        self.batch_written(index, front, result.ok());
+                    }
+                }
+                result = async {
+                    match in_flight.front_mut() {
+                        Some(front) => (&mut front.done).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(front) = in_flight.pop_front() {
+                        // Its write finished before the data it waited for.
+                        while unwritten.front().is_some_and(|u| u.lsn <= front.lsn) {
+                            if let Some(mut u) = unwritten.pop_front() {
+                                let result = u.written.try_recv().ok();
+                                self.batch_written(index, u, result);
+                            }
+                        }
+                        let result = result.unwrap_or(Err(DiskError::EngineGone));
+                        self.batch_done(index, front, result).await;
+                    }
+                }
+                _ = &mut wake, if may_start => {}
+                _ = &mut progress, if may_start => {}
+            }
+        }
+    }
+
+    /// Starts writing `job`: its write, then (in the same task) the
+    /// copy-on-write data writes it points at.
+    fn start_batch(&self, index: usize, job: Job) -> (InFlight, Unwritten) {
+        let engine = self.lock().disks[index].engine.clone();
+        let (written_tx, written_rx) = oneshot::channel();
+        let write = engine.write_at(job.pos, job.segments);
+        let landing = job.landing;
+        let done = crate::store::spawn_started(async move {
+            let mut result = write.await;
+            let _ = written_tx.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
             // The batch counts as written only once the copy-on-write data
             // its remap records point at has landed: until then no flush,
             // checkpoint or durable-LSN claim may cover it.
-            for landing in job.landing {
+            for landing in landing {
                 let landed = match landing.await {
                     Ok(landed) => landed,
                     Err(_) => Err(DiskError::EngineGone),
@@ -85,40 +160,78 @@ impl Store {
                     result = landed;
                 }
             }
-            if result.is_ok() && job.fua {
-                result = engine.sync().await;
-            }
-            let outcome = {
-                let mut st = self.lock();
-                let d = &mut st.disks[index];
-                d.log.writing = None;
-                match &result {
-                    Ok(()) => {
-                        d.log.completed_lsn = job.lsn;
-                        d.log.batches.push_back((job.lsn, job.pos, job.bytes));
-                        if job.fua {
-                            d.log.durable_lsn = d.log.durable_lsn.max(job.lsn);
-                        }
-                        let busy = d.undrained_bytes > self.inner.config.memory_budget / 4
-                            || d.log.used_bytes() > d.log.ring_bytes() / 4;
-                        if busy {
-                            self.inner.drain_wake.notify_one();
-                        }
-                        Ok(())
+            result
+        });
+        (
+            InFlight {
+                lsn: job.lsn,
+                pos: job.pos,
+                bytes: job.bytes,
+                fua: job.fua,
+                waiters: job.waiters,
+                done,
+            },
+            Unwritten {
+                lsn: job.lsn,
+                written: written_rx,
+                waiters: job.written_waiters,
+            },
+        )
+    }
+
+    /// Tells the copy-on-write writers of a batch that it is written (every
+    /// earlier batch is).
+    fn batch_written(&self, index: usize, batch: Unwritten, result: Option<Result<(), String>>) {
+        let failed = self.lock().disks[index].failed.clone();
+        let outcome = match (result, failed) {
+            (_, Some(why)) => Err(why),
+            (Some(Ok(())), None) => Ok(()),
+            (Some(Err(e)), None) => Err(format!("oplog write failed: {e}")),
+            (None, None) => Err(format!("oplog write failed: {}", DiskError::EngineGone)),
+        };
+        for waiter in batch.waiters {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Completes the oldest batch in flight (every earlier one is complete).
+    async fn batch_done(&self, index: usize, batch: InFlight, mut result: Result<(), DiskError>) {
+        let engine = self.lock().disks[index].engine.clone();
+        if result.is_ok() && batch.fua {
+            result = engine.sync().await;
+        }
+        let outcome = {
+            let mut st = self.lock();
+            let d = &mut st.disks[index];
+            d.log.writing.pop_front();
+            match (&result, d.failed.clone()) {
+                // A batch after a failed one is not part of the log.
+                (_, Some(why)) => Err(why),
+                (Ok(()), None) => {
+                    d.log.completed_lsn = batch.lsn;
+                    d.log.batches.push_back((batch.lsn, batch.pos, batch.bytes));
+                    if batch.fua {
+                        d.log.durable_lsn = d.log.durable_lsn.max(batch.lsn);
                     }
-                    Err(e) => {
-                        let why = format!("oplog write failed: {e}");
-                        tracing::error!(disk = %d.path.display(), error = %e, "oplog write failed; disk marked failed");
-                        d.failed = Some(why.clone());
-                        self.inner.progress.notify_waiters();
-                        Err(why)
+                    let busy = d.undrained_bytes > self.inner.config.memory_budget / 4
+                        || d.log.used_bytes() > d.log.ring_bytes() / 4;
+                    if busy {
+                        self.inner.drain_wake.notify_one();
                     }
+                    Ok(())
                 }
-            };
-            self.inner.stats.log_batches.fetch_add(1, Ordering::Relaxed);
-            for waiter in job.waiters {
-                let _ = waiter.send(outcome.clone());
+                (Err(e), None) => {
+                    let why = format!("oplog write failed: {e}");
+                    tracing::error!(disk = %d.path.display(), error = %e, "oplog write failed; disk marked failed");
+                    d.failed = Some(why.clone());
+                    self.inner.progress.notify_waiters();
+                    Err(why)
+                }
             }
+        };
+        self.inner.stats.log_batches.fetch_add(1, Ordering::Relaxed);
+        for waiter in batch.waiters {
+            let _ = waiter.send(outcome.clone());
         }
     }
 
@@ -155,7 +268,7 @@ impl Store {
         };
         debug_assert_eq!(header.total_bytes(), bytes);
         d.log.head_pos = pos + bytes;
-        d.log.writing = Some((batch.lsn, pos));
+        d.log.writing.push_back((batch.lsn, pos));
         tracing::debug!(
             lsn = batch.lsn,
             pos,
@@ -268,11 +381,13 @@ struct SlotCheck {
     /// (0 if none: a drain had not written them yet), so that the next
     /// metadata written supersedes them.
     meta_seq: u64,
+    /// The slot as read: its two metadata blocks, then its data.
+    slot: IoBuf,
 }
 
-/// Reads a slot written copy-on-write and checks it against its remap
-/// record. The slot's metadata blocks are not needed: the record carries
-/// everything they would hold.
+/// Reads a slot written copy-on-write and checks the blocks from `first`
+/// on against the crcs of their remap or shadow record. The slot's metadata
+/// blocks are not needed: the records carry everything they would hold.
 #[allow(clippy::too_many_arguments)]
 async fn check_cow_slot(
     engine: &Arc<dyn DiskEngine>,
@@ -281,6 +396,7 @@ async fn check_cow_slot(
     vdisk: u64,
     extent: u64,
     alloc: u64,
+    first: u16,
     crcs: &[u32],
     covered: &[bool],
 ) -> Result<SlotCheck, StoreError> {
@@ -299,12 +415,27 @@ async fn check_cow_slot(
             _ => 0,
         };
     let data = &bytes[SLOT_META_BYTES as usize..];
+    let first = usize::from(first);
     let intact = data
         .chunks(BLOCK_BYTES as usize)
+        .skip(first)
         .zip(crcs)
-        .zip(covered)
+        .zip(&covered[first..])
         .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
-    Ok(SlotCheck { intact, meta_seq })
+    Ok(SlotCheck {
+        intact,
+        meta_seq,
+        slot: buf,
+    })
+}
+
+/// A rewrite in parts as replay follows it (see `RecordKind::Shadow`).
+struct ReplayShadow {
+    slot: u64,
+    alloc: u64,
+    /// Blocks `0..recorded` are covered by its parts so far.
+    recorded: u16,
+    entries: Vec<crate::format::BlockEntry>,
 }
 
 /// Blocks of `key` (tenancy `alloc`) that records after position
@@ -324,6 +455,9 @@ fn covered_later(
             }
             match r.kind {
                 RecordKind::Remap { .. } | RecordKind::Unmap => covered.fill(true),
+                // A later part of the same rewrite writes other blocks of
+                // the slot; a later rewrite uses another slot.
+                RecordKind::Shadow { .. } => {}
                 RecordKind::Write { .. } | RecordKind::Zero if r.alloc_id == alloc => {
                     let first = usize::from(r.first_block);
                     let end = (first + usize::from(r.blocks)).min(covered.len());
@@ -416,6 +550,12 @@ pub(crate) async fn replay_disk(
         tracing::info!(disk = %path.display(), batches = replayed.len(), "replaying oplog");
     }
 
+    // Rewrites in parts followed so far, and the slots of those that were
+    // interrupted or never completed: their parts were read into overlay
+    // entries, and the recovery drain writes those home before anything
+    // can reuse the slots.
+    let mut shadows: HashMap<(u64, u64), ReplayShadow> = HashMap::new();
+    let mut unfinished_shadow_slots = Vec::new();
     for (batch_index, batch) in replayed.iter().enumerate() {
         for (record_index, r) in batch.header.records.iter().enumerate() {
             if !st.vdisks.contains_key(&r.vdisk_id) {
@@ -423,7 +563,156 @@ pub(crate) async fn replay_disk(
             }
             let key = (r.vdisk_id, r.extent);
             tracing::debug!(lsn = batch.lsn, ?key, alloc = r.alloc_id, slot = r.slot, first = r.first_block, blocks = r.blocks, kind = ?std::mem::discriminant(&r.kind), "replay record");
+            if !matches!(r.kind, RecordKind::Shadow { .. }) {
+                // Any other change of the extent interrupts its rewrite in
+                // parts, as it did when it was made.
+                if let Some(shadow) = shadows.remove(&key) {
+                    unfinished_shadow_slots.push(shadow.slot);
+                }
+            }
             match &r.kind {
+                RecordKind::Shadow { crcs, completes } => {
+                    let covered =
+                        covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
+                    let check = check_cow_slot(
+                        &engine,
+                        &label,
+                        r.slot,
+                        r.vdisk_id,
+                        r.extent,
+                        r.alloc_id,
+                        r.first_block,
+                        crcs,
+                        &covered,
+                    )
+                    .await?;
+                    let continues = shadows.get(&key).is_some_and(|s| {
+                        s.slot == r.slot && s.alloc == r.alloc_id && s.recorded == r.first_block
+                    });
+                    if !continues {
+                        if let Some(shadow) = shadows.remove(&key) {
+                            unfinished_shadow_slots.push(shadow.slot);
+                        }
+                        if r.first_block == 0 && !*completes {
+                            if st.disks[index].free.remove(&r.slot) {
+                                shadows.insert(
+                                    key,
+                                    ReplayShadow {
+                                        slot: r.slot,
+                                        alloc: r.alloc_id,
+                                        recorded: 0,
+                                        entries: vec![
+                                            crate::format::BlockEntry::default();
+                                            crate::format::EXTENT_BLOCKS as usize
+                                        ],
+                                    },
+                                );
+                            } else {
+                                tracing::warn!(
+                                    slot = r.slot,
+                                    "oplog rewrites into a slot that is in use; read as a write"
+                                );
+                            }
+                        }
+                    }
+                    if !check.intact {
+                        if batch.lsn > max_durable {
+                            tracing::info!(
+                                lsn = batch.lsn,
+                                "a part of a rewrite never became durable; it is dropped"
+                            );
+                            if let Some(shadow) = shadows.remove(&key) {
+                                unfinished_shadow_slots.push(shadow.slot);
+                            }
+                            continue;
+                        }
+                        tracing::error!(
+                            lsn = batch.lsn,
+                            slot = r.slot,
+                            "a durable part of a rewrite is damaged; its bad blocks will fail reads"
+                        );
+                    }
+                    let Some(e) = st.extents.get_mut(&key).filter(|e| e.disk == index) else {
+                        if let Some(shadow) = shadows.remove(&key) {
+                            unfinished_shadow_slots.push(shadow.slot);
+                        }
+                        continue;
+                    };
+                    let whole = shadows.get_mut(&key).is_some_and(|s| {
+                        for (i, &crc) in crcs.iter().enumerate() {
+                            s.entries[usize::from(r.first_block) + i] = crate::format::BlockEntry {
+                                generation: r.generation,
+                                has_data: true,
+                                lost: false,
+                                crc,
+                            };
+                        }
+                        s.recorded += r.blocks;
+                        *completes && u64::from(s.recorded) == crate::format::EXTENT_BLOCKS
+                    });
+                    if !whole {
+                        // Counts as written to the current tenancy, its data
+                        // taken from the slot (the drain writes it home).
+                        let data = Arc::new(check.slot);
+                        for (i, &crc) in crcs.iter().enumerate() {
+                            let block = usize::from(r.first_block) + i;
+                            let seg = Segment {
+                                buf: data.clone(),
+                                start: SLOT_META_BYTES as usize + block * BLOCK_BYTES as usize,
+                                len: BLOCK_BYTES as usize,
+                            };
+                            let entry = OverlayEntry::new(
+                                batch.lsn,
+                                r.generation,
+                                Content::Data { seg, crc },
+                            );
+                            overlay_insert(
+                                &mut e.overlay,
+                                &mut st.disks[index].undrained_bytes,
+                                block as u16,
+                                entry,
+                            );
+                        }
+                        continue;
+                    }
+                    // The rewrite is whole: the extent moves to its slot.
+                    let Some(shadow) = shadows.remove(&key) else {
+                        continue;
+                    };
+                    if let Some(old) = st.extents.remove(&key) {
+                        st.disks[index].free.insert(old.slot);
+                        st.disks[index].undrained_bytes -= overlay_data_bytes(&old.overlay);
+                    }
+                    let meta = ExtentMeta {
+                        vdisk_id: r.vdisk_id,
+                        extent: r.extent,
+                        alloc_id: r.alloc_id,
+                        seq: check.meta_seq,
+                        entries: shadow.entries,
+                    };
+                    st.extents.insert(
+                        key,
+                        ExtentState {
+                            disk: index,
+                            slot: r.slot,
+                            alloc_id: r.alloc_id,
+                            persisted: true,
+                            meta: Some(Box::new(meta)),
+                            overlay: BTreeMap::new(),
+                            landing: None,
+                            meta_unsaved: Some(batch.lsn),
+                        },
+                    );
+                    let row = ExtentRow {
+                        disk: disk_id,
+                        slot: r.slot,
+                        alloc_id: r.alloc_id,
+                        persisted: true,
+                    };
+                    st.disks[index]
+                        .map_changes
+                        .push((batch.lsn, key, Some(row)));
+                }
                 RecordKind::Write { data_index, crcs } => {
                     if !st.extents.contains_key(&key) {
                         if !st.disks[index].free.remove(&r.slot) {
@@ -498,8 +787,11 @@ pub(crate) async fn replay_disk(
                 RecordKind::Remap { crcs } => {
                     let covered =
                         covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
-                    let SlotCheck { intact, meta_seq } = check_cow_slot(
-                        &engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id, crcs, &covered,
+                    let SlotCheck {
+                        intact, meta_seq, ..
+                    } = check_cow_slot(
+                        &engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id, 0, crcs,
+                        &covered,
                     )
                     .await?;
                     if !intact && batch.lsn > max_durable {
@@ -584,6 +876,8 @@ pub(crate) async fn replay_disk(
     }
 
     let d = &mut st.disks[index];
+    d.free.extend(unfinished_shadow_slots);
+    d.free.extend(shadows.into_values().map(|s| s.slot));
     d.log.head_pos = pos;
     d.log.completed_lsn = expect - 1;
     d.log.durable_lsn = expect - 1;

@@ -245,8 +245,8 @@ pub(crate) struct LogState {
     /// Batches being gathered, oldest first (never empty; the back one takes
     /// new records until it is full).
     pub pending: VecDeque<PendingBatch>,
-    /// The batch being written: (lsn, position).
-    pub writing: Option<(u64, u64)>,
+    /// Batches being written, oldest first: (lsn, position).
+    pub writing: VecDeque<(u64, u64)>,
     /// Largest batch in bytes.
     pub max_batch_bytes: u64,
     /// LSN the next new batch gets.
@@ -258,7 +258,7 @@ impl LogState {
     /// from the oldest unreleased batch to the head; the head never catches
     /// up with the oldest batch (equal positions would mean "empty").
     pub fn place(&self, bytes: u64) -> Option<u64> {
-        let Some(&(_, oldest, _)) = self.batches.front() else {
+        let Some(oldest) = self.oldest_live() else {
             if self.head_pos + bytes <= self.ring_end {
                 return Some(self.head_pos);
             }
@@ -273,9 +273,18 @@ impl LogState {
         (self.head_pos + bytes < oldest).then_some(self.head_pos)
     }
 
+    /// Where the oldest batch not yet released (written, or being
+    /// written) starts.
+    fn oldest_live(&self) -> Option<u64> {
+        match self.batches.front() {
+            Some(&(_, pos, _)) => Some(pos),
+            None => self.writing.front().map(|&(_, pos)| pos),
+        }
+    }
+
     /// Bytes of the ring in use.
     pub fn used_bytes(&self) -> u64 {
-        let Some(&(_, oldest, _)) = self.batches.front() else {
+        let Some(oldest) = self.oldest_live() else {
             return 0;
         };
         if self.head_pos >= oldest {
@@ -314,9 +323,7 @@ impl LogState {
         if let Some(&(l, pos, _)) = self.batches.iter().find(|(l, _, _)| *l > lsn) {
             return (pos, l);
         }
-        if let Some((l, pos)) = self.writing
-            && l > lsn
-        {
+        if let Some(&(l, pos)) = self.writing.iter().find(|(l, _)| *l > lsn) {
             return (pos, l);
         }
         let next = self.pending.front().map_or(self.next_lsn, |b| b.lsn);
@@ -327,6 +334,46 @@ impl LogState {
 /// Never-used slots whose space is reserved at once, ahead of their first
 /// writes (64 MiB of a file disk per `fallocate`).
 pub const SLOTS_RESERVED_AHEAD: u64 = 64;
+
+/// An extent's rewrite in parts, copy-on-write into a *shadow* slot (see
+/// `RecordKind::Shadow`): a guest that may send at most so many segments
+/// per request sends a 1 MiB write as two or three requests, and each is
+/// written once, into the shadow slot at its own blocks, and answered on
+/// its own, instead of being logged and written again.
+///
+/// Each part's blocks also enter the current extent's overlay (so reads and
+/// an interrupted rewrite need nothing else). The part that makes the
+/// rewrite whole switches the extent to the shadow slot, and the old
+/// tenancy and those overlay entries go. Any other change of the extent
+/// (a write, a zero, a remap, a discard), a part out of order, or a drain
+/// whose checkpoint would cover some of its parts *interrupts* it: its
+/// parts stay overlay entries of the current extent, written home by the
+/// drainer, and the slot is quarantined once no part is in flight.
+pub(crate) struct Shadow {
+    /// The shadow slot.
+    pub slot: u64,
+    /// Allocation id of the tenancy the slot gets when the rewrite completes.
+    pub alloc_id: u64,
+    /// Allocation id of the extent's tenancy when the rewrite started.
+    pub old_alloc: u64,
+    /// Blocks claimed by parts taken so far (recorded or in flight): the
+    /// next part must start here.
+    pub claimed: u16,
+    /// Blocks whose parts' records are queued: `0..recorded`.
+    pub recorded: u16,
+    /// Metadata of the recorded blocks.
+    pub entries: Vec<crate::format::BlockEntry>,
+    /// Parts claimed whose records are not queued yet.
+    pub inflight: u32,
+    /// Interrupted: no part continues it; it goes once `inflight` is zero.
+    pub interrupted: bool,
+    /// LSN of the first part's record, once queued.
+    pub first_lsn: Option<u64>,
+    /// LSN of the latest part's record.
+    pub last_lsn: u64,
+    /// The parts' data writes.
+    pub landings: Vec<watch::Receiver<Landing>>,
+}
 
 /// One disk of the node.
 pub(crate) struct DiskState {
@@ -357,6 +404,66 @@ pub(crate) struct DiskState {
     pub map_changes: Vec<(u64, ExtentKey, Option<ExtentRow>)>,
     /// Set when the disk failed an I/O; everything on it then fails.
     pub failed: Option<String>,
+    /// Rewrites in parts under way on this disk (see [`Shadow`]).
+    pub shadows: HashMap<ExtentKey, Shadow>,
+    /// Rewrites in parts that completed at the second LSN, with their first
+    /// part at the first LSN: until a checkpoint covers the second, no
+    /// checkpoint may cover the first (replay must see every part).
+    pub shadow_spans: Vec<(u64, u64)>,
+}
+
+impl DiskState {
+    /// Interrupts the rewrite in parts of `key`, if one is under way: its
+    /// parts stay overlay entries of the extent, and its slot is
+    /// quarantined once no part is in flight.
+    pub fn interrupt_shadow(&mut self, key: ExtentKey) {
+        let Some(shadow) = self.shadows.get_mut(&key) else {
+            return;
+        };
+        shadow.interrupted = true;
+        if shadow.inflight == 0 {
+            self.retire_shadow(key);
+        }
+    }
+
+    /// Removes the interrupted rewrite of `key` (no part in flight). Its
+    /// slot comes free once a checkpoint covers its last part's record
+    /// (replay reads the parts from it until then), or at once if no part
+    /// was recorded.
+    pub fn retire_shadow(&mut self, key: ExtentKey) {
+        let Some(shadow) = self.shadows.remove(&key) else {
+            return;
+        };
+        tracing::debug!(?key, slot = shadow.slot, "rewrite in parts interrupted");
+        if shadow.first_lsn.is_some() {
+            self.quarantine.push((shadow.slot, shadow.last_lsn));
+        } else {
+            self.reuse.push(shadow.slot);
+        }
+    }
+
+    /// The highest LSN a checkpoint may cover now, given `limit`: below the
+    /// first part of a completed rewrite whose completing record `limit`
+    /// does not cover. Interrupts the rewrites under way that a checkpoint
+    /// at the returned LSN would cover part of.
+    pub fn shadow_checkpoint_limit(&mut self, limit: u64) -> u64 {
+        self.shadow_spans.retain(|&(_, last)| last > limit);
+        let capped = self
+            .shadow_spans
+            .iter()
+            .map(|&(first, _)| first.saturating_sub(1))
+            .fold(limit, u64::min);
+        let covered: Vec<ExtentKey> = self
+            .shadows
+            .iter()
+            .filter(|(_, s)| !s.interrupted && s.first_lsn.is_some_and(|f| f <= capped))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in covered {
+            self.interrupt_shadow(key);
+        }
+        capped
+    }
 }
 
 impl DiskState {
@@ -496,6 +603,7 @@ impl State {
             "release extent"
         );
         if let Some(disk) = self.disks.get_mut(extent.disk) {
+            disk.interrupt_shadow(key);
             disk.quarantine.push((extent.slot, lsn));
             disk.map_changes.push((lsn, key, None));
             disk.retired.push((lsn, key, extent));
@@ -567,7 +675,7 @@ mod tests {
             completed_lsn: 0,
             durable_lsn: 0,
             pending: VecDeque::new(),
-            writing: None,
+            writing: VecDeque::new(),
             max_batch_bytes: 50,
             next_lsn: 1,
         }
@@ -593,6 +701,16 @@ mod tests {
         assert_eq!(l.place(39), Some(10));
         assert_eq!(l.place(40), None);
         assert_eq!(l.used_bytes(), 60);
+        // A batch still being written is live too: nothing wraps over it.
+        let mut l = log(&[], 10);
+        l.writing.push_back((1, 0));
+        assert_eq!(l.place(95), None);
+        assert_eq!(l.place(90), Some(10));
+        assert_eq!(l.used_bytes(), 10);
+        let mut l = log(&[], 95);
+        l.writing.push_back((1, 20));
+        assert_eq!(l.place(10), Some(0));
+        assert_eq!(l.place(20), None);
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! Write path: a write is split at extent boundaries. A piece that covers a
 //! whole extent is written copy-on-write to a fresh slot (its data only: the
 //! drainer writes the slot's metadata later) and switched in by a `Remap`
-//! record carrying the blocks' crcs; any other piece becomes a `Write`
-//! record in the next oplog batch of its extent's disk, and its data joins
-//! the overlay. The write completes when its batch is on disk.
+//! record carrying the blocks' crcs. A piece that starts or continues an
+//! extent's rewrite in parts goes copy-on-write into the rewrite's shadow
+//! slot beside a `Shadow` record (see [`Shadow`]). Any other piece becomes a
+//! `Write` record in the next oplog batch of its extent's disk, and its data
+//! joins the overlay. The write completes when its batch is on disk.
 //!
 //! Read path: overlay first, then the slot, verifying every block's crc32c.
 //!
-//! Background: one log writer per disk (group commit, one batch in flight)
+//! Background: one log writer per disk (group commit, one batch write
+//! outstanding)
 //! and one drainer that writes overlay blocks home, syncs, and checkpoints
 //! the extent map and the log tail to the catalog.
 
@@ -27,13 +30,14 @@ use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
 use crate::catalog::{Catalog, Checkpoint, DiskRecord, ExtentRow, VdiskRecord};
+use crate::format::BlockEntry;
 use crate::format::{
     BLOCK_BYTES, EXTENT_BLOCKS, ExtentMeta, Label, MetaChoice, Record, RecordKind, SLOT_BYTES,
     SLOT_META_BYTES, block_crc,
 };
 use crate::state::{
     Content, DiskState, ExtentKey, ExtentState, Landing, LogState, MISSING_DISK, OverlayEntry,
-    State, VdiskState, overlay_data_bytes, overlay_insert,
+    Shadow, State, VdiskState, overlay_data_bytes, overlay_insert,
 };
 use crate::{StoreError, log};
 
@@ -350,7 +354,7 @@ impl Store {
                     completed_lsn: record.tail_lsn.saturating_sub(1),
                     durable_lsn: record.tail_lsn.saturating_sub(1),
                     pending: VecDeque::new(),
-                    writing: None,
+                    writing: VecDeque::new(),
                     max_batch_bytes: (16 << 20).min(label.log_bytes / 4),
                     next_lsn: record.tail_lsn,
                 },
@@ -360,6 +364,8 @@ impl Store {
                 map_changes: Vec::new(),
                 retired: Vec::new(),
                 failed: None,
+                shadows: HashMap::new(),
+                shadow_spans: Vec::new(),
             });
         }
 
@@ -1153,6 +1159,11 @@ impl Store {
         {
             return result;
         }
+        if u64::from(n) < EXTENT_BLOCKS
+            && let Some(result) = self.write_shadow(key, start, n, buf, buf_block, fua).await
+        {
+            return result;
+        }
         let crcs = block_crcs(block_range(buf, buf_block, usize::from(n)));
         loop {
             match self.queue_write(vdisk, extent, start, n, buf, buf_block, &crcs, fua)? {
@@ -1197,6 +1208,7 @@ impl Store {
         };
         Store::disk_usable_ref(&st.disks, e.disk)?;
         let d = &mut st.disks[e.disk];
+        d.interrupt_shadow(key);
         let extra = u64::from(n) * BLOCK_BYTES + 56 + 4 * u64::from(n);
         let batch = d.log.open_batch(extra);
         let lsn = batch.lsn;
@@ -1519,6 +1531,7 @@ impl Store {
                 return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
             }
             let d = &mut st.disks[disk];
+            d.interrupt_shadow(key);
             let batch = d.log.open_batch(56 + 4 * EXTENT_BLOCKS);
             let lsn = batch.lsn;
             batch.push(Record {
@@ -1546,12 +1559,7 @@ impl Store {
             tracing::debug!(?key, slot, alloc_id, lsn, "copy-on-write remap");
             st.release_extent(key, lsn);
             let d = &mut st.disks[disk];
-            let every = self.inner.config.checkpoint_replaced_slots.max(1);
-            if !d.quarantine.is_empty() && d.quarantine.len().is_multiple_of(every) {
-                // The slots replaced since the last checkpoint come free
-                // only with the next one (see `checkpoint_replaced_slots`).
-                self.inner.drain_wake.notify_one();
-            }
+            self.slot_replaced(d);
             d.map_changes.push((
                 lsn,
                 key,
@@ -1600,6 +1608,282 @@ impl Store {
         })
     }
 
+    /// Asks for a checkpoint when enough replaced slots wait for one (see
+    /// `checkpoint_replaced_slots`); called after a slot was quarantined.
+    fn slot_replaced(&self, d: &DiskState) {
+        let every = self.inner.config.checkpoint_replaced_slots.max(1);
+        if !d.quarantine.is_empty() && d.quarantine.len().is_multiple_of(every) {
+            // The slots replaced since the last checkpoint come free only
+            // with the next one.
+            self.inner.drain_wake.notify_one();
+        }
+    }
+
+    /// Writes `n` blocks from block `start` of extent `key` as a part of the
+    /// extent's rewrite in parts (see [`Shadow`]): the first part (from
+    /// block 0, at least [`SHADOW_MIN_BLOCKS`]) takes a free slot, each part
+    /// that continues it goes into the same slot at its own blocks, and the
+    /// part that makes it whole switches the extent to that slot. Each part
+    /// is written once and answered on its own. `None`: this write is no
+    /// such part (or no written slot is free); the caller logs it.
+    async fn write_shadow(
+        &self,
+        key: ExtentKey,
+        start: u16,
+        n: u16,
+        buf: &Arc<IoBuf>,
+        buf_block: usize,
+        fua: bool,
+    ) -> Option<Result<(), StoreError>> {
+        let (disk, slot, generation, engine, offset) = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let e = st.extents.get(&key)?;
+            let (disk, old_alloc) = (e.disk, e.alloc_id);
+            Store::disk_usable(st, disk).ok()?;
+            let continuing = match st.disks[disk].shadows.get(&key) {
+                Some(s) if !s.interrupted && s.claimed == start && s.old_alloc == old_alloc => true,
+                Some(_) => return None,
+                None => {
+                    if start != 0
+                        || u64::from(n) < SHADOW_MIN_BLOCKS
+                        || st.disks[disk].free_slots() == 0
+                    {
+                        return None;
+                    }
+                    false
+                }
+            };
+            let new_alloc = if continuing { 0 } else { st.next_alloc_id()? };
+            let generation = st.next_generation(key.0)?;
+            let d = &mut st.disks[disk];
+            let slot = if continuing {
+                let s = d.shadows.get_mut(&key)?;
+                s.claimed += n;
+                s.inflight += 1;
+                s.slot
+            } else {
+                let (slot, fresh) = d.take_slot()?;
+                if fresh {
+                    // Its space is not reserved; the logged path needs none.
+                    d.give_back(slot, fresh);
+                    return None;
+                }
+                d.shadows.insert(
+                    key,
+                    Shadow {
+                        slot,
+                        alloc_id: new_alloc,
+                        old_alloc,
+                        claimed: n,
+                        recorded: 0,
+                        entries: vec![BlockEntry::default(); EXTENT_BLOCKS as usize],
+                        inflight: 1,
+                        interrupted: false,
+                        first_lsn: None,
+                        last_lsn: 0,
+                        landings: Vec::new(),
+                    },
+                );
+                slot
+            };
+            (
+                disk,
+                slot,
+                generation,
+                d.engine.clone(),
+                d.slot_offset(slot),
+            )
+        };
+        let block = BLOCK_BYTES as usize;
+        let segment = Segment {
+            buf: buf.clone(),
+            start: buf_block * block,
+            len: usize::from(n) * block,
+        };
+        let data_offset = offset + SLOT_META_BYTES + u64::from(start) * BLOCK_BYTES;
+        let data_written = engine.write_at(data_offset, vec![segment]);
+        let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
+        let landing = spawn_started(async move {
+            let result = data_written.await;
+            landed_tx.send_replace(match result {
+                Ok(()) => Landing::Landed,
+                Err(_) => Landing::Failed,
+            });
+            result
+        });
+        // Checksummed while the disk writes it.
+        let crcs = block_crcs(block_range(buf, buf_block, usize::from(n)));
+        let (rx, extent_gone) = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let current = st
+                .extents
+                .get(&key)
+                .filter(|e| e.disk == disk)
+                .map(|e| e.alloc_id);
+            let d = &mut st.disks[disk];
+            let Some(s) = d.shadows.get_mut(&key) else {
+                // A claimed part keeps its rewrite in the map.
+                unreachable!("a rewrite in parts vanished with a part in flight");
+            };
+            s.inflight -= 1;
+            let continues = !s.interrupted && s.recorded == start && current == Some(s.old_alloc);
+            let completes = continues && u64::from(start) + u64::from(n) == EXTENT_BLOCKS;
+            if !continues {
+                s.interrupted = true;
+            }
+            let batch = d.log.open_batch(56 + 4 * u64::from(n));
+            let lsn = batch.lsn;
+            batch.push(Record {
+                vdisk_id: key.0,
+                extent: key.1,
+                alloc_id: s.alloc_id,
+                slot,
+                first_block: start,
+                blocks: n,
+                generation,
+                kind: RecordKind::Shadow {
+                    crcs: crcs.clone(),
+                    completes,
+                },
+            });
+            batch.fua |= fua;
+            batch.landing.push(landing);
+            let (tx, rx) = oneshot::channel();
+            if fua {
+                batch.waiters.push(tx);
+            } else {
+                batch.written_waiters.push(tx);
+            }
+            s.first_lsn.get_or_insert(lsn);
+            s.last_lsn = lsn;
+            if continues {
+                for (i, &crc) in crcs.iter().enumerate() {
+                    s.entries[usize::from(start) + i] = BlockEntry {
+                        generation,
+                        has_data: true,
+                        lost: false,
+                        crc,
+                    };
+                }
+                s.recorded += n;
+                s.landings.push(landed_rx.clone());
+            }
+            tracing::debug!(
+                ?key,
+                slot,
+                lsn,
+                start,
+                n,
+                continues,
+                completes,
+                "rewrite part"
+            );
+            if completes {
+                let Some(s) = d.shadows.remove(&key) else {
+                    unreachable!("the rewrite was just updated");
+                };
+                let first_lsn = s.first_lsn.unwrap_or(lsn);
+                d.shadow_spans.push((first_lsn, lsn));
+                let disk_id = d.id;
+                st.release_extent(key, lsn);
+                let d = &mut st.disks[disk];
+                // The parts' overlay entries in the old tenancy are in the
+                // slot now; no checkpoint can cover them before this record
+                // (`shadow_spans`), so they need not be written home there.
+                if let Some((_, _, old)) = d.retired.last_mut() {
+                    d.undrained_bytes -= overlay_drop_from(&mut old.overlay, first_lsn);
+                }
+                self.slot_replaced(d);
+                d.map_changes.push((
+                    lsn,
+                    key,
+                    Some(ExtentRow {
+                        disk: disk_id,
+                        slot,
+                        alloc_id: s.alloc_id,
+                        persisted: true,
+                    }),
+                ));
+                st.extents.insert(
+                    key,
+                    ExtentState {
+                        disk,
+                        slot,
+                        alloc_id: s.alloc_id,
+                        persisted: true,
+                        meta: Some(Box::new(ExtentMeta {
+                            vdisk_id: key.0,
+                            extent: key.1,
+                            alloc_id: s.alloc_id,
+                            seq: 0,
+                            entries: s.entries,
+                        })),
+                        overlay: BTreeMap::new(),
+                        landing: Some(all_landed(s.landings)),
+                        meta_unsaved: Some(lsn),
+                    },
+                );
+                self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
+                (rx, false)
+            } else {
+                if s.interrupted && s.inflight == 0 {
+                    d.retire_shadow(key);
+                }
+                // The part counts as written to the extent's current
+                // tenancy (replay does the same with its record).
+                let gone = match st.extents.get_mut(&key) {
+                    Some(e) if e.disk == disk => {
+                        let d = &mut st.disks[disk];
+                        for (i, &crc) in crcs.iter().enumerate() {
+                            let seg = Segment {
+                                buf: buf.clone(),
+                                start: (buf_block + i) * block,
+                                len: block,
+                            };
+                            let entry =
+                                OverlayEntry::new(lsn, generation, Content::Data { seg, crc });
+                            overlay_insert(
+                                &mut e.overlay,
+                                &mut d.undrained_bytes,
+                                start + i as u16,
+                                entry,
+                            );
+                        }
+                        false
+                    }
+                    _ => true,
+                };
+                (rx, gone)
+            }
+        };
+        self.inner.log_wake[disk].notify_one();
+        if extent_gone {
+            let _ = wait_log(rx).await;
+            return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
+        }
+        if fua {
+            return Some(wait_log(rx).await);
+        }
+        let mut landed_rx = landed_rx;
+        let (written, landed) = futures::future::join(wait_log(rx), async {
+            landed_rx
+                .wait_for(|l| *l != Landing::InFlight)
+                .await
+                .map(|l| *l)
+        })
+        .await;
+        if let Err(e) = written {
+            return Some(Err(e));
+        }
+        Some(match landed {
+            Ok(Landing::Landed) => Ok(()),
+            Ok(_) => Err(cow_data_failed(&self.lock(), disk)),
+            Err(_) => Err(StoreError::ShuttingDown),
+        })
+    }
+
     /// Makes `blocks` blocks from `first` read as zeros; whole extents give
     /// their space back.
     pub async fn zero(
@@ -1630,6 +1914,7 @@ impl Store {
                 };
                 let st_ref = &mut *st;
                 let d = &mut st_ref.disks[disk];
+                d.interrupt_shadow(key);
                 let batch = d.log.open_batch(56);
                 let lsn = batch.lsn;
                 let whole = u64::from(n) == EXTENT_BLOCKS;
@@ -1768,7 +2053,7 @@ impl Store {
                 let st = self.lock();
                 st.disks.iter().any(|d| {
                     d.failed.is_none()
-                        && (d.log.writing.is_some()
+                        && (!d.log.writing.is_empty()
                             || d.log.pending.iter().any(|b| !b.records.is_empty()))
                 })
             };
@@ -1922,6 +2207,50 @@ enum CowData<'a> {
     Source(&'a mut dyn WriteSource),
 }
 
+/// Smallest first part of an extent's rewrite in parts (256 KiB): smaller
+/// writes at an extent's start are logged, as random writes are.
+const SHADOW_MIN_BLOCKS: u64 = 64;
+
+/// A landing that reads `Landed` once every one of `parts` has landed
+/// (`Failed` if one failed).
+fn all_landed(parts: Vec<watch::Receiver<Landing>>) -> watch::Receiver<Landing> {
+    let (tx, rx) = watch::channel(Landing::InFlight);
+    tokio::spawn(async move {
+        let mut outcome = Landing::Landed;
+        for mut part in parts {
+            match part.wait_for(|l| *l != Landing::InFlight).await.map(|l| *l) {
+                Ok(Landing::Landed) => {}
+                _ => outcome = Landing::Failed,
+            }
+        }
+        tx.send_replace(outcome);
+    });
+    rx
+}
+
+/// Drops every version at or after `lsn` from the head of each block's
+/// chain in `overlay` (keeping older ones); returns the data bytes dropped.
+fn overlay_drop_from(overlay: &mut BTreeMap<u16, OverlayEntry>, lsn: u64) -> u64 {
+    let mut dropped = 0;
+    let blocks: Vec<u16> = overlay.keys().copied().collect();
+    for block in blocks {
+        while let Some(head) = overlay.get_mut(&block)
+            && head.lsn >= lsn
+        {
+            if matches!(head.content, Content::Data { .. }) {
+                dropped += BLOCK_BYTES;
+            }
+            match head.older.take() {
+                Some(older) => *head = *older,
+                None => {
+                    overlay.remove(&block);
+                }
+            }
+        }
+    }
+    dropped
+}
+
 /// How much of an extent a streamed copy-on-write write copies before it
 /// sends the piece to the disk. A quarter of an extent: the first piece
 /// leaves after a quarter of the copy, and on the disks measured four
@@ -2016,7 +2345,7 @@ fn block_crcs(data: &[u8]) -> Vec<u32> {
 
 /// Spawns `task` after polling it once on this thread, so that the I/O it
 /// starts is submitted now instead of when a runtime worker gets to it.
-fn spawn_started<T: Send + 'static>(
+pub(crate) fn spawn_started<T: Send + 'static>(
     task: impl Future<Output = T> + Send + 'static,
 ) -> tokio::task::JoinHandle<T> {
     let mut task = Box::pin(task);

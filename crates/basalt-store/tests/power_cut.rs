@@ -86,6 +86,45 @@ async fn worker(store: Store, v: u64, shared: Arc<Shared>, me: u64, seed: u64) {
         let base = extent * 256;
         let tag = shared.tags.fetch_add(1, Ordering::SeqCst);
         let result = match rng.gen_range(0..100) {
+            50..=59 => {
+                // The extent rewritten in parts, as a guest that sends at
+                // most so many segments per request does; sometimes not to
+                // the end, sometimes all parts in flight together.
+                let first_part = rng.gen_range(64..=200u64);
+                let second = rng.gen_range(1..=256 - first_part);
+                let mut parts = vec![(base, first_part), (base + first_part, second)];
+                if first_part + second < 256 {
+                    parts.push((base + first_part + second, 256 - first_part - second));
+                }
+                if rng.gen_bool(0.2) {
+                    parts.truncate(rng.gen_range(1..parts.len()));
+                }
+                let together = rng.gen_bool(0.5);
+                tracing::debug!(me, tag, ?parts, together, "rewrite in parts");
+                let issued: Vec<_> = parts
+                    .iter()
+                    .map(|&(first, n)| shared.issue(first, n, tag))
+                    .collect();
+                let write =
+                    |(first, n): (u64, u64)| store.write(v, first, buffer(tag, first, n), false);
+                let results = if together {
+                    futures::future::join_all(parts.iter().map(|&p| write(p))).await
+                } else {
+                    let mut results = Vec::new();
+                    for &p in &parts {
+                        results.push(write(p).await);
+                    }
+                    results
+                };
+                let mut outcome = Ok(());
+                for (r, slots) in results.into_iter().zip(&issued) {
+                    match r {
+                        Ok(()) => shared.complete(slots),
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+                outcome
+            }
             0..=59 => {
                 let n = rng.gen_range(1..=16u64);
                 let first = base + rng.gen_range(0..256 - n);

@@ -265,6 +265,25 @@ async fn model_run(seed: u64) {
         let tag = step + 1;
 
         match rng.gen_range(0..100) {
+            40..=49 => {
+                // An extent rewritten in parts (a guest limited in segments
+                // per request), sometimes not to the end.
+                let base = rng.gen_range(0..blocks / 256) * 256;
+                let first_part = rng.gen_range(64..=200u64);
+                let mut parts = vec![(base, first_part), (base + first_part, 256 - first_part)];
+                if rng.gen_bool(0.3) {
+                    parts.truncate(1);
+                }
+                for (first, n) in parts {
+                    store
+                        .write(v, first, buffer(tag, first, n), false)
+                        .await
+                        .expect("part");
+                    for b in first..first + n {
+                        model.insert(b, tag);
+                    }
+                }
+            }
             0..=49 => {
                 let n = rng.gen_range(1..=24u64);
                 let first = rng.gen_range(0..blocks - n);

@@ -1,0 +1,266 @@
+//! An extent rewritten in parts (a guest that sends at most so many
+//! segments per request splits a 1 MiB write into two or three requests):
+//! each part goes once into a shadow slot and is answered on its own; the
+//! part that makes the rewrite whole switches the extent to that slot.
+//! These tests check that the parts read back at once, that the switch
+//! happens only for a whole rewrite in order, that anything else in between
+//! leaves every write readable, and that crashes and power cuts at any
+//! point keep every acknowledged part (and, after a flush, every durable
+//! one).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use basalt_disk::sim::{CutMode, SimDisk};
+use basalt_store::Store;
+use common::*;
+
+const EXTENT_BLOCKS: u64 = 256;
+
+/// The parts a guest limited to 126 segments of 4 KiB sends for a 1 MiB write.
+const PARTS: [(u64, u64); 3] = [(0, 126), (126, 126), (252, 4)];
+
+/// A store on `disk` with vdisk "v" whose extents 0..4 hold tag 1, and a
+/// written slot free for reuse (a rewrite in parts only takes such slots).
+async fn store_with_written_extents(dir: &std::path::Path, disk: &SimDisk) -> (Store, u64) {
+    let store = open_sim(dir, disk).await;
+    let v = store.create_vdisk("v", 8 << 20).await.expect("create").id;
+    for e in 0..4 {
+        store
+            .write(
+                v,
+                e * EXTENT_BLOCKS,
+                buffer(1, e * EXTENT_BLOCKS, 256),
+                false,
+            )
+            .await
+            .expect("whole extent");
+    }
+    // Rewritten whole: the replaced slot comes free with the next checkpoint.
+    store
+        .write(
+            v,
+            3 * EXTENT_BLOCKS,
+            buffer(1, 3 * EXTENT_BLOCKS, 256),
+            false,
+        )
+        .await
+        .expect("whole extent again");
+    checkpointed(&store).await;
+    (store, v)
+}
+
+/// Waits until every oplog batch written so far is covered by a checkpoint.
+async fn checkpointed(store: &Store) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while basalt_store::uncheckpointed_batches_for_tests(store) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the drainer checkpoints within 10 s");
+}
+
+/// Writes `parts` of extent `extent` with `tag`, one after the other.
+async fn write_parts(store: &Store, v: u64, extent: u64, parts: &[(u64, u64)], tag: u64) {
+    for &(first, n) in parts {
+        let first = extent * EXTENT_BLOCKS + first;
+        store
+            .write(v, first, buffer(tag, first, n), false)
+            .await
+            .expect("part");
+    }
+}
+
+async fn extent_tags(store: &Store, v: u64, extent: u64) -> Vec<u64> {
+    read_tags(store, v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS).await
+}
+
+fn cow_writes(store: &Store) -> u64 {
+    store.stats().cow_writes.load(Ordering::Relaxed)
+}
+
+fn logged_blocks(store: &Store) -> u64 {
+    store.stats().drained_blocks.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_in_parts_is_written_once_and_survives_crash_and_power_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (store, v) = store_with_written_extents(dir.path(), &disk).await;
+    let cow_before = cow_writes(&store);
+    let drained_before = logged_blocks(&store);
+
+    write_parts(&store, v, 0, &PARTS[..1], 2).await;
+    // The first part reads back at once, beside the old blocks.
+    let mut expected = vec![2; 126];
+    expected.extend(vec![1; 130]);
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+    write_parts(&store, v, 0, &PARTS[1..], 2).await;
+    assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
+    assert_eq!(
+        cow_writes(&store),
+        cow_before + 1,
+        "the extent moved to the shadow slot"
+    );
+
+    // Nothing of it is written a second time by the drain.
+    checkpointed(&store).await;
+    assert_eq!(
+        logged_blocks(&store),
+        drained_before,
+        "no block written home"
+    );
+    assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
+
+    // kill -9 right after the answers of a second rewrite.
+    write_parts(&store, v, 1, &PARTS, 3).await;
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
+    assert_eq!(extent_tags(&store, v, 1).await, vec![3; 256]);
+
+    // A power cut after a flush keeps a third; one before any flush keeps
+    // each block old or new, never anything else.
+    checkpointed(&store).await;
+    write_parts(&store, v, 2, &PARTS, 4).await;
+    store.flush().await.expect("flush");
+    write_parts(&store, v, 3, &PARTS, 5).await;
+    store.halt().await;
+    disk.power_cut(CutMode::DropUnsynced);
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 1).await, vec![3; 256]);
+    assert_eq!(extent_tags(&store, v, 2).await, vec![4; 256]);
+    for tag in extent_tags(&store, v, 3).await {
+        assert!(tag == 1 || tag == 5, "block of extent 3 reads tag {tag}");
+    }
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_between_the_parts_interrupts_the_rewrite_and_every_write_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (store, v) = store_with_written_extents(dir.path(), &disk).await;
+    let cow_before = cow_writes(&store);
+
+    write_parts(&store, v, 0, &PARTS[..1], 2).await;
+    // A small write into blocks the first part wrote, then the other parts.
+    store
+        .write(v, 10, buffer(3, 10, 2), false)
+        .await
+        .expect("small write");
+    write_parts(&store, v, 0, &PARTS[1..], 2).await;
+    let mut expected = vec![2; 256];
+    expected[10] = 3;
+    expected[11] = 3;
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+    assert_eq!(
+        cow_writes(&store),
+        cow_before,
+        "an interrupted rewrite does not switch"
+    );
+
+    // Parts out of order interrupt it too.
+    write_parts(&store, v, 1, &[PARTS[1], PARTS[0], PARTS[2]], 4).await;
+    assert_eq!(extent_tags(&store, v, 1).await, vec![4; 256]);
+    // So does a zero between them.
+    write_parts(&store, v, 2, &PARTS[..2], 5).await;
+    store
+        .zero(v, 2 * EXTENT_BLOCKS + 200, 10, false)
+        .await
+        .expect("zero");
+    write_parts(&store, v, 2, &PARTS[2..], 5).await;
+    let mut zeroed = vec![5; 256];
+    zeroed[200..210].fill(0);
+    assert_eq!(extent_tags(&store, v, 2).await, zeroed);
+    assert_eq!(cow_writes(&store), cow_before);
+
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+    assert_eq!(extent_tags(&store, v, 1).await, vec![4; 256]);
+    assert_eq!(extent_tags(&store, v, 2).await, zeroed);
+
+    // Their slots come free again: nothing leaks.
+    let free_before = basalt_store::free_slots_for_tests(&store).len();
+    checkpointed(&store).await;
+    write_parts(&store, v, 3, &PARTS[..1], 6).await;
+    write_parts(&store, v, 3, &PARTS[2..], 6).await;
+    checkpointed(&store).await;
+    store
+        .write(v, 3 * EXTENT_BLOCKS, buffer(7, 3 * EXTENT_BLOCKS, 1), false)
+        .await
+        .expect("small write");
+    checkpointed(&store).await;
+    assert_eq!(
+        basalt_store::free_slots_for_tests(&store).len(),
+        free_before
+    );
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_rewrite_keeps_its_parts_through_crash_checkpoint_and_power_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (store, v) = store_with_written_extents(dir.path(), &disk).await;
+
+    // kill -9 after the first part: replay reads it from the shadow slot.
+    write_parts(&store, v, 0, &PARTS[..1], 2).await;
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    let mut expected = vec![2; 126];
+    expected.extend(vec![1; 130]);
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+
+    // A checkpoint between the parts: the rest of the rewrite is written
+    // as usual and nothing switches.
+    let cow_before = cow_writes(&store);
+    checkpointed(&store).await;
+    write_parts(&store, v, 1, &PARTS[..2], 3).await;
+    store.flush().await.expect("flush");
+    checkpointed(&store).await;
+    write_parts(&store, v, 1, &PARTS[2..], 3).await;
+    assert_eq!(extent_tags(&store, v, 1).await, vec![3; 256]);
+    assert_eq!(cow_writes(&store), cow_before);
+    store.flush().await.expect("flush");
+    store.halt().await;
+    disk.power_cut(CutMode::DropUnsynced);
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+    assert_eq!(extent_tags(&store, v, 1).await, vec![3; 256]);
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_together_read_back_and_survive_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (store, v) = store_with_written_extents(dir.path(), &disk).await;
+    // Two extents, their parts in flight together, as a guest at depth 2.
+    let writes = [0u64, 1].into_iter().flat_map(|extent| {
+        let store = &store;
+        PARTS.iter().map(move |&(first, n)| {
+            let first = extent * EXTENT_BLOCKS + first;
+            async move {
+                store
+                    .write(v, first, buffer(8 + extent, first, n), false)
+                    .await
+            }
+        })
+    });
+    for result in futures::future::join_all(writes).await {
+        result.expect("part");
+    }
+    assert_eq!(extent_tags(&store, v, 0).await, vec![8; 256]);
+    assert_eq!(extent_tags(&store, v, 1).await, vec![9; 256]);
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 0).await, vec![8; 256]);
+    assert_eq!(extent_tags(&store, v, 1).await, vec![9; 256]);
+    store.halt().await;
+}
