@@ -18,7 +18,7 @@
 //! lost acknowledged data, and the disk is failed rather than serving stale
 //! blocks.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -439,13 +439,19 @@ struct ReplayShadow {
 }
 
 /// Blocks of `key` (tenancy `alloc`) that records after position
-/// (`batch`, `record`) of the replayed log rewrite.
+/// (`batch`, `record`) of the replayed log rewrite. `applied_parts` holds
+/// the positions of the later parts of rewrites that replay applies: an
+/// interrupted rewrite's parts count as writes to the extent's tenancy of
+/// the time and may have been drained into its slot, so they cover blocks
+/// there, but only if replay writes them again (a part whose data never
+/// landed is dropped).
 fn covered_later(
     replayed: &[Replayed],
     batch: usize,
     record: usize,
     key: (u64, u64),
     alloc: u64,
+    applied_parts: &HashSet<(usize, usize)>,
 ) -> Vec<bool> {
     let mut covered = vec![false; crate::format::EXTENT_BLOCKS as usize];
     for (bi, b) in replayed.iter().enumerate().skip(batch) {
@@ -455,9 +461,11 @@ fn covered_later(
             }
             match r.kind {
                 RecordKind::Remap { .. } | RecordKind::Unmap => covered.fill(true),
-                // A later part of the same rewrite writes other blocks of
-                // the slot; a later rewrite uses another slot.
-                RecordKind::Shadow { .. } => {}
+                RecordKind::Shadow { .. } if applied_parts.contains(&(bi, ri)) => {
+                    let first = usize::from(r.first_block);
+                    let end = (first + usize::from(r.blocks)).min(covered.len());
+                    covered[first..end].fill(true);
+                }
                 RecordKind::Write { .. } | RecordKind::Zero if r.alloc_id == alloc => {
                     let first = usize::from(r.first_block);
                     let end = (first + usize::from(r.blocks)).min(covered.len());
@@ -556,6 +564,41 @@ pub(crate) async fn replay_disk(
     // can reuse the slots.
     let mut shadows: HashMap<(u64, u64), ReplayShadow> = HashMap::new();
     let mut unfinished_shadow_slots = Vec::new();
+    // The parts of rewrites that replay applies (their data landed, or they
+    // are known durable), found latest first: whether a part's blocks are
+    // intact depends on the parts after it.
+    let mut applied_parts = HashSet::new();
+    for (batch_index, batch) in replayed.iter().enumerate().rev() {
+        for (record_index, r) in batch.header.records.iter().enumerate().rev() {
+            let RecordKind::Shadow { crcs, .. } = &r.kind else {
+                continue;
+            };
+            let key = (r.vdisk_id, r.extent);
+            let covered = covered_later(
+                &replayed,
+                batch_index,
+                record_index,
+                key,
+                r.alloc_id,
+                &applied_parts,
+            );
+            let check = check_cow_slot(
+                &engine,
+                &label,
+                r.slot,
+                r.vdisk_id,
+                r.extent,
+                r.alloc_id,
+                r.first_block,
+                crcs,
+                &covered,
+            )
+            .await?;
+            if check.intact || batch.lsn <= max_durable {
+                applied_parts.insert((batch_index, record_index));
+            }
+        }
+    }
     for (batch_index, batch) in replayed.iter().enumerate() {
         for (record_index, r) in batch.header.records.iter().enumerate() {
             if !st.vdisks.contains_key(&r.vdisk_id) {
@@ -572,8 +615,14 @@ pub(crate) async fn replay_disk(
             }
             match &r.kind {
                 RecordKind::Shadow { crcs, completes } => {
-                    let covered =
-                        covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
+                    let covered = covered_later(
+                        &replayed,
+                        batch_index,
+                        record_index,
+                        key,
+                        r.alloc_id,
+                        &applied_parts,
+                    );
                     let check = check_cow_slot(
                         &engine,
                         &label,
@@ -785,8 +834,14 @@ pub(crate) async fn replay_disk(
                     }
                 }
                 RecordKind::Remap { crcs } => {
-                    let covered =
-                        covered_later(&replayed, batch_index, record_index, key, r.alloc_id);
+                    let covered = covered_later(
+                        &replayed,
+                        batch_index,
+                        record_index,
+                        key,
+                        r.alloc_id,
+                        &applied_parts,
+                    );
                     let SlotCheck {
                         intact, meta_seq, ..
                     } = check_cow_slot(
