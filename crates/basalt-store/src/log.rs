@@ -429,6 +429,67 @@ async fn check_cow_slot(
     })
 }
 
+/// Replay: `key` now lives in slot `r.slot` of disk `index` (tenancy
+/// `r.alloc_id`), written copy-on-write at `lsn` and described by `meta`
+/// until the drainer writes that home.
+fn install_cow_tenancy(
+    st: &mut State,
+    index: usize,
+    disk_id: Uuid,
+    r: &crate::format::Record,
+    meta: ExtentMeta,
+    lsn: u64,
+) {
+    let key = (r.vdisk_id, r.extent);
+    st.extents.insert(
+        key,
+        ExtentState {
+            disk: index,
+            slot: r.slot,
+            alloc_id: r.alloc_id,
+            persisted: true,
+            meta: Some(Box::new(meta)),
+            overlay: BTreeMap::new(),
+            landing: None,
+            meta_unsaved: Some(lsn),
+        },
+    );
+    let row = ExtentRow {
+        disk: disk_id,
+        slot: r.slot,
+        alloc_id: r.alloc_id,
+        persisted: true,
+    };
+    st.disks[index].map_changes.push((lsn, key, Some(row)));
+}
+
+/// Reads the slot of the rewrite part `r` at position `at` of the replayed
+/// log and checks the part's blocks (those no later record rewrites).
+async fn check_shadow_part(
+    engine: &Arc<dyn DiskEngine>,
+    label: &Label,
+    replayed: &[Replayed],
+    at: (usize, usize),
+    r: &crate::format::Record,
+    crcs: &[u32],
+    applied_parts: &HashSet<(usize, usize)>,
+) -> Result<SlotCheck, StoreError> {
+    let key = (r.vdisk_id, r.extent);
+    let covered = covered_later(replayed, at.0, at.1, key, r.alloc_id, applied_parts);
+    check_cow_slot(
+        engine,
+        label,
+        r.slot,
+        r.vdisk_id,
+        r.extent,
+        r.alloc_id,
+        r.first_block,
+        crcs,
+        &covered,
+    )
+    .await
+}
+
 /// A rewrite in parts as replay follows it (see `RecordKind::Shadow`).
 struct ReplayShadow {
     slot: u64,
@@ -573,27 +634,9 @@ pub(crate) async fn replay_disk(
             let RecordKind::Shadow { crcs, .. } = &r.kind else {
                 continue;
             };
-            let key = (r.vdisk_id, r.extent);
-            let covered = covered_later(
-                &replayed,
-                batch_index,
-                record_index,
-                key,
-                r.alloc_id,
-                &applied_parts,
-            );
-            let check = check_cow_slot(
-                &engine,
-                &label,
-                r.slot,
-                r.vdisk_id,
-                r.extent,
-                r.alloc_id,
-                r.first_block,
-                crcs,
-                &covered,
-            )
-            .await?;
+            let at = (batch_index, record_index);
+            let check =
+                check_shadow_part(&engine, &label, &replayed, at, r, crcs, &applied_parts).await?;
             if check.intact || batch.lsn <= max_durable {
                 applied_parts.insert((batch_index, record_index));
             }
@@ -615,26 +658,10 @@ pub(crate) async fn replay_disk(
             }
             match &r.kind {
                 RecordKind::Shadow { crcs, completes } => {
-                    let covered = covered_later(
-                        &replayed,
-                        batch_index,
-                        record_index,
-                        key,
-                        r.alloc_id,
-                        &applied_parts,
-                    );
-                    let check = check_cow_slot(
-                        &engine,
-                        &label,
-                        r.slot,
-                        r.vdisk_id,
-                        r.extent,
-                        r.alloc_id,
-                        r.first_block,
-                        crcs,
-                        &covered,
-                    )
-                    .await?;
+                    let at = (batch_index, record_index);
+                    let check =
+                        check_shadow_part(&engine, &label, &replayed, at, r, crcs, &applied_parts)
+                            .await?;
                     let continues = shadows.get(&key).is_some_and(|s| {
                         s.slot == r.slot && s.alloc == r.alloc_id && s.recorded == r.first_block
                     });
@@ -739,28 +766,7 @@ pub(crate) async fn replay_disk(
                         seq: check.meta_seq,
                         entries: shadow.entries,
                     };
-                    st.extents.insert(
-                        key,
-                        ExtentState {
-                            disk: index,
-                            slot: r.slot,
-                            alloc_id: r.alloc_id,
-                            persisted: true,
-                            meta: Some(Box::new(meta)),
-                            overlay: BTreeMap::new(),
-                            landing: None,
-                            meta_unsaved: Some(batch.lsn),
-                        },
-                    );
-                    let row = ExtentRow {
-                        disk: disk_id,
-                        slot: r.slot,
-                        alloc_id: r.alloc_id,
-                        persisted: true,
-                    };
-                    st.disks[index]
-                        .map_changes
-                        .push((batch.lsn, key, Some(row)));
+                    install_cow_tenancy(st, index, disk_id, r, meta, batch.lsn);
                 }
                 RecordKind::Write { data_index, crcs } => {
                     if !st.extents.contains_key(&key) {
@@ -890,28 +896,7 @@ pub(crate) async fn replay_disk(
                         crcs,
                     );
                     meta.seq = meta_seq;
-                    st.extents.insert(
-                        key,
-                        ExtentState {
-                            disk: index,
-                            slot: r.slot,
-                            alloc_id: r.alloc_id,
-                            persisted: true,
-                            meta: Some(Box::new(meta)),
-                            overlay: BTreeMap::new(),
-                            landing: None,
-                            meta_unsaved: Some(batch.lsn),
-                        },
-                    );
-                    let row = ExtentRow {
-                        disk: disk_id,
-                        slot: r.slot,
-                        alloc_id: r.alloc_id,
-                        persisted: true,
-                    };
-                    st.disks[index]
-                        .map_changes
-                        .push((batch.lsn, key, Some(row)));
+                    install_cow_tenancy(st, index, disk_id, r, meta, batch.lsn);
                 }
                 RecordKind::Unmap => {
                     let matches = st

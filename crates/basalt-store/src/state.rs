@@ -610,6 +610,43 @@ impl State {
         }
     }
 
+    /// Publishes `key` in a slot written copy-on-write, its record queued at
+    /// `lsn`: `tenancy` is (disk index, disk id, slot, allocation id), and
+    /// `meta` describes the slot until the drainer writes it home (before a
+    /// checkpoint covers `lsn`). Reads of the slot wait for `landing`.
+    pub fn publish_cow(
+        &mut self,
+        key: ExtentKey,
+        tenancy: (usize, Uuid, u64, u64),
+        meta: ExtentMeta,
+        landing: watch::Receiver<Landing>,
+        lsn: u64,
+    ) {
+        let (disk, disk_id, slot, alloc_id) = tenancy;
+        let row = ExtentRow {
+            disk: disk_id,
+            slot,
+            alloc_id,
+            persisted: true,
+        };
+        if let Some(d) = self.disks.get_mut(disk) {
+            d.map_changes.push((lsn, key, Some(row)));
+        }
+        self.extents.insert(
+            key,
+            ExtentState {
+                disk,
+                slot,
+                alloc_id,
+                persisted: true,
+                meta: Some(Box::new(meta)),
+                overlay: BTreeMap::new(),
+                landing: Some(landing),
+                meta_unsaved: Some(lsn),
+            },
+        );
+    }
+
     /// The extent `key` with tenancy `alloc`, current or retired.
     pub fn tenancy_mut(
         &mut self,

@@ -1560,52 +1560,12 @@ impl Store {
             st.release_extent(key, lsn);
             let d = &mut st.disks[disk];
             self.slot_replaced(d);
-            d.map_changes.push((
-                lsn,
-                key,
-                Some(ExtentRow {
-                    disk: disk_id,
-                    slot,
-                    alloc_id,
-                    persisted: true,
-                }),
-            ));
-            st.extents.insert(
-                key,
-                ExtentState {
-                    disk,
-                    slot,
-                    alloc_id,
-                    persisted: true,
-                    meta: Some(Box::new(meta)),
-                    overlay: BTreeMap::new(),
-                    landing: Some(landed_rx.clone()),
-                    meta_unsaved: Some(lsn),
-                },
-            );
+            let tenancy = (disk, disk_id, slot, alloc_id);
+            st.publish_cow(key, tenancy, meta, landed_rx.clone(), lsn);
             self.inner.log_wake[disk].notify_one();
             rx
         };
-        if fua {
-            return Some(wait_log(rx).await);
-        }
-        let mut landed_rx = landed_rx;
-        let (written, landed) = futures::future::join(wait_log(rx), async {
-            // Copied out at once: the borrow must not live across an await.
-            landed_rx
-                .wait_for(|l| *l != Landing::InFlight)
-                .await
-                .map(|l| *l)
-        })
-        .await;
-        if let Err(e) = written {
-            return Some(Err(e));
-        }
-        Some(match landed {
-            Ok(Landing::Landed) => Ok(()),
-            Ok(_) => Err(cow_data_failed(&self.lock(), disk)),
-            Err(_) => Err(StoreError::ShuttingDown),
-        })
+        Some(self.wait_cow_written(rx, landed_rx, disk, fua).await)
     }
 
     /// Asks for a checkpoint when enough replaced slots wait for one (see
@@ -1796,35 +1756,15 @@ impl Store {
                     d.undrained_bytes -= overlay_drop_from(&mut old.overlay, first_lsn);
                 }
                 self.slot_replaced(d);
-                d.map_changes.push((
-                    lsn,
-                    key,
-                    Some(ExtentRow {
-                        disk: disk_id,
-                        slot,
-                        alloc_id: s.alloc_id,
-                        persisted: true,
-                    }),
-                ));
-                st.extents.insert(
-                    key,
-                    ExtentState {
-                        disk,
-                        slot,
-                        alloc_id: s.alloc_id,
-                        persisted: true,
-                        meta: Some(Box::new(ExtentMeta {
-                            vdisk_id: key.0,
-                            extent: key.1,
-                            alloc_id: s.alloc_id,
-                            seq: 0,
-                            entries: s.entries,
-                        })),
-                        overlay: BTreeMap::new(),
-                        landing: Some(all_landed(s.landings)),
-                        meta_unsaved: Some(lsn),
-                    },
-                );
+                let meta = ExtentMeta {
+                    vdisk_id: key.0,
+                    extent: key.1,
+                    alloc_id: s.alloc_id,
+                    seq: 0,
+                    entries: s.entries,
+                };
+                let tenancy = (disk, disk_id, slot, s.alloc_id);
+                st.publish_cow(key, tenancy, meta, all_landed(s.landings), lsn);
                 self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
                 (rx, false)
             } else {
@@ -1863,25 +1803,36 @@ impl Store {
             let _ = wait_log(rx).await;
             return Some(Err(StoreError::NoSuchVdisk(format!("#{}", key.0))));
         }
+        Some(self.wait_cow_written(rx, landed_rx, disk, fua).await)
+    }
+
+    /// Waits for a copy-on-write write queued with its record: with `fua`,
+    /// for its batch (which waits for the data and syncs); otherwise for the
+    /// batch to be written and the data to land, side by side.
+    async fn wait_cow_written(
+        &self,
+        rx: oneshot::Receiver<Result<(), String>>,
+        mut landed_rx: watch::Receiver<Landing>,
+        disk: usize,
+        fua: bool,
+    ) -> Result<(), StoreError> {
         if fua {
-            return Some(wait_log(rx).await);
+            return wait_log(rx).await;
         }
-        let mut landed_rx = landed_rx;
         let (written, landed) = futures::future::join(wait_log(rx), async {
+            // Copied out at once: the borrow must not live across an await.
             landed_rx
                 .wait_for(|l| *l != Landing::InFlight)
                 .await
                 .map(|l| *l)
         })
         .await;
-        if let Err(e) = written {
-            return Some(Err(e));
-        }
-        Some(match landed {
+        written?;
+        match landed {
             Ok(Landing::Landed) => Ok(()),
             Ok(_) => Err(cow_data_failed(&self.lock(), disk)),
             Err(_) => Err(StoreError::ShuttingDown),
-        })
+        }
     }
 
     /// Makes `blocks` blocks from `first` read as zeros; whole extents give

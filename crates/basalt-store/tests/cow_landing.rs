@@ -172,17 +172,6 @@ async fn a_flush_does_not_vouch_for_a_remap_whose_data_has_not_landed() {
     );
 }
 
-/// Waits until every oplog batch written so far is covered by a checkpoint.
-async fn checkpointed(store: &Store) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while basalt_store::uncheckpointed_batches_for_tests(store) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the drainer checkpoints within 10 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_past_a_copy_on_write_writes_its_metadata_home_first() {
     // A copy-on-write leaves the slot's metadata to the drainer. Once a

@@ -11,7 +11,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
 use basalt_store::Store;
@@ -50,17 +49,6 @@ async fn store_with_written_extents(dir: &std::path::Path, disk: &SimDisk) -> (S
         .expect("whole extent again");
     checkpointed(&store).await;
     (store, v)
-}
-
-/// Waits until every oplog batch written so far is covered by a checkpoint.
-async fn checkpointed(store: &Store) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while basalt_store::uncheckpointed_batches_for_tests(store) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the drainer checkpoints within 10 s");
 }
 
 /// Writes `parts` of extent `extent` with `tag`, one after the other.

@@ -188,3 +188,14 @@ impl DiskEngine for HookedEngine {
         self.inner.allocate(offset, len)
     }
 }
+
+/// Waits until every oplog batch written so far is covered by a checkpoint.
+pub async fn checkpointed(store: &Store) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while basalt_store::uncheckpointed_batches_for_tests(store) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the drainer checkpoints within 10 s");
+}
