@@ -490,6 +490,29 @@ async fn check_shadow_part(
     .await
 }
 
+/// Replay: `key` loses its tenancy; its slot (on disk `index`) is free again
+/// and its overlay is dropped.
+fn drop_replayed_extent(st: &mut State, index: usize, key: (u64, u64)) {
+    if let Some(old) = st.extents.remove(&key)
+        && old.disk == index
+    {
+        st.disks[index].free.insert(old.slot);
+        st.disks[index].undrained_bytes -= overlay_data_bytes(&old.overlay);
+    }
+}
+
+/// Replay: stops following the rewrite in parts of `key`, if any; its slot
+/// goes to `unfinished` (freed at the end of replay).
+fn stop_following(
+    shadows: &mut HashMap<(u64, u64), ReplayShadow>,
+    key: (u64, u64),
+    unfinished: &mut Vec<u64>,
+) {
+    if let Some(shadow) = shadows.remove(&key) {
+        unfinished.push(shadow.slot);
+    }
+}
+
 /// A rewrite in parts as replay follows it (see `RecordKind::Shadow`).
 struct ReplayShadow {
     slot: u64,
@@ -652,9 +675,7 @@ pub(crate) async fn replay_disk(
             if !matches!(r.kind, RecordKind::Shadow { .. }) {
                 // Any other change of the extent interrupts its rewrite in
                 // parts, as it did when it was made.
-                if let Some(shadow) = shadows.remove(&key) {
-                    unfinished_shadow_slots.push(shadow.slot);
-                }
+                stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
             }
             match &r.kind {
                 RecordKind::Shadow { crcs, completes } => {
@@ -666,9 +687,7 @@ pub(crate) async fn replay_disk(
                         s.slot == r.slot && s.alloc == r.alloc_id && s.recorded == r.first_block
                     });
                     if !continues {
-                        if let Some(shadow) = shadows.remove(&key) {
-                            unfinished_shadow_slots.push(shadow.slot);
-                        }
+                        stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
                         if r.first_block == 0 && !*completes {
                             if st.disks[index].free.remove(&r.slot) {
                                 shadows.insert(
@@ -697,9 +716,7 @@ pub(crate) async fn replay_disk(
                                 lsn = batch.lsn,
                                 "a part of a rewrite never became durable; it is dropped"
                             );
-                            if let Some(shadow) = shadows.remove(&key) {
-                                unfinished_shadow_slots.push(shadow.slot);
-                            }
+                            stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
                             continue;
                         }
                         tracing::error!(
@@ -709,9 +726,7 @@ pub(crate) async fn replay_disk(
                         );
                     }
                     let Some(e) = st.extents.get_mut(&key).filter(|e| e.disk == index) else {
-                        if let Some(shadow) = shadows.remove(&key) {
-                            unfinished_shadow_slots.push(shadow.slot);
-                        }
+                        stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
                         continue;
                     };
                     let whole = shadows.get_mut(&key).is_some_and(|s| {
@@ -755,10 +770,7 @@ pub(crate) async fn replay_disk(
                     let Some(shadow) = shadows.remove(&key) else {
                         continue;
                     };
-                    if let Some(old) = st.extents.remove(&key) {
-                        st.disks[index].free.insert(old.slot);
-                        st.disks[index].undrained_bytes -= overlay_data_bytes(&old.overlay);
-                    }
+                    drop_replayed_extent(st, index, key);
                     let meta = ExtentMeta {
                         vdisk_id: r.vdisk_id,
                         extent: r.extent,
@@ -869,15 +881,7 @@ pub(crate) async fn replay_disk(
                             "a durable copy-on-write slot is damaged; its bad blocks will fail reads"
                         );
                     }
-                    if let Some(old) = st.extents.get(&key) {
-                        if old.disk == index {
-                            let old_slot = old.slot;
-                            let bytes = overlay_data_bytes(&old.overlay);
-                            st.disks[index].free.insert(old_slot);
-                            st.disks[index].undrained_bytes -= bytes;
-                        }
-                        st.extents.remove(&key);
-                    }
+                    drop_replayed_extent(st, index, key);
                     if !st.disks[index].free.remove(&r.slot) {
                         tracing::warn!(
                             slot = r.slot,
@@ -904,10 +908,7 @@ pub(crate) async fn replay_disk(
                         .get(&key)
                         .is_some_and(|e| e.alloc_id == r.alloc_id && e.disk == index);
                     if matches {
-                        if let Some(old) = st.extents.remove(&key) {
-                            st.disks[index].free.insert(old.slot);
-                            st.disks[index].undrained_bytes -= overlay_data_bytes(&old.overlay);
-                        }
+                        drop_replayed_extent(st, index, key);
                         st.disks[index].map_changes.push((batch.lsn, key, None));
                     }
                 }

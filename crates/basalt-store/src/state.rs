@@ -228,6 +228,26 @@ impl PendingBatch {
         self.header_bytes += record.encoded_len();
         self.records.push(record);
     }
+
+    /// Joins a copy-on-write data write (whose record was just pushed) to
+    /// the batch and returns what its writer waits for: with `fua`, the
+    /// batch completed (the data landed, the batch synced); otherwise the
+    /// batch written, the data being waited for beside it.
+    pub fn await_cow(
+        &mut self,
+        landing: LandingWrite,
+        fua: bool,
+    ) -> oneshot::Receiver<Result<(), String>> {
+        self.fua |= fua;
+        self.landing.push(landing);
+        let (tx, rx) = oneshot::channel();
+        if fua {
+            self.waiters.push(tx);
+        } else {
+            self.written_waiters.push(tx);
+        }
+        rx
+    }
 }
 
 /// The oplog ring of one disk.

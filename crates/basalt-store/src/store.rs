@@ -1544,17 +1544,7 @@ impl Store {
                 generation,
                 kind: RecordKind::Remap { crcs },
             });
-            batch.fua |= fua;
-            batch.landing.push(landing);
-            let (tx, rx) = oneshot::channel();
-            if fua {
-                // Heard once the data has landed and the batch is synced.
-                batch.waiters.push(tx);
-            } else {
-                // Heard once the batch is written; the data is waited for
-                // below, side by side.
-                batch.written_waiters.push(tx);
-            }
+            let rx = batch.await_cow(landing, fua);
             let disk_id = d.id;
             tracing::debug!(?key, slot, alloc_id, lsn, "copy-on-write remap");
             st.release_extent(key, lsn);
@@ -1708,14 +1698,7 @@ impl Store {
                     completes,
                 },
             });
-            batch.fua |= fua;
-            batch.landing.push(landing);
-            let (tx, rx) = oneshot::channel();
-            if fua {
-                batch.waiters.push(tx);
-            } else {
-                batch.written_waiters.push(tx);
-            }
+            let rx = batch.await_cow(landing, fua);
             s.first_lsn.get_or_insert(lsn);
             s.last_lsn = lsn;
             if continues {
