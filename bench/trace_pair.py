@@ -12,8 +12,11 @@ basaltd for a few seconds of the write phase. From the events it cuts each
   last answer (the backend writes its call eventfd);
 * guest: that answer to the next kick -- the guest completing the request
   and building the next one;
-* for Basalt also the wait from the data's landing (the last 256 KiB piece
+* for Basalt also the wait from the data's landing (the last data piece
   completes) to the answer, and the first piece's start after the kick;
+* how many answers a request cycle has and how long before the last the
+  first came (an early answer lets the guest complete that request while
+  the backend finishes the rest);
 * from the scheduler's switches: how much CPU the backend itself used
   while the guest built its next request, and how long QEMU's threads sat
   preempted (runnable but off the CPU) meanwhile, which says whether the
@@ -161,7 +164,9 @@ def analyze(events, pids, threads=None):
             if e["pid"] != pid or e["name"] != "io_uring:io_uring_complete":
                 continue
             result = int(re.search(r"result (-?\d+)", e["rest"]).group(1))
-            if name == "basalt" and result != 256 * 1024:
+            # (Basalt: data pieces of 64 KiB and more; its oplog
+            # batches are smaller.)
+            if name == "basalt" and result < 64 * 1024:
                 continue
             if name == "basalt":
                 pieces.append(e["t"])
@@ -188,11 +193,17 @@ def analyze(events, pids, threads=None):
             i = bisect.bisect_left(qemu_reads, t)
             if i < len(qemu_reads) and qemu_reads[i] - t < 0.002:
                 pickup.append((qemu_reads[i] - t) * 1e6)
-        backend = []
+        backend, answers, spread = [], [], []
         for before, t in zip(last, last[1:]):
             first = kicks[bisect.bisect_right(kicks, before)]
             if first < t and t - first < 0.01:
                 backend.append((t - first) * 1e6)
+                # The answers of this cycle: how many, and how long before
+                # the last one the first came (the guest completes an early
+                # answer's request while the backend finishes the rest).
+                cycle = calls[bisect.bisect_right(calls, first):bisect.bisect_right(calls, t)]
+                answers.append(len(cycle))
+                spread.append((t - cycle[0]) * 1e6 if cycle else 0.0)
         # chunks: runs of this disk's kicks without the other's in between
         other = [e["t"] for e in events if e["pid"] == qemu and e["name"] == "syscalls:sys_enter_write"
                  and e["fd"] == kicks_fd["qsd" if name == "basalt" else "basalt"]]
@@ -217,7 +228,7 @@ def analyze(events, pids, threads=None):
                 if i >= 0 and t - pieces[i] < 0.02:
                     tail.append((t - pieces[i]) * 1e6)
         out[name] = {"mib": len(done), "guest": guest, "backend": backend, "per_chunk": per_chunk,
-                     "tail": tail, "pickup": pickup, "cpu_in_guest": cpu_in_guest,
+                     "tail": tail, "pickup": pickup, "answers": answers, "spread": spread, "cpu_in_guest": cpu_in_guest,
                      "qemu_wait_in_guest": qemu_wait_in_guest}
     return out
 
@@ -301,6 +312,9 @@ def main():
                   f"mean {st.mean(r['cpu_in_guest']):.0f} us, p90 {pct(r['cpu_in_guest'], 0.9):.0f} us; "
                   f"QEMU threads preempted meanwhile: mean {st.mean(r['qemu_wait_in_guest']):.0f} us, "
                   f"p90 {pct(r['qemu_wait_in_guest'], 0.9):.0f} us")
+        if r["answers"]:
+            print(f"  answers per request cycle p50 {pct(r['answers'], 0.5)}; first answer to last: "
+                  f"p50 {pct(r['spread'], 0.5):.0f} us, p90 {pct(r['spread'], 0.9):.0f} us")
         if r["tail"]:
             print(f"  data landed to answer: p50 {st.median(r['tail']):.0f} us, "
                   f"p90 {pct(r['tail'], 0.9):.0f} us")

@@ -20,10 +20,12 @@ QEMU/TCG, in one run:
             disks take turns chunk by chunk (0: whole passes, as before);
             also the CPU time basaltd and qsd spent per GiB the guest
             moved through them (an HCI node shares its CPUs with the VMs),
-            and the requests and interrupts each disk cost the guest
+            and the requests and interrupts each disk cost the guest, and
+            how long its writes took as the guest's block layer timed them
   fio       fio in the same one-guest setup (Debian's fio on a third,
             read-only disk built by tests/guest/build-fio-disk.sh): 1 MiB
-            sequential writes at depth 1 and 4, reads at depth 4, 4 KiB random
+            sequential writes at depth 1 and 4, 512 KiB sequential writes at
+            depth 2 (each half an extent), reads at depth 4, 4 KiB random
             reads and writes at depth 32, 4 KiB random writes at depth 1
             (IOPS and completion latency), and a 4 KiB random read at depth 1
             beside a 1 MiB writer at depth 4 (the reader's latency shows
@@ -215,6 +217,34 @@ def ddpair_rounds(text, basalt_sectors):
     return rounds
 
 
+def pair_write_split(text, rounds, disk_targets):
+    """Per target, from the guest's `/sys/block/*/stat` after the pair run:
+    write requests per MiB written, their mean time in the device as the
+    guest's block layer times them (flushes apart), and, where each MiB is
+    one request (the guest waits for one request at a time), each MiB split
+    into the device's part (writes and flushes) and the guest's own part
+    (the rest of the write passes: dd, building and completing requests).
+    With several requests per MiB in flight together their times overlap,
+    so no split is given."""
+    split = {}
+    for m in re.finditer(r"BASALT-DDPAIR-COST: disk=(\w+) .*writes=(\d+) .*write_ms=(\d+) "
+                         r"flush_ms=(\d+)", text):
+        target = disk_targets.get(m.group(1))
+        writes, write_ms, flush_ms = int(m.group(2)), int(m.group(3)), int(m.group(4))
+        if target is None or writes == 0:
+            continue
+        total_s = sum(r[target]["write_s"] for r in rounds.values())
+        total_mb = sum(r[target]["mb"] for r in rounds.values())
+        per_mib = writes / total_mb
+        figures = {"requests_per_mib": per_mib, "latency_us": write_ms * 1000 / writes}
+        if per_mib < 1.1:
+            device_s = (write_ms + flush_ms) / 1000
+            figures["device_us_per_mib"] = device_s / total_mb * 1e6
+            figures["guest_us_per_mib"] = (total_s - device_s) / total_mb * 1e6
+        split[target] = figures
+    return split
+
+
 def dd_figures(text):
     m = re.search(r"BASALT-DD: mb=(\d+) write_s=([\d.]+) read_s=([\d.]+)", text)
     if not m:
@@ -235,6 +265,7 @@ TERSE_WRITE_BW_KIB, TERSE_WRITE_IOPS, TERSE_WRITE_CLAT_PCT = 47, 48, range(58, 7
 FIO_FIGURES = [
     ("seq write 1M QD1 (MB/s)", "seqwrite", "write_mbs", True),
     ("seq write 1M QD4 (MB/s)", "seqwrite-qd4", "write_mbs", True),
+    ("seq write 512k QD2 (MB/s)", "seqwrite-512k", "write_mbs", True),
     ("seq read 1M QD4 (MB/s)", "seqread-qd4", "read_mbs", True),
     ("rand read 4k QD32 (IOPS)", "randread", "read_iops", True),
     ("rand write 4k QD32 (IOPS)", "randwrite", "write_iops", True),
@@ -422,7 +453,8 @@ def main():
                 vhost_disks(basalt_sock, sock),
                 "BASALT-DONE", timeout=1800)
             rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
-                                     "read_mbs": mb / max(read_s, 0.01)}
+                                     "read_mbs": mb / max(read_s, 0.01),
+                                     "mb": mb, "write_s": write_s}
                             for target, (mb, write_s, read_s) in disks.items()}
                       for rnd, disks in ddpair_rounds(text, basalt_sectors).items()}
             if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
@@ -446,6 +478,7 @@ def main():
             results["pair_cost"] = {}
             for m in re.finditer(r"BASALT-DDPAIR-COST: disk=(\w+) (.*)", text):
                 results["pair_cost"][disk_targets.get(m.group(1), m.group(1))] = m.group(2).strip()
+            results["pair_write_split_us"] = pair_write_split(text, rounds, disk_targets)
             first.cli("vdisk", "unexport", "pair-data", "--vhost")
 
         # --- fio: one guest, both disks, fio from a third disk -------------------
@@ -537,7 +570,16 @@ def main():
     for target, limits in sorted(results.get("pair_disks", {}).items()):
         print(f"  as the guest sees {target}'s disk: {limits}")
     for target, cost in sorted(results.get("pair_cost", {}).items()):
-        print(f"  what {target}'s disk cost the guest (requests completed, interrupts): {cost}")
+        print(f"  what {target}'s disk cost the guest (requests completed, interrupts, "
+              f"ms in the device): {cost}")
+    # The guest's own timing of each disk's writes (see pair_write_split).
+    for target, figures in sorted(results.get("pair_write_split_us", {}).items()):
+        line = (f"  {target}'s writes as the guest timed them: {figures['requests_per_mib']:.2f} "
+                f"requests per MiB, {figures['latency_us']:.0f} µs each")
+        if "device_us_per_mib" in figures:
+            line += (f"; each MiB {figures['device_us_per_mib']:.0f} µs in the device, "
+                     f"{figures['guest_us_per_mib']:.0f} µs in the guest")
+        print(line)
     if results["fio_rounds"]:
         print(f"fio, one guest, both disks in turn ({len(results['fio_rounds'])} rounds, "
               f"{args.fio_runtime} s per job; for latencies the ratio is qsd/basalt, "

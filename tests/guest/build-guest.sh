@@ -495,12 +495,16 @@ cmd_ddpair() {
         r=$((r + 1))
     done
     # What each disk cost the guest: its requests (reads and writes
-    # completed, from /sys/block/*/stat) and its queue's interrupts.
+    # completed, from /sys/block/*/stat), the milliseconds its requests
+    # spent in the device as the guest's block layer times them (write_ms
+    # and flush_ms: the rest of a pass is the guest's own time), and its
+    # queue's interrupts.
     for d in vda vdb; do
         virtio=$(basename "$(readlink -f /sys/block/$d/device)")
         irqs=$(grep -E "[[:space:]]$virtio-req\." /proc/interrupts | awk '{ n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; s += n } END { print s + 0 }')
         set -- $(cat /sys/block/$d/stat)
-        echo "BASALT-DDPAIR-COST: disk=$d reads=$1 writes=$5 irqs=$irqs"
+        echo "BASALT-DDPAIR-COST: disk=$d reads=$1 writes=$5 irqs=$irqs" \
+            "read_ms=$4 write_ms=$8 flush_ms=${16:-0}"
     done
     result ddpair PASS
 }
@@ -508,6 +512,7 @@ cmd_ddpair() {
 # fiopair: fio jobs on /dev/vda and /dev/vdb in turn (see the header).
 FIO_JOBS='seqwrite --rw=write --bs=1M --iodepth=1
 seqwrite-qd4 --rw=write --bs=1M --iodepth=4
+seqwrite-512k --rw=write --bs=512k --iodepth=2
 seqread-qd4 --rw=read --bs=1M --iodepth=4
 randread --rw=randread --bs=4k --iodepth=32
 randwrite --rw=randwrite --bs=4k --iodepth=32
