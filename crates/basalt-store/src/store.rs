@@ -1073,8 +1073,10 @@ impl Store {
     /// Writes `blocks` blocks at block `first`, copying them from `source`
     /// as they are needed. A write of exactly one whole extent goes
     /// copy-on-write in pieces: each piece is sent to the disk as soon as
-    /// it is copied, while the next is being copied. Any other write (or one
-    /// that finds no free slot) copies everything first, as [`Store::write`].
+    /// it is copied, while the next is being copied. So does a part of an
+    /// extent's rewrite in parts (see [`Store::write_shadow`]). Any other
+    /// write (or one that finds no free slot) copies everything first, as
+    /// [`Store::write`].
     pub async fn write_from(
         &self,
         vdisk: u64,
@@ -1093,6 +1095,22 @@ impl Store {
             && first.is_multiple_of(EXTENT_BLOCKS)
             && let Some(result) = self
                 .write_cow((vdisk, first / EXTENT_BLOCKS), CowData::Source(source), fua)
+                .await
+        {
+            return result;
+        }
+        // A part of an extent's rewrite in parts streams the same way.
+        let (extent, start) = (first / EXTENT_BLOCKS, first % EXTENT_BLOCKS);
+        if start + blocks <= EXTENT_BLOCKS
+            && blocks < EXTENT_BLOCKS
+            && let Some(result) = self
+                .write_shadow(
+                    (vdisk, extent),
+                    start as u16,
+                    blocks as u16,
+                    CowData::Source(source),
+                    fua,
+                )
                 .await
         {
             return result;
@@ -1160,7 +1178,9 @@ impl Store {
             return result;
         }
         if u64::from(n) < EXTENT_BLOCKS
-            && let Some(result) = self.write_shadow(key, start, n, buf, buf_block, fua).await
+            && let Some(result) = self
+                .write_shadow(key, start, n, CowData::Buffer(buf, buf_block), fua)
+                .await
         {
             return result;
         }
@@ -1474,7 +1494,12 @@ impl Store {
                 (written, PendingCrcs::Whole(segment))
             }
             CowData::Source(source) => {
-                let started = start_pieces(&engine, data_offset, source);
+                let started = start_pieces(
+                    &engine,
+                    data_offset,
+                    source,
+                    crate::format::EXTENT_BYTES as usize,
+                );
                 if let Some(error) = started.failure {
                     // The slot goes back once the pieces already sent have
                     // landed; the extent keeps its old data.
@@ -1569,6 +1594,24 @@ impl Store {
         }
     }
 
+    /// A part of a rewrite in parts whose data could not all be taken (the
+    /// source failed, or the runtime is going away), called once the
+    /// writes it started have landed: it no longer counts as in flight, and
+    /// its rewrite is interrupted.
+    fn abandon_shadow_part(&self, disk: usize, key: ExtentKey) {
+        let mut st = self.lock();
+        let Some(d) = st.disks.get_mut(disk) else {
+            return;
+        };
+        if let Some(s) = d.shadows.get_mut(&key) {
+            s.inflight = s.inflight.saturating_sub(1);
+            s.interrupted = true;
+            if s.inflight == 0 {
+                d.retire_shadow(key);
+            }
+        }
+    }
+
     /// Writes `n` blocks from block `start` of extent `key` as a part of the
     /// extent's rewrite in parts (see [`Shadow`]): the first part (from
     /// block 0, at least [`SHADOW_MIN_BLOCKS`]) takes a free slot, each part
@@ -1581,8 +1624,7 @@ impl Store {
         key: ExtentKey,
         start: u16,
         n: u16,
-        buf: &Arc<IoBuf>,
-        buf_block: usize,
+        data: CowData<'_>,
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
         let (disk, slot, generation, engine, offset) = {
@@ -1646,13 +1688,40 @@ impl Store {
             )
         };
         let block = BLOCK_BYTES as usize;
-        let segment = Segment {
-            buf: buf.clone(),
-            start: buf_block * block,
-            len: usize::from(n) * block,
-        };
         let data_offset = offset + SLOT_META_BYTES + u64::from(start) * BLOCK_BYTES;
-        let data_written = engine.write_at(data_offset, vec![segment]);
+        // The part's data, where it is held: one segment of the caller's
+        // buffer, or the pieces copied from the source.
+        let (data_written, held, crcs) = match data {
+            CowData::Buffer(buf, buf_block) => {
+                let segment = Segment {
+                    buf: buf.clone(),
+                    start: buf_block * block,
+                    len: usize::from(n) * block,
+                };
+                let written = engine.write_at(data_offset, vec![segment.clone()]);
+                (written, vec![segment.clone()], PendingCrcs::Whole(segment))
+            }
+            CowData::Source(source) => {
+                let started = start_pieces(&engine, data_offset, source, usize::from(n) * block);
+                if let Some(error) = started.failure {
+                    // The part is refused; its rewrite is interrupted once
+                    // the pieces already sent have landed, so that the slot
+                    // is never reused under them.
+                    let store = self.clone();
+                    let written = started.written;
+                    tokio::spawn(async move {
+                        let _ = written.await;
+                        store.abandon_shadow_part(disk, key);
+                    });
+                    return Some(Err(StoreError::Source(error)));
+                }
+                (
+                    started.written,
+                    started.pieces,
+                    PendingCrcs::Pieces(started.crcs),
+                )
+            }
+        };
         let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
         let landing = spawn_started(async move {
             let result = data_written.await;
@@ -1663,7 +1732,21 @@ impl Store {
             result
         });
         // Checksummed while the disk writes it.
-        let crcs = block_crcs(block_range(buf, buf_block, usize::from(n)));
+        let crcs = match crcs {
+            PendingCrcs::Whole(segment) => block_crcs(segment.as_slice()),
+            PendingCrcs::Pieces(pieces) => match futures::future::try_join_all(pieces).await {
+                Ok(pieces) => pieces.concat(),
+                Err(_) => {
+                    // The runtime is going away: nothing is acknowledged.
+                    let store = self.clone();
+                    tokio::spawn(async move {
+                        let _ = landing.await;
+                        store.abandon_shadow_part(disk, key);
+                    });
+                    return Some(Err(StoreError::ShuttingDown));
+                }
+            },
+        };
         let (rx, extent_gone) = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -1760,11 +1843,7 @@ impl Store {
                     Some(e) if e.disk == disk => {
                         let d = &mut st.disks[disk];
                         for (i, &crc) in crcs.iter().enumerate() {
-                            let seg = Segment {
-                                buf: buf.clone(),
-                                start: (buf_block + i) * block,
-                                len: block,
-                            };
+                            let seg = block_of(&held, i);
                             let entry =
                                 OverlayEntry::new(lsn, generation, Content::Data { seg, crc });
                             overlay_insert(
@@ -2191,7 +2270,8 @@ fn overlay_drop_from(overlay: &mut BTreeMap<u16, OverlayEntry>, lsn: u64) -> u64
 /// writes of 256 KiB in flight together finish sooner than one of 1 MiB.
 const COW_PIECE_BYTES: usize = 256 * 1024;
 
-/// A started data write of a whole extent: its pieces' writes joined.
+/// A started copy-on-write data write (a whole extent, or a part of a
+/// rewrite in parts): its pieces' writes joined.
 type PiecesWritten = futures::future::BoxFuture<'static, Result<(), DiskError>>;
 
 /// Where a copy-on-write write's checksums come from.
@@ -2202,40 +2282,45 @@ enum PendingCrcs {
     Pieces(Vec<oneshot::Receiver<Vec<u32>>>),
 }
 
-/// An extent's data write as [`start_pieces`] started it.
+/// A copy-on-write data write as [`start_pieces`] started it.
 struct StartedPieces {
     /// The pieces' writes, joined.
     written: PiecesWritten,
     /// The checksums of each piece's blocks, in order. A piece is
     /// checksummed by a runtime worker once its write is started, beside
     /// the disk writing it and the caller copying the next piece: the
-    /// pieces leave as fast as they are copied, and the remap record (which
-    /// carries the checksums) soon after the last one.
+    /// pieces leave as fast as they are copied, and the remap or shadow
+    /// record (which carries the checksums) soon after the last one.
     crcs: Vec<oneshot::Receiver<Vec<u32>>>,
+    /// The pieces' data, in order (what reads see until the data is home).
+    pieces: Vec<Segment>,
     /// Why the source failed, if it did: then not every piece was started,
     /// and the slot may be reused only once `written` has completed.
     failure: Option<BlockError>,
 }
 
-/// Copies an extent's data from `source` piece by piece into new buffers,
-/// starting each piece's write at `data_offset` on `engine` as soon as it
-/// is copied.
+/// Copies `len` bytes (whole blocks) from `source` piece by piece into new
+/// buffers, starting each piece's write at `data_offset` on `engine` as soon
+/// as it is copied.
 fn start_pieces(
     engine: &Arc<dyn DiskEngine>,
     data_offset: u64,
     source: &mut dyn WriteSource,
+    len: usize,
 ) -> StartedPieces {
-    let extent_bytes = crate::format::EXTENT_BYTES as usize;
-    let mut started = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
-    let mut crcs = Vec::with_capacity(extent_bytes / COW_PIECE_BYTES);
+    let count = len.div_ceil(COW_PIECE_BYTES);
+    let mut started = Vec::with_capacity(count);
+    let mut crcs = Vec::with_capacity(count);
+    let mut pieces = Vec::with_capacity(count);
     let mut failure = None;
-    for at in (0..extent_bytes).step_by(COW_PIECE_BYTES) {
-        let mut piece = IoBuf::for_overwrite(COW_PIECE_BYTES);
+    for at in (0..len).step_by(COW_PIECE_BYTES) {
+        let mut piece = IoBuf::for_overwrite(COW_PIECE_BYTES.min(len - at));
         if let Err(error) = source.read_next(piece.as_mut_slice()) {
             failure = Some(error);
             break;
         }
         let piece = Segment::whole(Arc::new(piece));
+        pieces.push(piece.clone());
         let write = engine.write_at(data_offset + at as u64, vec![piece.clone()]);
         let (crc_tx, crc_rx) = oneshot::channel();
         // The first poll, here, submits the write; the checksum waits for
@@ -2262,8 +2347,26 @@ fn start_pieces(
     StartedPieces {
         written,
         crcs,
+        pieces,
         failure,
     }
+}
+
+/// Block `index` of the data held in `segments` (whole blocks, in order).
+fn block_of(segments: &[Segment], index: usize) -> Segment {
+    let block = BLOCK_BYTES as usize;
+    let mut at = index * block;
+    for segment in segments {
+        if at < segment.len {
+            return Segment {
+                buf: segment.buf.clone(),
+                start: segment.start + at,
+                len: block,
+            };
+        }
+        at -= segment.len;
+    }
+    unreachable!("block {index} is beyond the data held");
 }
 
 /// The blocks `first..first + count` of `buf`.

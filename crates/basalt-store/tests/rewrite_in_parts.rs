@@ -12,8 +12,10 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::Store;
+use basalt_store::{Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -59,6 +61,19 @@ async fn write_parts(store: &Store, v: u64, extent: u64, parts: &[(u64, u64)], t
             .write(v, first, buffer(tag, first, n), false)
             .await
             .expect("part");
+    }
+}
+
+/// Writes `parts` of extent `extent` with `tag` taken from a source, as the
+/// vhost-user-blk device hands them over (`Store::write_from`).
+async fn stream_parts(store: &Store, v: u64, extent: u64, parts: &[(u64, u64)], tag: u64) {
+    for &(first, n) in parts {
+        let first = extent * EXTENT_BLOCKS + first;
+        let mut source = TagSource::new(tag, first, n);
+        store
+            .write_from(v, first, n, &mut source, false)
+            .await
+            .expect("streamed part");
     }
 }
 
@@ -250,5 +265,79 @@ async fn parts_sent_together_read_back_and_survive_a_crash() {
     let store = open_sim(dir.path(), &disk).await;
     assert_eq!(extent_tags(&store, v, 0).await, vec![8; 256]);
     assert_eq!(extent_tags(&store, v, 1).await, vec![9; 256]);
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_streamed_from_a_source_are_written_once_and_a_failing_one_interrupts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let (store, v) = store_with_written_extents(dir.path(), &disk).await;
+    let cow_before = cow_writes(&store);
+    let drained_before = logged_blocks(&store);
+
+    // A first part of 504 KiB goes to the disk in two pieces, each sent
+    // as soon as it is copied; its blocks read back from either.
+    let mut source = TagSource::new(2, 0, 126);
+    store
+        .write_from(v, 0, 126, &mut source, false)
+        .await
+        .expect("streamed part");
+    assert_eq!(source.calls, 2, "copied in two pieces");
+    let mut expected = vec![2; 126];
+    expected.extend(vec![1; 130]);
+    assert_eq!(extent_tags(&store, v, 0).await, expected);
+    stream_parts(&store, v, 0, &PARTS[1..], 2).await;
+    assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
+    assert_eq!(cow_writes(&store), cow_before + 1, "the extent switched");
+    checkpointed(&store).await;
+    assert_eq!(
+        logged_blocks(&store),
+        drained_before,
+        "no block written home"
+    );
+    let free_before = basalt_store::free_slots_for_tests(&store);
+
+    // The source fails in the second piece of the second part: that part
+    // is refused, the first stays, and the rewrite is interrupted.
+    stream_parts(&store, v, 1, &PARTS[..1], 3).await;
+    let first = EXTENT_BLOCKS + 126;
+    let mut failing = TagSource::new(3, first, 126);
+    failing.fail_at = Some(1);
+    let err = store
+        .write_from(v, first, 126, &mut failing, false)
+        .await
+        .expect_err("the source failed");
+    assert!(matches!(err, StoreError::Source(_)), "{err}");
+    let mut expected = vec![3; 126];
+    expected.extend(vec![1; 130]);
+    assert_eq!(extent_tags(&store, v, 1).await, expected);
+
+    // The rest arrives as ordinary writes and reads back; nothing switches.
+    stream_parts(&store, v, 1, &PARTS[1..], 4).await;
+    let mut expected = vec![3; 126];
+    expected.extend(vec![4; 130]);
+    assert_eq!(extent_tags(&store, v, 1).await, expected);
+    assert_eq!(cow_writes(&store), cow_before + 1);
+
+    // The interrupted rewrite's slot comes free with a checkpoint.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while basalt_store::free_slots_for_tests(&store) != free_before {
+            let block = 2 * EXTENT_BLOCKS + 5;
+            store
+                .write(v, block, buffer(1, block, 1), false)
+                .await
+                .expect("a write to move the checkpoint on");
+            checkpointed(&store).await;
+        }
+    })
+    .await
+    .expect("no slot leaked");
+
+    // kill -9: every acknowledged part is still there.
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
+    assert_eq!(extent_tags(&store, v, 1).await, expected);
     store.halt().await;
 }

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use basalt_core::{BlockError, IoBuf, WriteSource};
 use basalt_disk::sim::{CutMode, SimDisk};
 use basalt_store::{OpenedDisk, Store, StoreError};
 use common::*;
@@ -17,39 +16,6 @@ use common::*;
 const EXTENT_BLOCKS: u64 = 256;
 /// The size of the pieces a streamed extent write is sent in.
 const PIECE: usize = 256 * 1024;
-
-/// The bytes of `tag`'s write to `blocks` blocks from `first`, handed out in
-/// whatever pieces the store asks for; fails from the `fail_at`-th request on.
-struct TagSource {
-    data: IoBuf,
-    taken: usize,
-    calls: usize,
-    fail_at: Option<usize>,
-}
-
-impl TagSource {
-    fn new(tag: u64, first: u64, blocks: u64) -> TagSource {
-        TagSource {
-            data: buffer(tag, first, blocks),
-            taken: 0,
-            calls: 0,
-            fail_at: None,
-        }
-    }
-}
-
-impl WriteSource for TagSource {
-    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError> {
-        if self.fail_at == Some(self.calls) {
-            return Err(BlockError::Io("the guest's memory went away".into()));
-        }
-        self.calls += 1;
-        let end = self.taken + dst.len();
-        dst.copy_from_slice(&self.data.as_slice()[self.taken..end]);
-        self.taken = end;
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_extent_write_reads_back_and_survives_a_power_cut() {

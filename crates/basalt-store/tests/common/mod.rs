@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use basalt_core::IoBuf;
+use basalt_core::{BlockError, IoBuf, WriteSource};
 use basalt_disk::sim::SimDisk;
 use basalt_disk::{DiskEngine, DiskError, EngineKind, ReadResult, Segment};
 use basalt_store::{OpenedDisk, Store, StoreConfig};
@@ -198,4 +198,39 @@ pub async fn checkpointed(store: &Store) {
     })
     .await
     .expect("the drainer checkpoints within 10 s");
+}
+
+/// The bytes of `tag`'s write to `blocks` blocks from `first`, handed out in
+/// whatever pieces the store asks for; fails from the `fail_at`-th request on.
+pub struct TagSource {
+    data: IoBuf,
+    taken: usize,
+    /// How many pieces the store has asked for.
+    pub calls: usize,
+    /// The request (counted from 0) from which on it fails.
+    pub fail_at: Option<usize>,
+}
+
+impl TagSource {
+    pub fn new(tag: u64, first: u64, blocks: u64) -> TagSource {
+        TagSource {
+            data: buffer(tag, first, blocks),
+            taken: 0,
+            calls: 0,
+            fail_at: None,
+        }
+    }
+}
+
+impl WriteSource for TagSource {
+    fn read_next(&mut self, dst: &mut [u8]) -> Result<(), BlockError> {
+        if self.fail_at == Some(self.calls) {
+            return Err(BlockError::Io("the guest's memory went away".into()));
+        }
+        self.calls += 1;
+        let end = self.taken + dst.len();
+        dst.copy_from_slice(&self.data.as_slice()[self.taken..end]);
+        self.taken = end;
+        Ok(())
+    }
 }
