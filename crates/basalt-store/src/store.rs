@@ -1480,9 +1480,7 @@ impl Store {
         let data_offset = offset + SLOT_META_BYTES;
         // The data write runs beside the remap record's batch write instead
         // of before it: one device round trip per extent write instead of
-        // two. Its own task, started here (so the I/O leaves at once), so
-        // that no caller dropping its future can abandon a write the log
-        // writer waits for.
+        // two (see `watch_landing` for the task it runs in).
         let (data_written, crcs) = match data {
             CowData::Buffer(buf, buf_block) => {
                 let segment = Segment {
@@ -1514,32 +1512,16 @@ impl Store {
                 (started.written, PendingCrcs::Pieces(started.crcs))
             }
         };
-        let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
-        let landing = spawn_started(async move {
-            let result = data_written.await;
-            let outcome = match result {
-                Ok(()) => Landing::Landed,
-                Err(_) => Landing::Failed,
-            };
-            landed_tx.send_replace(outcome);
-            result
-        });
-        // Checksummed while the disk writes it.
-        let crcs = match crcs {
-            PendingCrcs::Pieces(pieces) => match futures::future::try_join_all(pieces).await {
-                Ok(pieces) => pieces.concat(),
-                Err(_) => {
-                    // The runtime is going away: nothing is acknowledged, and
-                    // the slot goes back once the data has landed.
-                    let store = self.clone();
-                    tokio::spawn(async move {
-                        let _ = landing.await;
-                        give_back(&store);
-                    });
-                    return Some(Err(StoreError::ShuttingDown));
-                }
-            },
-            PendingCrcs::Whole(segment) => block_crcs(segment.as_slice()),
+        let (landing, landed_rx) = watch_landing(data_written);
+        let Some(crcs) = crcs.collect().await else {
+            // The runtime is going away: nothing is acknowledged, and the
+            // slot goes back once the data has landed.
+            let store = self.clone();
+            tokio::spawn(async move {
+                let _ = landing.await;
+                give_back(&store);
+            });
+            return Some(Err(StoreError::ShuttingDown));
         };
         let meta = ExtentMeta::written_whole(key.0, key.1, alloc_id, generation, &crcs);
         self.inner.stats.cow_writes.fetch_add(1, Ordering::Relaxed);
@@ -1722,30 +1704,15 @@ impl Store {
                 )
             }
         };
-        let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
-        let landing = spawn_started(async move {
-            let result = data_written.await;
-            landed_tx.send_replace(match result {
-                Ok(()) => Landing::Landed,
-                Err(_) => Landing::Failed,
+        let (landing, landed_rx) = watch_landing(data_written);
+        let Some(crcs) = crcs.collect().await else {
+            // The runtime is going away: nothing is acknowledged.
+            let store = self.clone();
+            tokio::spawn(async move {
+                let _ = landing.await;
+                store.abandon_shadow_part(disk, key);
             });
-            result
-        });
-        // Checksummed while the disk writes it.
-        let crcs = match crcs {
-            PendingCrcs::Whole(segment) => block_crcs(segment.as_slice()),
-            PendingCrcs::Pieces(pieces) => match futures::future::try_join_all(pieces).await {
-                Ok(pieces) => pieces.concat(),
-                Err(_) => {
-                    // The runtime is going away: nothing is acknowledged.
-                    let store = self.clone();
-                    tokio::spawn(async move {
-                        let _ = landing.await;
-                        store.abandon_shadow_part(disk, key);
-                    });
-                    return Some(Err(StoreError::ShuttingDown));
-                }
-            },
+            return Some(Err(StoreError::ShuttingDown));
         };
         let (rx, extent_gone) = {
             let mut guard = self.lock();
@@ -2280,6 +2247,42 @@ enum PendingCrcs {
     Whole(Segment),
     /// Computed by the pieces' tasks (see [`StartedPieces::crcs`]).
     Pieces(Vec<oneshot::Receiver<Vec<u32>>>),
+}
+
+impl PendingCrcs {
+    /// The checksums of every block, in order: computed now over a
+    /// buffer (its write is already started), or gathered from the pieces'
+    /// tasks. `None` if the runtime is going away.
+    async fn collect(self) -> Option<Vec<u32>> {
+        match self {
+            PendingCrcs::Whole(segment) => Some(block_crcs(segment.as_slice())),
+            PendingCrcs::Pieces(pieces) => futures::future::try_join_all(pieces)
+                .await
+                .ok()
+                .map(|pieces| pieces.concat()),
+        }
+    }
+}
+
+/// Runs a started copy-on-write data write in its own task, so that no
+/// caller dropping its future can abandon a write the log writer waits
+/// for; the receiver tells when (and whether) the data has landed.
+fn watch_landing(
+    written: PiecesWritten,
+) -> (
+    tokio::task::JoinHandle<Result<(), DiskError>>,
+    watch::Receiver<Landing>,
+) {
+    let (landed_tx, landed_rx) = watch::channel(Landing::InFlight);
+    let landing = spawn_started(async move {
+        let result = written.await;
+        landed_tx.send_replace(match result {
+            Ok(()) => Landing::Landed,
+            Err(_) => Landing::Failed,
+        });
+        result
+    });
+    (landing, landed_rx)
 }
 
 /// A copy-on-write data write as [`start_pieces`] started it.
