@@ -226,15 +226,29 @@ async fn cut_run(seed: u64) {
     store.halt().await;
 
     let store = open_sim(dir.path(), &disk).await;
-    let data = store
-        .read(v, 0, BLOCKS)
-        .await
-        .unwrap_or_else(|e| panic!("seed {seed}: read after cut failed: {e}"));
     let h = {
         let guard = shared.history.lock();
         History {
             writes: guard.writes.clone(),
             durable: guard.durable.clone(),
+        }
+    };
+    let data = match store.read(v, 0, BLOCKS).await {
+        Ok(data) => data,
+        Err(e) => {
+            // Every block that fails, with what was written to it (tag,
+            // completion time) and which write is known durable.
+            for b in 0..BLOCKS {
+                if let Err(why) = store.read(v, b, 1).await {
+                    eprintln!(
+                        "block {b}: {why}; writes {:?}, durable from {:?}, at {:?}",
+                        h.writes.get(&b),
+                        h.durable.get(&b),
+                        store.locate(v, b).await
+                    );
+                }
+            }
+            panic!("seed {seed}: read after cut failed: {e}");
         }
     };
 
