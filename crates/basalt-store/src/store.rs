@@ -1587,10 +1587,7 @@ impl Store {
         };
         if let Some(s) = d.shadows.get_mut(&key) {
             s.inflight = s.inflight.saturating_sub(1);
-            s.interrupted = true;
-            if s.inflight == 0 {
-                d.retire_shadow(key);
-            }
+            d.interrupt_shadow(key);
         }
     }
 
