@@ -26,6 +26,10 @@ const SECTOR: usize = 512;
 pub enum CutMode {
     /// Only synced writes survive.
     DropUnsynced,
+    /// Every write survives, synced or not (the volatile cache happened to
+    /// reach the medium); tests then damage chosen bytes with
+    /// [`SimDisk::corrupt`] to model exactly the torn writes they need.
+    KeepUnsynced,
     /// Synced writes survive; each later write survives whole, torn (a random
     /// subset of its sectors) or not at all, chosen by the seeded generator.
     Random {
@@ -143,6 +147,11 @@ impl SimDisk {
         let mut m = self.medium.lock();
         m.cycle += 1;
         let unsynced = std::mem::take(&mut m.unsynced);
+        if let CutMode::KeepUnsynced = mode {
+            for (offset, data) in &unsynced {
+                write_pages(&mut m.durable, *offset, data);
+            }
+        }
         if let CutMode::Random { seed } = mode {
             let mut rng = StdRng::seed_from_u64(seed);
             for (offset, data) in unsynced {
@@ -364,6 +373,21 @@ mod tests {
         let engine = disk.engine();
         assert_eq!(read(&engine, 0).await, vec![1; PAGE]);
         assert_eq!(read(&engine, PAGE as u64).await, vec![0; PAGE]);
+    }
+
+    #[tokio::test]
+    async fn keep_unsynced_keeps_every_write_in_order() {
+        let disk = SimDisk::new(1 << 20);
+        let engine = disk.engine();
+        engine.write_at(0, page(1)).await.expect("write");
+        engine.sync().await.expect("sync");
+        engine.write_at(0, page(2)).await.expect("write");
+        engine.write_at(0, page(3)).await.expect("write");
+        engine.write_at(PAGE as u64, page(4)).await.expect("write");
+        disk.power_cut(CutMode::KeepUnsynced);
+        let engine = disk.engine();
+        assert_eq!(read(&engine, 0).await, vec![3; PAGE]);
+        assert_eq!(read(&engine, PAGE as u64).await, vec![4; PAGE]);
     }
 
     #[tokio::test]

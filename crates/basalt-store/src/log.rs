@@ -463,19 +463,20 @@ fn install_cow_tenancy(
     st.disks[index].map_changes.push((lsn, key, Some(row)));
 }
 
-/// Reads the slot of the rewrite part `r` at position `at` of the replayed
-/// log and checks the part's blocks (those no later record rewrites).
-async fn check_shadow_part(
+/// Reads the slot of the copy-on-write record `r` (a remap, or a rewrite
+/// part) at position `at` of the replayed log and checks the blocks it
+/// wrote (those no later applied record rewrites).
+async fn check_cow_record(
     engine: &Arc<dyn DiskEngine>,
     label: &Label,
     replayed: &[Replayed],
     at: (usize, usize),
     r: &crate::format::Record,
     crcs: &[u32],
-    applied_parts: &HashSet<(usize, usize)>,
+    applied: &HashSet<(usize, usize)>,
 ) -> Result<SlotCheck, StoreError> {
     let key = (r.vdisk_id, r.extent);
-    let covered = covered_later(replayed, at.0, at.1, key, r.alloc_id, applied_parts);
+    let covered = covered_later(replayed, at.0, at.1, key, r.alloc_id, applied);
     check_cow_slot(
         engine,
         label,
@@ -523,19 +524,21 @@ struct ReplayShadow {
 }
 
 /// Blocks of `key` (tenancy `alloc`) that records after position
-/// (`batch`, `record`) of the replayed log rewrite. `applied_parts` holds
-/// the positions of the later parts of rewrites that replay applies: an
-/// interrupted rewrite's parts count as writes to the extent's tenancy of
-/// the time and may have been drained into its slot, so they cover blocks
-/// there, but only if replay writes them again (a part whose data never
-/// landed is dropped).
+/// (`batch`, `record`) of the replayed log rewrite. `applied` holds the
+/// positions of the later copy-on-write records (remaps and rewrite parts)
+/// that replay applies; only those count. A later remap replaces the
+/// tenancy, so nothing of the earlier one matters then; an interrupted
+/// rewrite's parts count as writes to the extent's tenancy of the time and
+/// may have been drained into its slot, so they cover blocks there. But a
+/// copy-on-write record that replay drops (its data never landed) vouches
+/// for nothing: the earlier record must then stand on its own data.
 fn covered_later(
     replayed: &[Replayed],
     batch: usize,
     record: usize,
     key: (u64, u64),
     alloc: u64,
-    applied_parts: &HashSet<(usize, usize)>,
+    applied: &HashSet<(usize, usize)>,
 ) -> Vec<bool> {
     let mut covered = vec![false; crate::format::EXTENT_BLOCKS as usize];
     for (bi, b) in replayed.iter().enumerate().skip(batch) {
@@ -544,8 +547,9 @@ fn covered_later(
                 continue;
             }
             match r.kind {
-                RecordKind::Remap { .. } | RecordKind::Unmap => covered.fill(true),
-                RecordKind::Shadow { .. } if applied_parts.contains(&(bi, ri)) => {
+                RecordKind::Remap { .. } if applied.contains(&(bi, ri)) => covered.fill(true),
+                RecordKind::Unmap => covered.fill(true),
+                RecordKind::Shadow { .. } if applied.contains(&(bi, ri)) => {
                     let first = usize::from(r.first_block);
                     let end = (first + usize::from(r.blocks)).min(covered.len());
                     covered[first..end].fill(true);
@@ -648,20 +652,25 @@ pub(crate) async fn replay_disk(
     // can reuse the slots.
     let mut shadows: HashMap<(u64, u64), ReplayShadow> = HashMap::new();
     let mut unfinished_shadow_slots = Vec::new();
-    // The parts of rewrites that replay applies (their data landed, or they
-    // are known durable), found latest first: whether a part's blocks are
-    // intact depends on the parts after it.
-    let mut applied_parts = HashSet::new();
+    // The copy-on-write records (remaps and rewrite parts) that replay
+    // applies: their data landed, or they are known durable. Found latest
+    // first, since whether a record's blocks are intact depends on the
+    // applied records after it. A remap's outcome is kept for the pass
+    // below: whether its data is intact, and its metadata's sequence.
+    let mut applied = HashSet::new();
+    let mut remap_checks: HashMap<(usize, usize), (bool, u64)> = HashMap::new();
     for (batch_index, batch) in replayed.iter().enumerate().rev() {
         for (record_index, r) in batch.header.records.iter().enumerate().rev() {
-            let RecordKind::Shadow { crcs, .. } = &r.kind else {
+            let (RecordKind::Shadow { crcs, .. } | RecordKind::Remap { crcs }) = &r.kind else {
                 continue;
             };
             let at = (batch_index, record_index);
-            let check =
-                check_shadow_part(&engine, &label, &replayed, at, r, crcs, &applied_parts).await?;
+            let check = check_cow_record(&engine, &label, &replayed, at, r, crcs, &applied).await?;
             if check.intact || batch.lsn <= max_durable {
-                applied_parts.insert((batch_index, record_index));
+                applied.insert(at);
+            }
+            if matches!(r.kind, RecordKind::Remap { .. }) {
+                remap_checks.insert(at, (check.intact, check.meta_seq));
             }
         }
     }
@@ -681,8 +690,7 @@ pub(crate) async fn replay_disk(
                 RecordKind::Shadow { crcs, completes } => {
                     let at = (batch_index, record_index);
                     let check =
-                        check_shadow_part(&engine, &label, &replayed, at, r, crcs, &applied_parts)
-                            .await?;
+                        check_cow_record(&engine, &label, &replayed, at, r, crcs, &applied).await?;
                     let continues = shadows.get(&key).is_some_and(|s| {
                         s.slot == r.slot && s.alloc == r.alloc_id && s.recorded == r.first_block
                     });
@@ -852,21 +860,10 @@ pub(crate) async fn replay_disk(
                     }
                 }
                 RecordKind::Remap { crcs } => {
-                    let covered = covered_later(
-                        &replayed,
-                        batch_index,
-                        record_index,
-                        key,
-                        r.alloc_id,
-                        &applied_parts,
-                    );
-                    let SlotCheck {
-                        intact, meta_seq, ..
-                    } = check_cow_slot(
-                        &engine, &label, r.slot, r.vdisk_id, r.extent, r.alloc_id, 0, crcs,
-                        &covered,
-                    )
-                    .await?;
+                    let Some(&(intact, meta_seq)) = remap_checks.get(&(batch_index, record_index))
+                    else {
+                        continue;
+                    };
                     if !intact && batch.lsn > max_durable {
                         tracing::info!(
                             lsn = batch.lsn,
