@@ -205,3 +205,82 @@ async fn a_checkpoint_between_two_copy_on_writes_keeps_the_first_readable() {
         vec![1; EXTENT_BLOCKS as usize]
     );
 }
+
+/// A copy-on-write's record is written at once, beside a batch of small
+/// writes whose own write is still under way; if that earlier batch then
+/// fails, the copy-on-write must fail too (its record comes after a batch
+/// that is not in the log), even though its own batch and data are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_batch_fails_the_copy_on_write_recorded_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    // Holds the next write of one header block and one data block (a batch
+    // with a one-block write) once armed.
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = Arc::new(AtomicU64::new(0));
+    let (engine, hooks) = {
+        let (armed, held) = (armed.clone(), held.clone());
+        hooked(&disk, move |len| {
+            let hold = len == 2 * BLOCK && armed.swap(false, Ordering::SeqCst);
+            if hold {
+                held.fetch_add(1, Ordering::SeqCst);
+            }
+            hold
+        })
+    };
+    let store = open_engine(dir.path(), engine).await;
+    let v = vdisk_with_extent_one(&store).await;
+    store.flush().await.expect("flush");
+
+    hooks.gate.send_replace(false);
+    armed.store(true, Ordering::SeqCst);
+    let small = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(v, EXTENT_BLOCKS, buffer(2, EXTENT_BLOCKS, 1), false)
+                .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while held.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the small write's batch reaches the disk");
+
+    let whole = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(
+                    v,
+                    2 * EXTENT_BLOCKS,
+                    buffer(3, 2 * EXTENT_BLOCKS, EXTENT_BLOCKS),
+                    false,
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !whole.is_finished(),
+        "a batch after an unwritten one is not answered"
+    );
+
+    disk.fail_writes(0..disk.size());
+    hooks.gate.send_replace(true);
+    let small = tokio::time::timeout(Duration::from_secs(5), small)
+        .await
+        .expect("the small write ends")
+        .expect("join");
+    let whole = tokio::time::timeout(Duration::from_secs(5), whole)
+        .await
+        .expect("the copy-on-write ends")
+        .expect("join");
+    assert!(small.is_err(), "its batch failed: {small:?}");
+    assert!(whole.is_err(), "recorded after a failed batch: {whole:?}");
+    assert!(store.flush().await.is_err(), "the disk is failed");
+    store.halt().await;
+}
