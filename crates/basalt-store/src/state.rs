@@ -467,12 +467,13 @@ impl DiskState {
     /// does not cover. Interrupts the rewrites under way that a checkpoint
     /// at the returned LSN would cover part of.
     pub fn shadow_checkpoint_limit(&mut self, limit: u64) -> u64 {
-        self.shadow_spans.retain(|&(_, last)| last > limit);
-        let capped = self
-            .shadow_spans
-            .iter()
-            .map(|&(first, _)| first.saturating_sub(1))
-            .fold(limit, u64::min);
+        let capped = uncut_limit(&self.shadow_spans, limit);
+        // Every span is now whole on one side of `capped`. Those below it
+        // stay covered by every later checkpoint (even if this one fails):
+        // rewrites begun at or below `capped` are interrupted here and never
+        // complete, so every later span starts above it, and no later limit
+        // falls below it.
+        self.shadow_spans.retain(|&(_, last)| last > capped);
         let covered: Vec<ExtentKey> = self
             .shadows
             .iter()
@@ -484,6 +485,25 @@ impl DiskState {
         }
         capped
     }
+}
+
+/// The highest LSN at or below `limit` that cuts none of `spans` (first
+/// and last LSN of a completed rewrite in parts): a checkpoint there covers
+/// each rewrite whole or not at all. Capping below one span's first part
+/// can cut another span that started earlier, so the cap repeats until no
+/// span straddles it.
+pub(crate) fn uncut_limit(spans: &[(u64, u64)], limit: u64) -> u64 {
+    let mut capped = limit;
+    while let Some(cut) = spans
+        .iter()
+        .filter(|&&(first, last)| first <= capped && capped < last)
+        .map(|&(first, _)| first.saturating_sub(1))
+        .min()
+    {
+        // Strictly lower each time: `cut < first <= capped`.
+        capped = cut;
+    }
+    capped
 }
 
 impl DiskState {
@@ -735,6 +755,31 @@ mod tests {
             writing: VecDeque::new(),
             max_batch_bytes: 50,
             next_lsn: 1,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_limit_cuts_no_rewrite_in_parts() {
+        // Nothing completed: the limit stands.
+        assert_eq!(uncut_limit(&[], 25), 25);
+        // Wholly covered or wholly above: the limit stands.
+        assert_eq!(uncut_limit(&[(10, 20), (30, 40)], 25), 25);
+        // One cut: the limit drops below its first part.
+        assert_eq!(uncut_limit(&[(10, 30)], 25), 9);
+        // Dropping below (15, 30) would cut (10, 20), which the limit alone
+        // covered whole: the limit drops below both.
+        assert_eq!(uncut_limit(&[(10, 20), (15, 30)], 25), 9);
+        assert_eq!(uncut_limit(&[(15, 30), (10, 20), (3, 12)], 25), 2);
+        for limit in 0..50 {
+            let spans = [(10, 20), (15, 30), (3, 12), (35, 45)];
+            let capped = uncut_limit(&spans, limit);
+            assert!(capped <= limit);
+            for (first, last) in spans {
+                assert!(
+                    last <= capped || first > capped,
+                    "limit {limit} capped at {capped} cuts ({first}, {last})"
+                );
+            }
         }
     }
 

@@ -10,12 +10,12 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{Store, StoreError};
+use basalt_store::{OpenedDisk, Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -339,5 +339,86 @@ async fn parts_streamed_from_a_source_are_written_once_and_a_failing_one_interru
     let store = open_sim(dir.path(), &disk).await;
     assert_eq!(extent_tags(&store, v, 0).await, vec![2; 256]);
     assert_eq!(extent_tags(&store, v, 1).await, expected);
+    store.halt().await;
+}
+
+/// Two rewrites in parts overlap in the oplog (A's first part, B's first
+/// part, A's last part, then B's) and a checkpoint comes while B's last part
+/// is still landing: it may not cover B's first part, and capping it below
+/// B's must not cut A, which it would otherwise have covered whole. After a
+/// crash every acknowledged part of A must read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_between_overlapping_rewrites_cuts_neither() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    // Holds the next write of B's last part's data once armed.
+    let armed = Arc::new(AtomicBool::new(false));
+    let (engine, hooks) = {
+        let armed = armed.clone();
+        hooked(&disk, move |len| {
+            len == 4 * BLOCK && armed.swap(false, Ordering::SeqCst)
+        })
+    };
+    let mut config = config(dir.path());
+    // The drainer runs when two replaced slots wait (here: when both
+    // rewrites have completed), not on a timer or for memory.
+    config.drain_interval = Duration::from_secs(3600);
+    config.checkpoint_replaced_slots = 2;
+    config.memory_budget = 256 << 20;
+    let store = Store::open_with_engines(
+        config,
+        vec![OpenedDisk {
+            path: "hooked0".into(),
+            engine,
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store.create_vdisk("v", 8 << 20).await.expect("create").id;
+    for e in 0..3 {
+        let first = e * EXTENT_BLOCKS;
+        store
+            .write(v, first, buffer(1, first, EXTENT_BLOCKS), false)
+            .await
+            .expect("whole extent");
+    }
+    store.flush().await.expect("flush");
+    // The next slots' space is reserved in the background; a rewrite in
+    // parts only takes such slots.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (a, b) = (0, 1);
+    write_parts(&store, v, a, &PARTS[..1], 2).await;
+    write_parts(&store, v, b, &PARTS[..1], 3).await;
+    write_parts(&store, v, a, &PARTS[1..], 2).await;
+    write_parts(&store, v, b, &PARTS[1..2], 3).await;
+    let drains = store.stats().drains.load(Ordering::SeqCst);
+    hooks.gate.send_replace(false);
+    armed.store(true, Ordering::SeqCst);
+    let last = {
+        let store = store.clone();
+        tokio::spawn(async move { write_parts(&store, v, b, &PARTS[2..], 3).await })
+    };
+    // B's completion asks for a checkpoint; it runs while B's last part is
+    // held.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.stats().drains.load(Ordering::SeqCst) == drains {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a checkpoint while B's last part lands");
+    assert!(!last.is_finished(), "B's last part is still held");
+    assert_eq!(extent_tags(&store, v, a).await, vec![2; 256]);
+
+    // kill -9: A was acknowledged whole.
+    hooks.gate.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), last).await;
+    store.halt().await;
+    let store = open_sim(dir.path(), &disk).await;
+    assert_eq!(extent_tags(&store, v, a).await, vec![2; 256], "rewrite A");
+    for tag in extent_tags(&store, v, b).await {
+        assert!(tag == 1 || tag == 3, "block of B reads tag {tag}");
+    }
     store.halt().await;
 }
