@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{OpenedDisk, Store, StoreError};
+use basalt_store::{Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -365,15 +365,7 @@ async fn a_checkpoint_between_overlapping_rewrites_cuts_neither() {
     config.drain_interval = Duration::from_secs(3600);
     config.checkpoint_replaced_slots = 2;
     config.memory_budget = 256 << 20;
-    let store = Store::open_with_engines(
-        config,
-        vec![OpenedDisk {
-            path: "hooked0".into(),
-            engine,
-        }],
-    )
-    .await
-    .expect("open store");
+    let store = open_configured(config, engine).await;
     let v = store.create_vdisk("v", 8 << 20).await.expect("create").id;
     for e in 0..3 {
         let first = e * EXTENT_BLOCKS;

@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{OpenedDisk, Store};
+use basalt_store::Store;
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -24,15 +24,7 @@ async fn open_quiet(dir: &std::path::Path, disk: &SimDisk) -> Store {
     config.drain_interval = Duration::from_secs(3600);
     config.checkpoint_replaced_slots = 1 << 20;
     config.memory_budget = 256 << 20;
-    Store::open_with_engines(
-        config,
-        vec![OpenedDisk {
-            path: "sim0".into(),
-            engine: disk.engine(),
-        }],
-    )
-    .await
-    .expect("open store")
+    open_configured(config, disk.engine()).await
 }
 
 /// Vdisk "v" on `store` whose extent 0 holds tag 1, durable.

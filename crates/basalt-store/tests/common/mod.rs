@@ -138,8 +138,13 @@ pub fn hooked(
 
 /// Opens a store (with [`config`]) on one given engine.
 pub async fn open_engine(dir: &Path, engine: Arc<dyn DiskEngine>) -> Store {
+    open_configured(config(dir), engine).await
+}
+
+/// Opens a store with `config` on one given engine.
+pub async fn open_configured(config: StoreConfig, engine: Arc<dyn DiskEngine>) -> Store {
     Store::open_with_engines(
-        config(dir),
+        config,
         vec![OpenedDisk {
             path: "hooked0".into(),
             engine,
