@@ -183,6 +183,7 @@ impl Store {
 
     /// Tells the copy-on-write writers of a batch that it is written (every
     /// earlier batch is).
+    ///
     /// A batch whose write failed fails the disk at once: later batches,
     /// whose writes may already be under way, are not part of the log.
     fn batch_written(&self, index: usize, batch: Unwritten, result: Option<Result<(), String>>) {
