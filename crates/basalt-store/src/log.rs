@@ -79,12 +79,10 @@ impl Store {
     /// Batches complete in LSN order: a batch's writers hear back only once
     /// every earlier batch is complete, so replay (which stops at the first
     /// invalid batch) never drops a batch that anyone was told about. A new
-    /// batch is started as soon as no batch's own write is outstanding, or
-    /// at once if it holds a copy-on-write record (see
-    /// [`Store::take_batch`]); a batch waiting only for the copy-on-write
-    /// data its remap records point at does not hold up the next one (the
-    /// parts of an extent's rewrite arrive one after the other, each with
-    /// its own record).
+    /// batch is started as soon as no batch's own write is outstanding; a
+    /// batch waiting only for the copy-on-write data its remap records
+    /// point at does not hold up the next one (the parts of an extent's
+    /// rewrite arrive one after the other, each with its own record).
     pub(crate) async fn log_writer(&self, index: usize) {
         let mut unwritten: VecDeque<Unwritten> = VecDeque::new();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
@@ -95,15 +93,15 @@ impl Store {
             tokio::pin!(progress);
             wake.as_mut().enable();
             progress.as_mut().enable();
-            while in_flight.len() < MAX_BATCHES_IN_FLIGHT {
-                let Some(job) = self.take_batch(index, unwritten.is_empty()) else {
+            while unwritten.is_empty() && in_flight.len() < MAX_BATCHES_IN_FLIGHT {
+                let Some(job) = self.take_batch(index) else {
                     break;
                 };
                 let (started, written) = self.start_batch(index, job);
                 unwritten.push_back(written);
                 in_flight.push_back(started);
             }
-            let may_start = in_flight.len() < MAX_BATCHES_IN_FLIGHT;
+            let may_start = unwritten.is_empty() && in_flight.len() < MAX_BATCHES_IN_FLIGHT;
             tokio::select! {
                 biased;
                 result = async {
@@ -184,8 +182,10 @@ impl Store {
     /// Tells the copy-on-write writers of a batch that it is written (every
     /// earlier batch is).
     ///
-    /// A batch whose write failed fails the disk at once: later batches,
-    /// whose writes may already be under way, are not part of the log.
+    /// A batch whose write failed fails the disk at once: a later batch may
+    /// be started before the failed one completes (it completes only once
+    /// its copy-on-write data has landed), and its writers must not hear
+    /// success for records that follow a batch missing from the log.
     fn batch_written(&self, index: usize, batch: Unwritten, result: Option<Result<(), String>>) {
         let outcome = {
             let mut st = self.lock();
@@ -249,14 +249,8 @@ impl Store {
         }
     }
 
-    /// Takes the oldest gathered batch if it has records and fits in the
-    /// ring. While another batch's own write is outstanding (`idle` false)
-    /// only a batch with a copy-on-write record is taken: small writes
-    /// gather meanwhile (one log write per round trip), but a copy-on-write
-    /// writer whose data is already on its way should not wait a round trip
-    /// for its record (the parts of an extent's rewrite come one after the
-    /// other, each with its record).
-    fn take_batch(&self, index: usize, idle: bool) -> Option<Job> {
+    /// Takes the oldest gathered batch if it has records and fits in the ring.
+    fn take_batch(&self, index: usize) -> Option<Job> {
         let mut st = self.lock();
         let d = &mut st.disks[index];
         if let Some(why) = d.failed.clone() {
@@ -270,7 +264,7 @@ impl Store {
             return None;
         }
         let front = d.log.pending.front()?;
-        if front.records.is_empty() || (!idle && front.landing.is_empty()) {
+        if front.records.is_empty() {
             return None;
         }
         let bytes = front.total_bytes();

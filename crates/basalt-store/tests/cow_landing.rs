@@ -206,10 +206,10 @@ async fn a_checkpoint_between_two_copy_on_writes_keeps_the_first_readable() {
     );
 }
 
-/// A copy-on-write's record is written at once, beside a batch of small
-/// writes whose own write is still under way; if that earlier batch then
-/// fails, the copy-on-write must fail too (its record comes after a batch
-/// that is not in the log), even though its own batch and data are written.
+/// A copy-on-write whose record is queued behind a batch of small writes
+/// whose own write is still under way: if that earlier batch fails, the
+/// copy-on-write must fail too (its record would follow a batch that is not
+/// in the log), even though its data is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_batch_fails_the_copy_on_write_recorded_after_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -266,7 +266,7 @@ async fn a_failed_batch_fails_the_copy_on_write_recorded_after_it() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         !whole.is_finished(),
-        "a batch after an unwritten one is not answered"
+        "a record after an unwritten batch is not answered"
     );
 
     disk.fail_writes(0..disk.size());
