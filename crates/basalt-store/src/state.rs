@@ -500,7 +500,11 @@ pub(crate) fn uncut_limit(spans: &[(u64, u64)], limit: u64) -> u64 {
         .map(|&(first, _)| first.saturating_sub(1))
         .min()
     {
-        // Strictly lower each time: `cut < first <= capped`.
+        // Strictly lower each time (`cut < first <= capped`), as LSNs start
+        // at 1; a span from LSN 0 could not be left uncut anyway.
+        if cut >= capped {
+            break;
+        }
         capped = cut;
     }
     capped
@@ -770,6 +774,8 @@ mod tests {
         // covered whole: the limit drops below both.
         assert_eq!(uncut_limit(&[(10, 20), (15, 30)], 25), 9);
         assert_eq!(uncut_limit(&[(15, 30), (10, 20), (3, 12)], 25), 2);
+        // No LSN is 0, but such a span must not stall the cap.
+        assert_eq!(uncut_limit(&[(0, 30)], 25), 0);
         for limit in 0..50 {
             let spans = [(10, 20), (15, 30), (3, 12), (35, 45)];
             let capped = uncut_limit(&spans, limit);
