@@ -187,21 +187,18 @@ impl Store {
     /// its copy-on-write data has landed), and its writers must not hear
     /// success for records that follow a batch missing from the log.
     fn batch_written(&self, index: usize, batch: Unwritten, result: Option<Result<(), String>>) {
-        let outcome = {
-            let mut st = self.lock();
-            let d = &mut st.disks[index];
-            let outcome = match (result, d.failed.clone()) {
-                (_, Some(why)) => Err(why),
-                (Some(Ok(())), None) => Ok(()),
-                (Some(Err(e)), None) => Err(format!("oplog write failed: {e}")),
-                (None, None) => Err(format!("oplog write failed: {}", DiskError::EngineGone)),
-            };
-            if let (Err(why), None) = (&outcome, &d.failed) {
-                tracing::error!(disk = %d.path.display(), error = %why, "disk marked failed");
-                d.failed = Some(why.clone());
-                self.inner.progress.notify_waiters();
+        let failed = self.lock().disks[index].failed.clone();
+        let outcome = match (result, failed) {
+            (_, Some(why)) => Err(why),
+            (Some(Ok(())), None) => Ok(()),
+            (result, None) => {
+                let error = result
+                    .and_then(Result::err)
+                    .unwrap_or_else(|| DiskError::EngineGone.to_string());
+                let why = format!("oplog write failed: {error}");
+                self.fail_disk(index, why.clone());
+                Err(why)
             }
-            outcome
         };
         for waiter in batch.waiters {
             let _ = waiter.send(outcome.clone());
