@@ -147,21 +147,25 @@ impl SimDisk {
         let mut m = self.medium.lock();
         m.cycle += 1;
         let unsynced = std::mem::take(&mut m.unsynced);
-        if let CutMode::KeepUnsynced = mode {
-            for (offset, data) in &unsynced {
-                write_pages(&mut m.durable, *offset, data);
-            }
-        }
-        if let CutMode::Random { seed } = mode {
-            let mut rng = StdRng::seed_from_u64(seed);
-            for (offset, data) in unsynced {
-                match rng.gen_range(0..3) {
-                    0 => {}
-                    1 => write_pages(&mut m.durable, offset, &data),
-                    _ => {
-                        for (i, sector) in data.chunks(SECTOR).enumerate() {
-                            if rng.gen_bool(0.5) {
-                                write_pages(&mut m.durable, offset + (i * SECTOR) as u64, sector);
+        match mode {
+            CutMode::DropUnsynced => {}
+            // What this cycle reads is every write, synced or not.
+            CutMode::KeepUnsynced => m.durable = m.volatile.clone(),
+            CutMode::Random { seed } => {
+                let mut rng = StdRng::seed_from_u64(seed);
+                for (offset, data) in unsynced {
+                    match rng.gen_range(0..3) {
+                        0 => {}
+                        1 => write_pages(&mut m.durable, offset, &data),
+                        _ => {
+                            for (i, sector) in data.chunks(SECTOR).enumerate() {
+                                if rng.gen_bool(0.5) {
+                                    write_pages(
+                                        &mut m.durable,
+                                        offset + (i * SECTOR) as u64,
+                                        sector,
+                                    );
+                                }
                             }
                         }
                     }
