@@ -57,11 +57,22 @@ impl Qmp {
             writer,
             events: Vec::new(),
         };
-        let greeting = qmp.read_message("the QMP greeting").await?;
-        if greeting.get("QMP").is_none() {
-            return Err(QemuError::Protocol(format!(
-                "expected the QMP greeting, got {greeting}"
-            )));
+        // QEMU can write an event to a new connection before its greeting:
+        // a monitor that an earlier client negotiated stays subscribed to
+        // events until QEMU has processed the new connection's opening
+        // (seen with a MIGRATION event on a migration destination). Such
+        // events are kept like any other; anything else must be the greeting.
+        loop {
+            let message = qmp.read_message("the QMP greeting").await?;
+            if message.get("QMP").is_some() {
+                break;
+            }
+            if message.get("event").is_none() {
+                return Err(QemuError::Protocol(format!(
+                    "expected the QMP greeting, got {message}"
+                )));
+            }
+            qmp.events.push(message);
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -160,6 +171,12 @@ mod tests {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
+        // An event before the greeting, as QEMU sometimes sends on a
+        // monitor an earlier client negotiated.
+        write
+            .write_all(b"{\"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\n")
+            .await
+            .unwrap();
         write
             .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
             .await
@@ -192,8 +209,9 @@ mod tests {
         let mut qmp = Qmp::connect(&path, Duration::from_secs(5)).await.unwrap();
         assert_eq!(qmp.status().await.unwrap(), "shutdown");
         let events = qmp.take_events();
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0]["event"], "SHUTDOWN");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["event"], "MIGRATION");
+        assert_eq!(events[1]["event"], "SHUTDOWN");
         assert!(qmp.take_events().is_empty());
         let error = qmp
             .execute("device_del", Some(json!({"id": "x"})))
