@@ -301,14 +301,28 @@ async fn cut_run(seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cut_keeps_every_durable_write() {
-    let seeds: u64 = std::env::var("BASALT_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
+    // `BASALT_POWER_CUT_SEEDS` (or `BASALT_SEEDS`) seeds from
+    // `BASALT_SEED_BASE`; a base of `random` picks a new range each run
+    // (scripts/test.sh does, so every CI run tries seeds no run tried
+    // before). A failure names its seed; rerun it with that base and 1 seed.
+    let seeds: u64 = ["BASALT_POWER_CUT_SEEDS", "BASALT_SEEDS"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
         .unwrap_or(12);
-    let base: u64 = std::env::var("BASALT_SEED_BASE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let base: u64 = match std::env::var("BASALT_SEED_BASE").ok().as_deref() {
+        Some("random") => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            // Far above the fixed ranges that long runs by hand have used.
+            1_000_000 + u64::from(nanos) % 1_000_000_000
+        }
+        Some(text) => text
+            .parse()
+            .expect("BASALT_SEED_BASE is a number or `random`"),
+        None => 0,
+    };
+    eprintln!("power cut: seeds {base}..{}", base + seeds);
     for seed in base..base + seeds {
         cut_run(seed).await;
     }
