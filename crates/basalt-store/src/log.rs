@@ -30,8 +30,7 @@ use uuid::Uuid;
 use crate::StoreError;
 use crate::catalog::ExtentRow;
 use crate::format::{
-    BLOCK_BYTES, BatchHeader, EXTENT_BYTES, ExtentMeta, Label, RecordKind, SLOT_META_BYTES,
-    block_crc,
+    BLOCK_BYTES, BatchHeader, ExtentMeta, Label, RecordKind, SLOT_META_BYTES, block_crc,
 };
 use crate::state::{Content, ExtentState, OverlayEntry, State, overlay_data_bytes, overlay_insert};
 use crate::store::Store;
@@ -392,13 +391,12 @@ struct SlotCheck {
     /// (0 if none: a drain had not written them yet), so that the next
     /// metadata written supersedes them.
     meta_seq: u64,
-    /// The slot as read: its two metadata blocks, then its data.
-    slot: IoBuf,
 }
 
-/// Reads a slot written copy-on-write and checks the blocks from `first`
-/// on against the crcs of their remap or shadow record. The slot's metadata
-/// blocks are not needed: the records carry everything they would hold.
+/// Reads the blocks a remap or shadow record wrote copy-on-write into
+/// `slot` (from `first` on, one per crc) and checks them against the
+/// record's crcs, skipping those `covered` by later records; reads the
+/// slot's metadata blocks too, for their sequence number.
 #[allow(clippy::too_many_arguments)]
 async fn check_cow_slot(
     engine: &Arc<dyn DiskEngine>,
@@ -412,32 +410,47 @@ async fn check_cow_slot(
     covered: &[bool],
 ) -> Result<SlotCheck, StoreError> {
     let offset = label.slot_at(slot);
-    let (buf, result) = engine
-        .read_at(
-            offset,
-            IoBuf::zeroed((SLOT_META_BYTES + EXTENT_BYTES) as usize),
-        )
+    let (meta, result) = engine
+        .read_at(offset, IoBuf::zeroed(SLOT_META_BYTES as usize))
         .await;
     result?;
-    let bytes = buf.as_slice();
-    let meta_seq =
-        match ExtentMeta::choose(&bytes[..4096], &bytes[4096..8192], vdisk, extent, alloc) {
-            crate::format::MetaChoice::Valid(m) => m.seq,
-            _ => 0,
-        };
-    let data = &bytes[SLOT_META_BYTES as usize..];
+    let meta = meta.as_slice();
+    let meta_seq = match ExtentMeta::choose(&meta[..4096], &meta[4096..8192], vdisk, extent, alloc)
+    {
+        crate::format::MetaChoice::Valid(m) => m.seq,
+        _ => 0,
+    };
+    // Only the record's own blocks: a rewrite part covers part of the slot.
+    let blocks = u16::try_from(crcs.len()).unwrap_or(u16::MAX);
+    let data = read_part(engine, label, slot, first, blocks).await?;
     let first = usize::from(first);
     let intact = data
+        .as_slice()
         .chunks(BLOCK_BYTES as usize)
-        .skip(first)
         .zip(crcs)
         .zip(&covered[first..])
         .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
-    Ok(SlotCheck {
-        intact,
-        meta_seq,
-        slot: buf,
-    })
+    Ok(SlotCheck { intact, meta_seq })
+}
+
+/// Reads blocks `first..first + blocks` of slot `slot`'s data: a rewrite
+/// part's data, which replay takes into the overlay.
+async fn read_part(
+    engine: &Arc<dyn DiskEngine>,
+    label: &Label,
+    slot: u64,
+    first: u16,
+    blocks: u16,
+) -> Result<IoBuf, StoreError> {
+    let offset = label.slot_at(slot) + SLOT_META_BYTES + u64::from(first) * BLOCK_BYTES;
+    let (buf, result) = engine
+        .read_at(
+            offset,
+            IoBuf::zeroed(usize::from(blocks) * BLOCK_BYTES as usize),
+        )
+        .await;
+    result?;
+    Ok(buf)
 }
 
 /// Replay: `key` now lives in slot `r.slot` of disk `index` (tenancy
@@ -666,10 +679,11 @@ pub(crate) async fn replay_disk(
     // The copy-on-write records (remaps and rewrite parts) that replay
     // applies: their data landed, or they are known durable. Found latest
     // first, since whether a record's blocks are intact depends on the
-    // applied records after it. A remap's outcome is kept for the pass
-    // below: whether its data is intact, and its metadata's sequence.
+    // applied records after it. Each one's outcome is kept for the pass
+    // below (whether its data is intact, and its metadata's sequence), so
+    // that pass reads a slot only for the data of a part it applies.
     let mut applied = HashSet::new();
-    let mut remap_checks: HashMap<(usize, usize), (bool, u64)> = HashMap::new();
+    let mut cow_checks: HashMap<(usize, usize), (bool, u64)> = HashMap::new();
     for (batch_index, batch) in replayed.iter().enumerate().rev() {
         for (record_index, r) in batch.header.records.iter().enumerate().rev() {
             let (RecordKind::Shadow { crcs, .. } | RecordKind::Remap { crcs }) = &r.kind else {
@@ -680,9 +694,7 @@ pub(crate) async fn replay_disk(
             if check.intact || batch.lsn <= max_durable {
                 applied.insert(at);
             }
-            if matches!(r.kind, RecordKind::Remap { .. }) {
-                remap_checks.insert(at, (check.intact, check.meta_seq));
-            }
+            cow_checks.insert(at, (check.intact, check.meta_seq));
         }
     }
     for (batch_index, batch) in replayed.iter().enumerate() {
@@ -700,8 +712,9 @@ pub(crate) async fn replay_disk(
             match &r.kind {
                 RecordKind::Shadow { crcs, completes } => {
                     let at = (batch_index, record_index);
-                    let check =
-                        check_cow_record(&engine, &label, &replayed, at, r, crcs, &applied).await?;
+                    let Some(&(intact, meta_seq)) = cow_checks.get(&at) else {
+                        continue;
+                    };
                     let continues = shadows.get(&key).is_some_and(|s| {
                         s.slot == r.slot && s.alloc == r.alloc_id && s.recorded == r.first_block
                     });
@@ -729,15 +742,15 @@ pub(crate) async fn replay_disk(
                             }
                         }
                     }
-                    if !check.intact {
-                        if batch.lsn > max_durable {
-                            tracing::info!(
-                                lsn = batch.lsn,
-                                "a part of a rewrite never became durable; it is dropped"
-                            );
-                            stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
-                            continue;
-                        }
+                    if !applied.contains(&at) {
+                        tracing::info!(
+                            lsn = batch.lsn,
+                            "a part of a rewrite never became durable; it is dropped"
+                        );
+                        stop_following(&mut shadows, key, &mut unfinished_shadow_slots);
+                        continue;
+                    }
+                    if !intact {
                         tracing::error!(
                             lsn = batch.lsn,
                             slot = r.slot,
@@ -763,12 +776,14 @@ pub(crate) async fn replay_disk(
                     if !whole {
                         // Counts as written to the current tenancy, its data
                         // taken from the slot (the drain writes it home).
-                        let data = Arc::new(check.slot);
+                        let data = Arc::new(
+                            read_part(&engine, &label, r.slot, r.first_block, r.blocks).await?,
+                        );
                         for (i, &crc) in crcs.iter().enumerate() {
                             let block = usize::from(r.first_block) + i;
                             let seg = Segment {
                                 buf: data.clone(),
-                                start: SLOT_META_BYTES as usize + block * BLOCK_BYTES as usize,
+                                start: i * BLOCK_BYTES as usize,
                                 len: BLOCK_BYTES as usize,
                             };
                             let entry = OverlayEntry::new(
@@ -794,7 +809,7 @@ pub(crate) async fn replay_disk(
                         vdisk_id: r.vdisk_id,
                         extent: r.extent,
                         alloc_id: r.alloc_id,
-                        seq: check.meta_seq,
+                        seq: meta_seq,
                         entries: shadow.entries,
                     };
                     install_cow_tenancy(st, index, disk_id, r, meta, batch.lsn);
@@ -871,11 +886,11 @@ pub(crate) async fn replay_disk(
                     }
                 }
                 RecordKind::Remap { crcs } => {
-                    let Some(&(intact, meta_seq)) = remap_checks.get(&(batch_index, record_index))
-                    else {
+                    let at = (batch_index, record_index);
+                    let Some(&(intact, meta_seq)) = cow_checks.get(&at) else {
                         continue;
                     };
-                    if !intact && batch.lsn > max_durable {
+                    if !applied.contains(&at) {
                         tracing::info!(
                             lsn = batch.lsn,
                             "copy-on-write never became durable; keeping the old extent"
