@@ -169,6 +169,15 @@ impl Instance {
         result
     }
 
+    /// Drops the QMP connection after a command was given up half way (its
+    /// answer may still come and must not be taken for the next one's).
+    /// Left alone if another task is using it.
+    fn forget_qmp(&self) {
+        if let Ok(mut qmp) = self.qmp.try_lock() {
+            *qmp = None;
+        }
+    }
+
     async fn status(&self) -> Result<String, basalt_qemu::QemuError> {
         let status = self.qmp_execute("query-status", None).await?;
         Ok(status
@@ -181,10 +190,18 @@ impl Instance {
     /// Ends the process: `quit` through QMP, SIGKILL if it lingers.
     async fn kill(&self) {
         self.ending.store(true, Ordering::Release);
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.qmp_execute("quit", None)).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.alive() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let quit =
+            tokio::time::timeout(Duration::from_secs(3), self.qmp_execute("quit", None)).await;
+        // A QEMU that took the quit (or closed its monitor on it) gets a
+        // moment to exit; one that did not answer is hung and killed now.
+        let quitting = matches!(quit, Ok(Ok(_) | Err(basalt_qemu::QemuError::Closed)));
+        if quitting {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else {
+            self.forget_qmp();
         }
         if self.alive() {
             if let Err(error) = basalt_qemu::kill_process(self.pid) {
@@ -1368,16 +1385,25 @@ fn spawn_stop(node: &Arc<Node>, instance: Arc<Instance>, force: bool, timeout: u
         instance.ending.store(true, Ordering::Release);
         let mut how = "forced";
         if !force {
-            let _ = instance.qmp_execute("system_powerdown", None).await;
-            let deadline = Instant::now() + Duration::from_secs(timeout);
-            while Instant::now() < deadline && instance.alive() {
-                if instance.status().await.is_ok_and(|s| s == "shutdown") {
-                    how = "powered off";
-                    break;
+            // The whole graceful part is bounded by the timeout, QMP
+            // included: a hung QEMU does not answer at all.
+            let powered_off = async {
+                let _ = instance.qmp_execute("system_powerdown", None).await;
+                while instance.alive() {
+                    if instance.status().await.is_ok_and(|s| s == "shutdown") {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            if how != "powered off" {
+                false
+            };
+            if tokio::time::timeout(Duration::from_secs(timeout), powered_off)
+                .await
+                .unwrap_or(false)
+            {
+                how = "powered off";
+            } else {
+                instance.forget_qmp();
                 tracing::info!(vm = %instance.name, timeout, "the guest did not power off in time; forcing");
             }
         }

@@ -638,4 +638,22 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     let started = daemon.cli_json(&["vm", "start", "crashy"]);
     assert_eq!(started["recent_crashes"], 0, "{started}");
     daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
+
+    // A hung QEMU (frozen with SIGSTOP: its monitor never answers) is
+    // stopped within the stop's timeout and a few seconds for the kill,
+    // not after the QMP command timeouts on top.
+    daemon.cli_ok(&["vm", "start", "crashy"]);
+    wait_for("the guest is up again", BOOT_TIMEOUT, || {
+        console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
+    });
+    daemon.signal_qemus(libc::SIGSTOP);
+    let asked = Instant::now();
+    let stopped = daemon.cli_json(&["vm", "stop", "crashy", "--timeout", "2"]);
+    let took = asked.elapsed();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(
+        took < Duration::from_secs(12),
+        "stopping a hung QEMU took {took:?}"
+    );
+    assert!(daemon.qemu_pids().is_empty(), "a QEMU is left");
 }

@@ -847,6 +847,11 @@ impl Daemon {
     /// Kills (SIGKILL, by PID) the QEMU processes of this node's VMs, as a
     /// dying host would take them along.
     pub fn kill_qemus(&self) {
+        self.signal_qemus(libc::SIGKILL);
+    }
+
+    /// Sends `signal` (by PID) to the QEMU processes of this node's VMs.
+    pub fn signal_qemus(&self, signal: i32) {
         for pid in self.qemu_pids() {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let marker = self.data_dir.display().to_string();
@@ -855,7 +860,7 @@ impl Daemon {
             {
                 // SAFETY: kill(2) with plain integers; the pid was checked
                 // to be a QEMU of this test's data directory just now.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                unsafe { libc::kill(pid, signal) };
             }
         }
     }
