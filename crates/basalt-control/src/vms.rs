@@ -82,6 +82,11 @@ const MAX_CRASHES: usize = 3;
 const CRASH_WINDOW: Duration = Duration::from_secs(600);
 /// How often the supervisor looks at its processes.
 const TICK: Duration = Duration::from_millis(500);
+/// How long a running QEMU's monitor may go without answering before the
+/// VM's reason says so. It is not killed for it: a QEMU whose monitor is
+/// stuck may still run its guest, and only the operator knows whether to
+/// stop it (a stop kills a hung QEMU within its timeout).
+const HUNG_AFTER: Duration = Duration::from_secs(30);
 
 /// What this node keeps of a QEMU process, also on disk (`instance.json`)
 /// so that a restarted basaltd can adopt it.
@@ -167,6 +172,14 @@ impl Instance {
             *qmp = None;
         }
         result
+    }
+
+    /// The VM runs here as reported, with no stop, kill or outgoing
+    /// migration under way: the monitor may report on it.
+    fn reportable(&self) -> bool {
+        self.reported_running.load(Ordering::Acquire)
+            && !self.ending.load(Ordering::Acquire)
+            && !self.migrating_out.load(Ordering::Acquire)
     }
 
     /// Drops the QMP connection after a command was given up half way (its
@@ -1424,6 +1437,10 @@ fn spawn_stop(node: &Arc<Node>, instance: Arc<Instance>, force: bool, timeout: u
 
 /// Watches one QEMU process until it ends.
 async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
+    let mut last_answer = Instant::now();
+    // The VM's reason before a hang was reported, given back once QEMU
+    // answers again (a report with an empty reason keeps the last one).
+    let mut reason_before_hang: Option<String> = None;
     loop {
         tokio::time::sleep(TICK).await;
         let Some(node) = node.upgrade() else { return };
@@ -1439,9 +1456,52 @@ async fn monitor(node: Weak<Node>, instance: Arc<Instance>) {
             Ok(status) => status,
             Err(error) => {
                 tracing::debug!(vm = %instance.name, %error, "QMP");
+                let silent = last_answer.elapsed();
+                if silent >= HUNG_AFTER && reason_before_hang.is_none() && instance.reportable() {
+                    tracing::warn!(vm = %instance.name, silent_s = silent.as_secs(), %error, "QEMU's monitor does not answer");
+                    let before = node
+                        .cluster()
+                        .cluster()
+                        .vm(&instance.name)
+                        .map(|vm| vm.reason.clone())
+                        .unwrap_or_default();
+                    node.report_vm(
+                        &instance.name,
+                        instance.generation,
+                        VmRunState::Running,
+                        format!(
+                            "QEMU's monitor has not answered for {} s; the process may be hung",
+                            silent.as_secs()
+                        ),
+                        false,
+                        None,
+                    )
+                    .await;
+                    reason_before_hang = Some(before);
+                }
                 continue;
             }
         };
+        last_answer = Instant::now();
+        if let Some(before) = reason_before_hang.take()
+            && instance.reportable()
+        {
+            tracing::info!(vm = %instance.name, "QEMU's monitor answers again");
+            let reason = if before.is_empty() {
+                "QEMU's monitor answers again".to_string()
+            } else {
+                before
+            };
+            node.report_vm(
+                &instance.name,
+                instance.generation,
+                VmRunState::Running,
+                reason,
+                false,
+                None,
+            )
+            .await;
+        }
         match status.as_str() {
             "shutdown" => {
                 // The guest powered itself off (QEMU runs with -no-shutdown).

@@ -640,12 +640,38 @@ fn guest_vm_whose_qemu_crashes_is_restarted_and_says_why() {
     daemon.cli_ok(&["vm", "stop", "crashy", "--force"]);
 
     // A hung QEMU (frozen with SIGSTOP: its monitor never answers) is
-    // stopped within the stop's timeout and a few seconds for the kill,
-    // not after the QMP command timeouts on top.
+    // reported as such after 30 s and not killed; the report goes once it
+    // answers again.
     daemon.cli_ok(&["vm", "start", "crashy"]);
     wait_for("the guest is up again", BOOT_TIMEOUT, || {
         console(&daemon, "crashy").contains("BASALT-ALIVE: 1")
     });
+    wait_for(
+        "the VM is reported running",
+        Duration::from_secs(30),
+        || show(&daemon, "crashy")["state"] == "running",
+    );
+    let pids = daemon.qemu_pids();
+    daemon.signal_qemus(libc::SIGSTOP);
+    let mut shown = Value::Null;
+    wait_for("the hung QEMU is reported", Duration::from_secs(90), || {
+        shown = show(&daemon, "crashy");
+        shown["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("has not answered"))
+    });
+    assert_eq!(shown["state"], "running", "{shown}");
+    assert_eq!(daemon.qemu_pids(), pids, "a hung QEMU is not replaced");
+    daemon.signal_qemus(libc::SIGCONT);
+    wait_for("the report is taken back", Duration::from_secs(60), || {
+        show(&daemon, "crashy")["reason"]
+            .as_str()
+            .is_some_and(|r| !r.contains("has not answered"))
+    });
+    assert_eq!(daemon.qemu_pids(), pids);
+
+    // A hung QEMU is stopped within the stop's timeout and a few seconds
+    // for the kill, not after the QMP command timeouts on top.
     daemon.signal_qemus(libc::SIGSTOP);
     let asked = Instant::now();
     let stopped = daemon.cli_json(&["vm", "stop", "crashy", "--timeout", "2"]);
