@@ -58,10 +58,12 @@ impl Qmp {
             events: Vec::new(),
         };
         // QEMU can write an event to a new connection before its greeting:
-        // a monitor that an earlier client negotiated stays subscribed to
-        // events until QEMU has processed the new connection's opening
-        // (seen with a MIGRATION event on a migration destination). Such
-        // events are kept like any other; anything else must be the greeting.
+        // an event emitted from another thread (the migration thread's
+        // MIGRATION events on a destination, seen here) races the monitor's
+        // handling of the connection's opening, which QEMU did not lock
+        // against it (a "qmp: Fix thread race" patch went to qemu-devel in
+        // December 2025). Such events are kept like any other; anything else
+        // must be the greeting.
         loop {
             let message = qmp.read_message("the QMP greeting").await?;
             if message.get("QMP").is_some() {
