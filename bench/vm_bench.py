@@ -537,6 +537,8 @@ def main():
             qsd.wait()
         for node in nodes:
             node.stop()
+    # Only after a run that finished: a failed one leaves its logs behind.
+    shutil.rmtree(args.dir, ignore_errors=True)
 
     med = statistics.median
     print(f"\nVM benchmark, {args.repeat} repeats (medians), TCG, {args.dd_mb} MiB dd")
