@@ -393,46 +393,6 @@ struct SlotCheck {
     meta_seq: u64,
 }
 
-/// Reads the blocks a remap or shadow record wrote copy-on-write into
-/// `slot` (from `first` on, one per crc) and checks them against the
-/// record's crcs, skipping those `covered` by later records; reads the
-/// slot's metadata blocks too, for their sequence number.
-#[allow(clippy::too_many_arguments)]
-async fn check_cow_slot(
-    engine: &Arc<dyn DiskEngine>,
-    label: &Label,
-    slot: u64,
-    vdisk: u64,
-    extent: u64,
-    alloc: u64,
-    first: u16,
-    crcs: &[u32],
-    covered: &[bool],
-) -> Result<SlotCheck, StoreError> {
-    let offset = label.slot_at(slot);
-    let (meta, result) = engine
-        .read_at(offset, IoBuf::zeroed(SLOT_META_BYTES as usize))
-        .await;
-    result?;
-    let meta = meta.as_slice();
-    let meta_seq = match ExtentMeta::choose(&meta[..4096], &meta[4096..8192], vdisk, extent, alloc)
-    {
-        crate::format::MetaChoice::Valid(m) => m.seq,
-        _ => 0,
-    };
-    // Only the record's own blocks: a rewrite part covers part of the slot.
-    let blocks = u16::try_from(crcs.len()).unwrap_or(u16::MAX);
-    let data = read_part(engine, label, slot, first, blocks).await?;
-    let first = usize::from(first);
-    let intact = data
-        .as_slice()
-        .chunks(BLOCK_BYTES as usize)
-        .zip(crcs)
-        .zip(&covered[first..])
-        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
-    Ok(SlotCheck { intact, meta_seq })
-}
-
 /// Reads blocks `first..first + blocks` of slot `slot`'s data: a rewrite
 /// part's data, which replay takes into the overlay.
 async fn read_part(
@@ -487,9 +447,10 @@ fn install_cow_tenancy(
     st.disks[index].map_changes.push((lsn, key, Some(row)));
 }
 
-/// Reads the slot of the copy-on-write record `r` (a remap, or a rewrite
-/// part) at position `at` of the replayed log and checks the blocks it
-/// wrote (those no later applied record rewrites).
+/// Reads the blocks the copy-on-write record `r` (a remap, or a rewrite
+/// part) at position `at` of the replayed log wrote into its slot, and
+/// checks those no later applied record rewrites against the record's
+/// `crcs`; reads the slot's metadata blocks too, for their sequence number.
 async fn check_cow_record(
     engine: &Arc<dyn DiskEngine>,
     label: &Label,
@@ -501,18 +462,33 @@ async fn check_cow_record(
 ) -> Result<SlotCheck, StoreError> {
     let key = (r.vdisk_id, r.extent);
     let covered = covered_later(replayed, at.0, at.1, key, r.alloc_id, applied);
-    check_cow_slot(
-        engine,
-        label,
-        r.slot,
+    let (meta, result) = engine
+        .read_at(
+            label.slot_at(r.slot),
+            IoBuf::zeroed(SLOT_META_BYTES as usize),
+        )
+        .await;
+    result?;
+    let meta = meta.as_slice();
+    let meta_seq = match ExtentMeta::choose(
+        &meta[..4096],
+        &meta[4096..8192],
         r.vdisk_id,
         r.extent,
         r.alloc_id,
-        r.first_block,
-        crcs,
-        &covered,
-    )
-    .await
+    ) {
+        crate::format::MetaChoice::Valid(m) => m.seq,
+        _ => 0,
+    };
+    // Only the record's own blocks: a rewrite part covers part of the slot.
+    let data = read_part(engine, label, r.slot, r.first_block, r.blocks).await?;
+    let intact = data
+        .as_slice()
+        .chunks(BLOCK_BYTES as usize)
+        .zip(crcs)
+        .zip(&covered[usize::from(r.first_block)..])
+        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
+    Ok(SlotCheck { intact, meta_seq })
 }
 
 /// Replay: `key` loses its tenancy; its slot (on disk `index`) is free again
