@@ -173,8 +173,8 @@ mod tests {
         let (stream, _) = listener.accept().await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        // An event before the greeting, as QEMU sometimes sends on a
-        // monitor an earlier client negotiated.
+        // An event before the greeting, as QEMU sends when an event from
+        // another thread races the connection's opening (see `connect`).
         write
             .write_all(b"{\"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\n")
             .await
