@@ -15,7 +15,10 @@ QEMU/TCG, in one run:
             the first disk alternating): both are measured side by side in
             the same seconds, so the host's swings (qsd alone ranges 2x
             between VM runs on a shared machine) hit both alike; per-round
-            ratios, the first round (fresh disks) apart. Since 2026-11-26
+            ratios, the first round (fresh disks) apart; since 2026-11-28 the
+            guest runs --pair-runs times (default --repeat) and the rounds of
+            all runs are pooled, with a 95 % bootstrap interval for the
+            median ratio and each run's median. Since 2026-11-26
             20:20 each pass is cut into --pair-chunk-mb chunks (64) and the
             disks take turns chunk by chunk (0: whole passes, as before);
             also the CPU time basaltd and qsd spent per GiB the guest
@@ -38,7 +41,7 @@ Every measurement is repeated (--repeat) with the targets in turn; medians
 are printed with the ratios. Absolute numbers on shared machines are noise.
 
 Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
-                         [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-chunk-mb 64]
+                         [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-runs N] [--pair-chunk-mb 64]
                          [--pair-write-through]
                          [--no-build]
                          [--fio-rounds 2] [--fio-runtime 5] [--fio-mb 256] [--fio-jobs a,b]
@@ -50,6 +53,7 @@ a release build (`cargo build --release --bins`, done unless --no-build).
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -205,6 +209,22 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def median_interval(ratios_by_run, resamples=2000, seed=0):
+    """A 95 % interval for the median of pooled per-round ratios, by a
+    two-level bootstrap: runs drawn with replacement, then rounds within
+    each drawn run. Rounds of one run share that run's host conditions,
+    so resampling rounds alone would claim more certainty than there is."""
+    rng = random.Random(seed)
+    medians = []
+    for _ in range(resamples):
+        pooled = []
+        for run in rng.choices(ratios_by_run, k=len(ratios_by_run)):
+            pooled.extend(rng.choices(run, k=len(run)))
+        medians.append(statistics.median(pooled))
+    medians.sort()
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def ddpair_rounds(text, basalt_sectors):
     """The guest's `ddpair` lines: round -> {"basalt" | "qsd": (mb, write_s,
     read_s)}; the disks are told apart by size (`basalt_sectors`)."""
@@ -315,6 +335,8 @@ def main():
                         help="dd passes per target on fresh disks, reported apart")
     parser.add_argument("--pair-rounds", type=int, default=7,
                         help="rounds of the one-guest dd comparison (the first on fresh disks)")
+    parser.add_argument("--pair-runs", type=int,
+                        help="guest runs of the one-guest dd comparison, pooled (default: --repeat)")
     parser.add_argument("--pair-chunk-mb", type=int, default=64,
                         help="the one-guest comparison alternates the disks every this many MiB "
                              "(0: whole passes); must divide --dd-mb")
@@ -335,6 +357,9 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    pair_runs = args.repeat if args.pair_runs is None else args.pair_runs
+    if pair_runs < 1:
+        parser.error("--pair-runs must be at least 1")
     if args.pair_chunk_mb < 0 or (args.pair_chunk_mb and args.dd_mb % args.pair_chunk_mb):
         parser.error("--pair-chunk-mb must be 0 or divide --dd-mb")
     if not parts <= set(PARTS):
@@ -356,7 +381,7 @@ def main():
                "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": [],
                "warmup_dd_write_mbs": {"basalt": [], "qsd": []},
                "warmup_dd_read_mbs": {"basalt": [], "qsd": []},
-               "pair_rounds": [], "pair_disks": {}, "fio_rounds": []}
+               "pair_runs": [], "pair_disks": {}, "fio_rounds": []}
     nodes = []
     qsd = None
     try:
@@ -445,29 +470,34 @@ def main():
             basalt_sock = first.cli("vdisk", "export", "pair-data", "--vhost")["socket"]
             basalt_sectors = (disk_mb + 64) << 11
             cpu_before = {"basalt": cpu_seconds(first.proc.pid), "qsd": cpu_seconds(qsd.pid)}
-            _, text = run_qemu_until(
-                qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
-                                          f"basalt.ddrounds={args.pair_rounds} "
-                                          f"basalt.ddchunk={args.pair_chunk_mb}" +
-                                          (" basalt.ddwt=1" if args.pair_write_through else "")) +
-                vhost_disks(basalt_sock, sock),
-                "BASALT-DONE", timeout=1800)
-            rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
-                                     "read_mbs": mb / max(read_s, 0.01),
-                                     "mb": mb, "write_s": write_s}
-                            for target, (mb, write_s, read_s) in disks.items()}
-                      for rnd, disks in ddpair_rounds(text, basalt_sectors).items()}
-            if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
-                    any(len(r) != 2 for r in rounds.values()):
-                raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
-            results["pair_rounds"] = [rounds[r] for r in sorted(rounds)]
-            # What each backend spent on the CPU over the whole guest run
+            # One guest run's rounds are not independent samples of the
+            # ratio (they share the host's mood of that half minute), so
+            # the guest runs --pair-runs times and the figures pool them.
+            for _ in range(pair_runs):
+                _, text = run_qemu_until(
+                    qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
+                                              f"basalt.ddrounds={args.pair_rounds} "
+                                              f"basalt.ddchunk={args.pair_chunk_mb}" +
+                                              (" basalt.ddwt=1" if args.pair_write_through else "")) +
+                    vhost_disks(basalt_sock, sock),
+                    "BASALT-DONE", timeout=1800)
+                rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
+                                         "read_mbs": mb / max(read_s, 0.01),
+                                         "mb": mb, "write_s": write_s}
+                                for target, (mb, write_s, read_s) in disks.items()}
+                          for rnd, disks in ddpair_rounds(text, basalt_sectors).items()}
+                if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
+                        any(len(r) != 2 for r in rounds.values()):
+                    raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
+                results["pair_runs"].append([rounds[r] for r in sorted(rounds)])
+            # What each backend spent on the CPU over the whole guest runs
             # (basaltd also keeps its idle cluster chores going meanwhile).
-            moved_gib = 2 * args.pair_rounds * args.dd_mb / 1024
+            moved_gib = 2 * pair_runs * args.pair_rounds * args.dd_mb / 1024
             results["pair_cpu_s_per_gib"] = {
                 target: (cpu_seconds(pid) - cpu_before[target]) / moved_gib
                 for target, pid in (("basalt", first.proc.pid), ("qsd", qsd.pid))}
-            # What each device told the guest (request limits, cache mode).
+            # What each device told the guest (request limits, cache mode),
+            # and what each disk cost it, from the last run.
             results["pair_disks"] = {}
             disk_targets = {}
             for m in re.finditer(r"BASALT-DDPAIR-DISK: disk=(\w+) sectors=(\d+) (.*)", text):
@@ -554,16 +584,28 @@ def main():
             b, q = med(results[key]["basalt"]), med(results[key]["qsd"])
             print(f"{label}, first {args.warmup} passes on fresh disks: basalt {b:.0f} MB/s, "
                   f"qsd {q:.0f} MB/s, basalt/qsd {b / q:.2f}x")
-    pair = results["pair_rounds"]
-    for rounds, label in ((pair[1:], "one guest, both disks in turn"), (pair[:1], "one guest, first round (fresh disks)")):
+    runs = results["pair_runs"]
+    # The first round of the first run writes fresh disks; it is reported
+    # apart. Every later round (of any run) overwrites.
+    steady = [run[1:] if i == 0 else run for i, run in enumerate(runs)]
+    for rounds_by_run, label in ((steady, f"one guest, both disks in turn, {len(runs)} runs"),
+                                 (runs[:1] and [runs[0][:1]], "one guest, first round (fresh disks)")):
+        rounds = [r for run in rounds_by_run for r in run]
         if not rounds:
             continue
         parts = []
         for key, name in (("write_mbs", "write"), ("read_mbs", "read")):
             ratios = [r["basalt"][key] / r["qsd"][key] for r in rounds]
             b, q = med(r["basalt"][key] for r in rounds), med(r["qsd"][key] for r in rounds)
-            parts.append(f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
-                         f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+            text = (f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
+                    f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x")
+            if len(rounds_by_run) > 1:
+                low, high = median_interval(
+                    [[r["basalt"][key] / r["qsd"][key] for r in run] for run in rounds_by_run])
+                per_run = ", ".join(f"{med(r['basalt'][key] / r['qsd'][key] for r in run):.2f}"
+                                    for run in rounds_by_run)
+                text += f"; 95% interval {low:.2f}-{high:.2f}x; runs {per_run}"
+            parts.append(text + ")")
         print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
     if "pair_cpu_s_per_gib" in results:
         cpu = results["pair_cpu_s_per_gib"]
