@@ -98,6 +98,27 @@ pub fn block_crc(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
+/// The checksum of each [`BLOCK_BYTES`] block of `data`, in order (a shorter
+/// last block gets its own): what [`block_crc`] gives each, computed three
+/// blocks at a time where the processor allows (see `crc`).
+pub fn block_crcs(data: &[u8]) -> Vec<u32> {
+    let block = BLOCK_BYTES as usize;
+    let mut crcs = Vec::with_capacity(data.len().div_ceil(block));
+    let mut rest = data;
+    while rest.len() >= 3 * block {
+        let (a, tail) = rest.split_at(block);
+        let (b, tail) = tail.split_at(block);
+        let (c, tail) = tail.split_at(block);
+        match crate::crc::three_at_once(a, b, c) {
+            Some(three) => crcs.extend(three),
+            None => crcs.extend([block_crc(a), block_crc(b), block_crc(c)]),
+        }
+        rest = tail;
+    }
+    crcs.extend(rest.chunks(block).map(block_crc));
+    crcs
+}
+
 // ---------------------------------------------------------------------------
 // Label
 // ---------------------------------------------------------------------------

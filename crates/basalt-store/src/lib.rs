@@ -16,6 +16,7 @@
 //! vdisk ids and block numbers.
 
 pub mod catalog;
+mod crc;
 mod drain;
 mod error;
 pub mod format;

@@ -33,7 +33,7 @@ use crate::catalog::{Catalog, Checkpoint, DiskRecord, ExtentRow, VdiskRecord};
 use crate::format::BlockEntry;
 use crate::format::{
     BLOCK_BYTES, EXTENT_BLOCKS, ExtentMeta, Label, MetaChoice, Record, RecordKind, SLOT_BYTES,
-    SLOT_META_BYTES, block_crc,
+    SLOT_META_BYTES, block_crcs,
 };
 use crate::state::{
     Content, DiskState, ExtentKey, ExtentState, Landing, LogState, MISSING_DISK, OverlayEntry,
@@ -936,15 +936,13 @@ impl Store {
             let bad = fetched
                 .iter()
                 .flat_map(|(f, buf)| {
-                    buf.as_slice()
-                        .chunks(BLOCK_BYTES as usize)
+                    block_crcs(buf.as_slice())
+                        .into_iter()
                         .enumerate()
-                        .map(move |(i, block)| (f + i as u16, block))
+                        .map(move |(i, got)| (f + i as u16, got))
                 })
-                .find_map(|(b, block)| match expected.next() {
-                    Some(&(planned, crc, _)) if planned == b => {
-                        (block_crc(block) != crc).then_some(b)
-                    }
+                .find_map(|(b, got)| match expected.next() {
+                    Some(&(planned, crc, _)) if planned == b => (got != crc).then_some(b),
                     _ => Some(b),
                 });
             match bad {
@@ -2373,11 +2371,6 @@ fn block_of(segments: &[Segment], index: usize) -> Segment {
 fn block_range(buf: &IoBuf, first: usize, count: usize) -> &[u8] {
     let block = BLOCK_BYTES as usize;
     &buf.as_slice()[first * block..(first + count) * block]
-}
-
-/// The checksum of every block of `data`.
-fn block_crcs(data: &[u8]) -> Vec<u32> {
-    data.chunks(BLOCK_BYTES as usize).map(block_crc).collect()
 }
 
 /// Spawns `task` after polling it once on this thread, so that the I/O it
