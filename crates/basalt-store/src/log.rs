@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::StoreError;
 use crate::catalog::ExtentRow;
 use crate::format::{
-    BLOCK_BYTES, BatchHeader, ExtentMeta, Label, RecordKind, SLOT_META_BYTES, block_crc,
+    BLOCK_BYTES, BatchHeader, ExtentMeta, Label, RecordKind, SLOT_META_BYTES, block_crcs,
 };
 use crate::state::{Content, ExtentState, OverlayEntry, State, overlay_data_bytes, overlay_insert};
 use crate::store::Store;
@@ -482,12 +482,11 @@ async fn check_cow_record(
     };
     // Only the record's own blocks: a rewrite part covers part of the slot.
     let data = read_part(engine, label, r.slot, r.first_block, r.blocks).await?;
-    let intact = data
-        .as_slice()
-        .chunks(BLOCK_BYTES as usize)
+    let intact = block_crcs(data.as_slice())
+        .into_iter()
         .zip(crcs)
         .zip(&covered[usize::from(r.first_block)..])
-        .all(|((block, &crc), &covered)| covered || block_crc(block) == crc);
+        .all(|((got, &crc), &covered)| covered || got == crc);
     Ok(SlotCheck { intact, meta_seq })
 }
 
@@ -605,11 +604,14 @@ pub(crate) async fn replay_disk(
             )
             .await;
         result?;
+        // The checksums of all the batch's data blocks at once; each write
+        // record checks its own.
+        let got = block_crcs(data.as_slice());
         let intact = header.records.iter().all(|r| match &r.kind {
-            RecordKind::Write { data_index, crcs } => crcs.iter().enumerate().all(|(i, &crc)| {
-                let start = (*data_index as usize + i) * BLOCK_BYTES as usize;
-                block_crc(&data.as_slice()[start..start + BLOCK_BYTES as usize]) == crc
-            }),
+            RecordKind::Write { data_index, crcs } => crcs
+                .iter()
+                .enumerate()
+                .all(|(i, &crc)| got.get(*data_index as usize + i) == Some(&crc)),
             _ => true,
         });
         if !intact {
