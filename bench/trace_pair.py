@@ -320,6 +320,9 @@ def main():
                   f"p90 {pct(r['tail'], 0.9):.0f} us")
     ratio = st.mean(result["qsd"]["per_chunk"]) / st.mean(result["basalt"]["per_chunk"])
     print(f"traced window: basalt/qsd throughput {ratio:.2f}x")
+    # The disks and the trace take about 3 GiB; only a run that got this
+    # far gives them back (a failed one keeps them for its logs).
+    shutil.rmtree(args.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
