@@ -30,7 +30,8 @@ use uuid::Uuid;
 use crate::StoreError;
 use crate::catalog::ExtentRow;
 use crate::format::{
-    BLOCK_BYTES, BatchHeader, ExtentMeta, Label, RecordKind, SLOT_META_BYTES, block_crcs,
+    BLOCK_BYTES, BatchHeader, ExtentMeta, Label, MetaChoice, RecordKind, SLOT_META_BYTES,
+    block_crcs,
 };
 use crate::state::{Content, ExtentState, OverlayEntry, State, overlay_data_bytes, overlay_insert};
 use crate::store::Store;
@@ -393,6 +394,22 @@ struct SlotCheck {
     meta_seq: u64,
 }
 
+/// Reads the two metadata copies at the start of the slot at `offset` and
+/// picks the one that describes tenancy `alloc` of extent `key`.
+pub(crate) async fn read_slot_meta(
+    engine: &Arc<dyn DiskEngine>,
+    offset: u64,
+    key: (u64, u64),
+    alloc: u64,
+) -> Result<MetaChoice, StoreError> {
+    let (buf, result) = engine
+        .read_at(offset, IoBuf::zeroed(SLOT_META_BYTES as usize))
+        .await;
+    result?;
+    let (a, b) = buf.as_slice().split_at(BLOCK_BYTES as usize);
+    Ok(ExtentMeta::choose(a, b, key.0, key.1, alloc))
+}
+
 /// Reads blocks `first..first + blocks` of slot `slot`'s data: a rewrite
 /// part's data, which replay takes into the overlay.
 async fn read_part(
@@ -462,22 +479,8 @@ async fn check_cow_record(
 ) -> Result<SlotCheck, StoreError> {
     let key = (r.vdisk_id, r.extent);
     let covered = covered_later(replayed, at.0, at.1, key, r.alloc_id, applied);
-    let (meta, result) = engine
-        .read_at(
-            label.slot_at(r.slot),
-            IoBuf::zeroed(SLOT_META_BYTES as usize),
-        )
-        .await;
-    result?;
-    let meta = meta.as_slice();
-    let meta_seq = match ExtentMeta::choose(
-        &meta[..4096],
-        &meta[4096..8192],
-        r.vdisk_id,
-        r.extent,
-        r.alloc_id,
-    ) {
-        crate::format::MetaChoice::Valid(m) => m.seq,
+    let meta_seq = match read_slot_meta(engine, label.slot_at(r.slot), key, r.alloc_id).await? {
+        MetaChoice::Valid(m) => m.seq,
         _ => 0,
     };
     // Only the record's own blocks: a rewrite part covers part of the slot.

@@ -1014,12 +1014,7 @@ impl Store {
             let d = &st.disks[disk];
             (d.engine.clone(), d.slot_offset(slot))
         };
-        let (buf, result) = engine
-            .read_at(offset, IoBuf::zeroed(SLOT_META_BYTES as usize))
-            .await;
-        result?;
-        let bytes = buf.as_slice();
-        let choice = ExtentMeta::choose(&bytes[..4096], &bytes[4096..], key.0, key.1, alloc);
+        let choice = crate::log::read_slot_meta(&engine, offset, key, alloc).await?;
         let mut st = self.lock();
         let stats = &self.inner.stats;
         if let Some(e) = st.tenancy_mut(disk, key, alloc)
