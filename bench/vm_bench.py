@@ -589,24 +589,23 @@ def main():
     # apart. Every later round (of any run) overwrites.
     steady = [run[1:] if i == 0 else run for i, run in enumerate(runs)]
     for rounds_by_run, label in ((steady, f"one guest, both disks in turn, {len(runs)} runs"),
-                                 (runs[:1] and [runs[0][:1]], "one guest, first round (fresh disks)")):
+                                 ([run[:1] for run in runs[:1]], "one guest, first round (fresh disks)")):
         rounds = [r for run in rounds_by_run for r in run]
         if not rounds:
             continue
-        parts = []
+        figures = []
         for key, name in (("write_mbs", "write"), ("read_mbs", "read")):
-            ratios = [r["basalt"][key] / r["qsd"][key] for r in rounds]
+            ratios_by_run = [[r["basalt"][key] / r["qsd"][key] for r in run] for run in rounds_by_run]
+            ratios = [x for run in ratios_by_run for x in run]
             b, q = med(r["basalt"][key] for r in rounds), med(r["qsd"][key] for r in rounds)
-            text = (f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
+            line = (f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
                     f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x")
-            if len(rounds_by_run) > 1:
-                low, high = median_interval(
-                    [[r["basalt"][key] / r["qsd"][key] for r in run] for run in rounds_by_run])
-                per_run = ", ".join(f"{med(r['basalt'][key] / r['qsd'][key] for r in run):.2f}"
-                                    for run in rounds_by_run)
-                text += f"; 95% interval {low:.2f}-{high:.2f}x; runs {per_run}"
-            parts.append(text + ")")
-        print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(parts))
+            if len(ratios_by_run) > 1:
+                low, high = median_interval(ratios_by_run)
+                per_run = ", ".join(f"{med(run):.2f}" for run in ratios_by_run)
+                line += f"; 95% interval {low:.2f}-{high:.2f}x; runs {per_run}"
+            figures.append(line + ")")
+        print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(figures))
     if "pair_cpu_s_per_gib" in results:
         cpu = results["pair_cpu_s_per_gib"]
         print(f"  backend CPU per GiB the guest moved: basaltd {cpu['basalt']:.2f} s, "
