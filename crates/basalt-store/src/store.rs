@@ -73,10 +73,15 @@ pub struct StoreConfig {
     /// The drainer runs at least this often.
     pub drain_interval: Duration,
     /// A checkpoint is asked for whenever this many more slots, replaced by
-    /// copy-on-write writes, wait for one to come free. It bounds the space
-    /// a stream of whole-extent writes occupies beyond the data, and keeps
-    /// such writes on slots written before instead of never-used ones (on a
-    /// file disk the first write to a slot costs an allocation).
+    /// copy-on-write writes, wait for one to come free (at most an eighth
+    /// of a disk's slots: a small disk does not run out of free slots
+    /// meanwhile). It bounds the space a stream of whole-extent writes
+    /// occupies beyond the data, and keeps such writes on slots written
+    /// before instead of never-used ones (on a file disk the first write to
+    /// a slot costs an allocation). Each checkpoint costs a drain cycle, two
+    /// syncs and a catalog commit: 2048 (2 GiB) asks for one every few
+    /// seconds of a fast sequential writer (see `docs/benchmarks.md`,
+    /// 2026-11-28).
     pub checkpoint_replaced_slots: usize,
 }
 
@@ -91,7 +96,7 @@ impl StoreConfig {
             memory_budget: 128 << 20,
             default_disk_bytes: DEFAULT_DISK_BYTES,
             drain_interval: Duration::from_secs(2),
-            checkpoint_replaced_slots: 256,
+            checkpoint_replaced_slots: 2048,
         }
     }
 }
@@ -1561,7 +1566,12 @@ impl Store {
     /// Asks for a checkpoint when enough replaced slots wait for one (see
     /// `checkpoint_replaced_slots`); called after a slot was quarantined.
     fn slot_replaced(&self, d: &DiskState) {
-        let every = self.inner.config.checkpoint_replaced_slots.max(1);
+        let every = self
+            .inner
+            .config
+            .checkpoint_replaced_slots
+            .min(usize::try_from(d.label.slot_count / 8).unwrap_or(usize::MAX))
+            .max(1);
         if !d.quarantine.is_empty() && d.quarantine.len().is_multiple_of(every) {
             // The slots replaced since the last checkpoint come free only
             // with the next one.

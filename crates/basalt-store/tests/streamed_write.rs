@@ -176,8 +176,9 @@ async fn a_power_cut_with_some_pieces_on_the_disk_keeps_the_old_contents() {
 async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
     // Without the ask, a stream of whole-extent overwrites keeps taking
     // never-used slots until the next timed drain frees the replaced ones.
+    // (128 MiB: an eighth of its slots is more than the 8 asked for here.)
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = SimDisk::new(64 << 20);
+    let disk = SimDisk::new(128 << 20);
     let mut config = config(dir.path());
     config.drain_interval = Duration::from_secs(3600);
     config.checkpoint_replaced_slots = 8;
@@ -229,6 +230,70 @@ async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
     .await
     .expect("the eighth replaced slot asks for a checkpoint");
     for (extent, tag) in [(0u64, 12u64), (1, 9), (2, 10), (3, 11)] {
+        assert_eq!(
+            read_tags(&store, v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS).await,
+            vec![tag; EXTENT_BLOCKS as usize]
+        );
+    }
+    store.halt().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_disk_asks_for_a_checkpoint_after_an_eighth_of_its_slots() {
+    // The configured count is out of reach of a 64 MiB disk (about 60
+    // slots): without the cap at an eighth of the slots, a stream of
+    // overwrites would use up the free slots until the timed drain.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = SimDisk::new(64 << 20);
+    let mut config = config(dir.path());
+    config.drain_interval = Duration::from_secs(3600);
+    config.checkpoint_replaced_slots = usize::MAX;
+    let store = Store::open_with_engines(
+        config,
+        vec![OpenedDisk {
+            path: "sim0".into(),
+            engine: disk.engine(),
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
+    let overwrite = |tag: u64| {
+        let store = store.clone();
+        async move {
+            let extent = tag % 4;
+            let mut source = TagSource::new(tag, extent * EXTENT_BLOCKS, EXTENT_BLOCKS);
+            store
+                .write_from(v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
+                .await
+                .expect("overwrite");
+        }
+    };
+    for tag in 1..=4 {
+        overwrite(tag).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let free = || basalt_store::free_slots_for_tests(&store).len();
+    let before = free();
+    assert!(before > 40, "a 64 MiB disk has {before} free slots");
+    let quarter = before as u64 / 4;
+    for tag in 5..5 + quarter {
+        overwrite(tag).await;
+    }
+    // Checkpoints asked for after each eighth give the replaced slots back.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while free() + before / 8 + 1 < before {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("replaced slots come free long before the timed drain");
+    let last = 4 + quarter;
+    for extent in 0..4u64 {
+        // The newest tag written to this extent.
+        let tag = (last - 3..=last)
+            .find(|t| t % 4 == extent)
+            .expect("a tag per extent");
         assert_eq!(
             read_tags(&store, v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS).await,
             vec![tag; EXTENT_BLOCKS as usize]
