@@ -172,16 +172,18 @@ async fn a_power_cut_with_some_pieces_on_the_disk_keeps_the_old_contents() {
     store.halt().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
-    // Without the ask, a stream of whole-extent overwrites keeps taking
-    // never-used slots until the next timed drain frees the replaced ones.
-    // (128 MiB: an eighth of its slots is more than the 8 asked for here.)
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = SimDisk::new(128 << 20);
-    let mut config = config(dir.path());
+/// A store on a simulated disk of `disk_bytes` with the drain timer out of
+/// reach and a checkpoint asked for every `replaced_slots` replaced slots,
+/// and a vdisk of four extents on it.
+async fn store_without_timed_drains(
+    dir: &std::path::Path,
+    disk_bytes: u64,
+    replaced_slots: usize,
+) -> (Store, u64) {
+    let disk = SimDisk::new(disk_bytes);
+    let mut config = config(dir);
     config.drain_interval = Duration::from_secs(3600);
-    config.checkpoint_replaced_slots = 8;
+    config.checkpoint_replaced_slots = replaced_slots;
     let store = Store::open_with_engines(
         config,
         vec![OpenedDisk {
@@ -192,26 +194,35 @@ async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
     .await
     .expect("open store");
     let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    let overwrite = |tag: u64| {
-        let store = store.clone();
-        async move {
-            let extent = tag % 4;
-            let mut source = TagSource::new(tag, extent * EXTENT_BLOCKS, EXTENT_BLOCKS);
-            store
-                .write_from(v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
-                .await
-                .expect("overwrite");
-        }
-    };
+    (store, v)
+}
+
+/// Overwrites extent `tag % 4` of vdisk `v` whole with `tag`, streamed.
+async fn overwrite_extent(store: &Store, v: u64, tag: u64) {
+    let extent = tag % 4;
+    let mut source = TagSource::new(tag, extent * EXTENT_BLOCKS, EXTENT_BLOCKS);
+    store
+        .write_from(v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
+        .await
+        .expect("overwrite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
+    // Without the ask, a stream of whole-extent overwrites keeps taking
+    // never-used slots until the next timed drain frees the replaced ones.
+    // (128 MiB: an eighth of its slots is more than the 8 asked for here.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, v) = store_without_timed_drains(dir.path(), 128 << 20, 8).await;
     // Creating the vdisk and the first tenancies ask for nothing.
     for tag in 1..=4 {
-        overwrite(tag).await;
+        overwrite_extent(&store, v, tag).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let free = || basalt_store::free_slots_for_tests(&store).len();
     let before = free();
     for tag in 5..=11 {
-        overwrite(tag).await;
+        overwrite_extent(&store, v, tag).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -219,7 +230,7 @@ async fn replaced_slots_ask_for_a_checkpoint_before_the_timer_does() {
         before - 7,
         "seven replaced slots already asked for a checkpoint"
     );
-    overwrite(12).await;
+    overwrite_extent(&store, v, 12).await;
     // The checkpoint frees the replaced slots its cycle covers: at least
     // the seven before the last write.
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -244,33 +255,9 @@ async fn a_small_disk_asks_for_a_checkpoint_after_an_eighth_of_its_slots() {
     // slots): without the cap at an eighth of the slots, a stream of
     // overwrites would use up the free slots until the timed drain.
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = SimDisk::new(64 << 20);
-    let mut config = config(dir.path());
-    config.drain_interval = Duration::from_secs(3600);
-    config.checkpoint_replaced_slots = usize::MAX;
-    let store = Store::open_with_engines(
-        config,
-        vec![OpenedDisk {
-            path: "sim0".into(),
-            engine: disk.engine(),
-        }],
-    )
-    .await
-    .expect("open store");
-    let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
-    let overwrite = |tag: u64| {
-        let store = store.clone();
-        async move {
-            let extent = tag % 4;
-            let mut source = TagSource::new(tag, extent * EXTENT_BLOCKS, EXTENT_BLOCKS);
-            store
-                .write_from(v, extent * EXTENT_BLOCKS, EXTENT_BLOCKS, &mut source, false)
-                .await
-                .expect("overwrite");
-        }
-    };
+    let (store, v) = store_without_timed_drains(dir.path(), 64 << 20, usize::MAX).await;
     for tag in 1..=4 {
-        overwrite(tag).await;
+        overwrite_extent(&store, v, tag).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let free = || basalt_store::free_slots_for_tests(&store).len();
@@ -278,7 +265,7 @@ async fn a_small_disk_asks_for_a_checkpoint_after_an_eighth_of_its_slots() {
     assert!(before > 40, "a 64 MiB disk has {before} free slots");
     let quarter = before as u64 / 4;
     for tag in 5..5 + quarter {
-        overwrite(tag).await;
+        overwrite_extent(&store, v, tag).await;
     }
     // Checkpoints asked for after each eighth give the replaced slots back.
     tokio::time::timeout(Duration::from_secs(5), async {
