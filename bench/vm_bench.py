@@ -33,7 +33,9 @@ QEMU/TCG, in one run:
             (IOPS and completion latency), and a 4 KiB random read at depth 1
             beside a 1 MiB writer at depth 4 (the reader's latency shows
             requests waiting behind the writer's); --fio-rounds rounds, the
-            first disk alternating, ratios per round
+            first disk alternating, ratios per round; since 2026-11-28 the
+            guest runs --fio-runs times (default --repeat) and the rounds of
+            all runs are pooled, with the same bootstrap interval as dd-pair
   migrate   live migration of a 512 MiB guest between two Basalt nodes on
             this machine: QEMU's downtime and the total time (`vm show`)
 
@@ -44,7 +46,7 @@ Usage: bench/vm_bench.py [--dir /var/tmp/basalt-vmbench] [--repeat 3]
                          [--dd-mb 512] [--warmup 2] [--pair-rounds 7] [--pair-runs N] [--pair-chunk-mb 64]
                          [--pair-write-through]
                          [--no-build]
-                         [--fio-rounds 2] [--fio-runtime 5] [--fio-mb 256] [--fio-jobs a,b]
+                         [--fio-rounds 2] [--fio-runs N] [--fio-runtime 5] [--fio-mb 256] [--fio-jobs a,b]
                          [--only boot,dd,pair,fio,migrate] [--bin-dir target/release]
                          [--json results.json]
 Needs: qemu-system-x86_64, qemu-storage-daemon, fio, what build-guest.sh needs,
@@ -225,6 +227,20 @@ def median_interval(ratios_by_run, resamples=2000, seed=0):
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+def pooled_ratio(ratios_by_run):
+    """The median of pooled per-round ratios with their range, and, over
+    several runs, the 95 % interval of `median_interval` and each run's
+    median: "1.02x (rounds 0.90-1.10x; 95% interval ...; runs ...)"."""
+    ratios = [x for run in ratios_by_run for x in run]
+    text = (f"{statistics.median(ratios):.2f}x "
+            f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x")
+    if len(ratios_by_run) > 1:
+        low, high = median_interval(ratios_by_run)
+        per_run = ", ".join(f"{statistics.median(run):.2f}" for run in ratios_by_run)
+        text += f"; 95% interval {low:.2f}-{high:.2f}x; runs {per_run}"
+    return text + ")"
+
+
 def ddpair_rounds(text, basalt_sectors):
     """The guest's `ddpair` lines: round -> {"basalt" | "qsd": (mb, write_s,
     read_s)}; the disks are told apart by size (`basalt_sectors`)."""
@@ -342,6 +358,8 @@ def main():
                              "(0: whole passes); must divide --dd-mb")
     parser.add_argument("--fio-rounds", type=int, default=2,
                         help="rounds of the one-guest fio comparison")
+    parser.add_argument("--fio-runs", type=int,
+                        help="guest runs of the one-guest fio comparison, pooled (default: --repeat)")
     parser.add_argument("--fio-runtime", type=int, default=5, help="seconds per fio job and disk")
     parser.add_argument("--fio-mb", type=int, default=256, help="MiB of each disk fio works on")
     parser.add_argument("--fio-jobs", help="comma-separated fio jobs to run (default: all); "
@@ -357,6 +375,9 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    fio_runs = args.repeat if args.fio_runs is None else args.fio_runs
+    if fio_runs < 1:
+        parser.error("--fio-runs must be at least 1")
     pair_runs = args.repeat if args.pair_runs is None else args.pair_runs
     if pair_runs < 1:
         parser.error("--pair-runs must be at least 1")
@@ -381,7 +402,7 @@ def main():
                "dd_read_mbs": {"basalt": [], "qsd": []}, "migration": [],
                "warmup_dd_write_mbs": {"basalt": [], "qsd": []},
                "warmup_dd_read_mbs": {"basalt": [], "qsd": []},
-               "pair_runs": [], "pair_disks": {}, "fio_rounds": []}
+               "pair_runs": [], "pair_disks": {}, "fio_runs": []}
     nodes = []
     qsd = None
     try:
@@ -517,20 +538,24 @@ def main():
             basalt_sock = first.cli("vdisk", "export", "fio-data", "--vhost")["socket"]
             basalt_sectors = (disk_mb + 64) << 11
             fio_img = os.path.join(GUEST_DIR, "fio.img")
-            _, text = run_qemu_until(
-                qemu_args(kernel, initrd, f"basalt.test=fiopair basalt.fiomb={min(args.fio_mb, disk_mb)} "
-                                          f"basalt.fiorounds={args.fio_rounds} "
-                                          f"basalt.fioruntime={args.fio_runtime}" +
-                                          (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
-                vhost_disks(basalt_sock, sock) +
-                ["-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
-                 "-device", "virtio-blk-pci,drive=tools"],
-                "BASALT-DONE", timeout=3600)
-            rounds = fio_rounds(text, basalt_sectors)
-            if "fiopair PASS" not in text or len(rounds) != args.fio_rounds or \
-                    any(len(r) != 2 for r in rounds.values()):
-                raise RuntimeError(f"the one-guest fio did not finish:\n{text[-3000:]}")
-            results["fio_rounds"] = [rounds[r] for r in sorted(rounds)]
+            # Like the dd pair, the guest runs several times and the rounds
+            # of all runs are pooled (each run boots afresh: a run's rounds
+            # share its host conditions, runs less so).
+            for _ in range(fio_runs):
+                _, text = run_qemu_until(
+                    qemu_args(kernel, initrd, f"basalt.test=fiopair basalt.fiomb={min(args.fio_mb, disk_mb)} "
+                                              f"basalt.fiorounds={args.fio_rounds} "
+                                              f"basalt.fioruntime={args.fio_runtime}" +
+                                              (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
+                    vhost_disks(basalt_sock, sock) +
+                    ["-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
+                     "-device", "virtio-blk-pci,drive=tools"],
+                    "BASALT-DONE", timeout=3600)
+                rounds = fio_rounds(text, basalt_sectors)
+                if "fiopair PASS" not in text or len(rounds) != args.fio_rounds or \
+                        any(len(r) != 2 for r in rounds.values()):
+                    raise RuntimeError(f"the one-guest fio did not finish:\n{text[-3000:]}")
+                results["fio_runs"].append([rounds[r] for r in sorted(rounds)])
             first.cli("vdisk", "unexport", "fio-data", "--vhost")
         if qsd:
             qsd.terminate()
@@ -596,15 +621,9 @@ def main():
         figures = []
         for key, name in (("write_mbs", "write"), ("read_mbs", "read")):
             ratios_by_run = [[r["basalt"][key] / r["qsd"][key] for r in run] for run in rounds_by_run]
-            ratios = [x for run in ratios_by_run for x in run]
             b, q = med(r["basalt"][key] for r in rounds), med(r["qsd"][key] for r in rounds)
-            line = (f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, basalt/qsd {med(ratios):.2f}x "
-                    f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x")
-            if len(ratios_by_run) > 1:
-                low, high = median_interval(ratios_by_run)
-                per_run = ", ".join(f"{med(run):.2f}" for run in ratios_by_run)
-                line += f"; 95% interval {low:.2f}-{high:.2f}x; runs {per_run}"
-            figures.append(line + ")")
+            figures.append(f"{name} basalt {b:.0f} MB/s, qsd {q:.0f} MB/s, "
+                           f"basalt/qsd {pooled_ratio(ratios_by_run)}")
         print(f"dd, {label} ({len(rounds)} rounds): " + "; ".join(figures))
     if "pair_cpu_s_per_gib" in results:
         cpu = results["pair_cpu_s_per_gib"]
@@ -623,18 +642,21 @@ def main():
             line += (f"; each MiB {figures['device_us_per_mib']:.0f} µs in the device, "
                      f"{figures['guest_us_per_mib']:.0f} µs in the guest")
         print(line)
-    if results["fio_rounds"]:
-        print(f"fio, one guest, both disks in turn ({len(results['fio_rounds'])} rounds, "
+    if results["fio_runs"]:
+        fio_by_run = results["fio_runs"]
+        print(f"fio, one guest, both disks in turn ({len(fio_by_run)} runs of {args.fio_rounds} rounds, "
               f"{args.fio_runtime} s per job; for latencies the ratio is qsd/basalt, "
               "so above 1 is Basalt better everywhere):")
         for label, job, figure, higher_better in FIO_FIGURES:
-            if any(job not in r["basalt"] for r in results["fio_rounds"]):
+            if any(job not in r["basalt"] for run in fio_by_run for r in run):
                 continue
-            pairs = [(r["basalt"][job][figure], r["qsd"][job][figure]) for r in results["fio_rounds"]]
-            ratios = [(b / q if higher_better else q / b) if min(b, q) > 0 else float("nan")
-                      for b, q in pairs]
+            pairs_by_run = [[(r["basalt"][job][figure], r["qsd"][job][figure]) for r in run]
+                            for run in fio_by_run]
+            ratios_by_run = [[(b / q if higher_better else q / b) if min(b, q) > 0 else float("nan")
+                              for b, q in run] for run in pairs_by_run]
+            pairs = [p for run in pairs_by_run for p in run]
             print(f"  {label}: basalt {med(b for b, _ in pairs):.0f}, qsd {med(q for _, q in pairs):.0f}, "
-                  f"{med(ratios):.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}x)")
+                  f"{pooled_ratio(ratios_by_run)}")
     if results["migration"]:
         down = med(m["downtime_ms"] for m in results["migration"])
         total = med(m["total_ms"] for m in results["migration"])
