@@ -79,9 +79,9 @@ pub struct StoreConfig {
     /// occupies beyond the data, and keeps such writes on slots written
     /// before instead of never-used ones (on a file disk the first write to
     /// a slot costs an allocation). Each checkpoint costs a drain cycle, two
-    /// syncs and a catalog commit: 2048 (2 GiB) asks for one every few
-    /// seconds of a fast sequential writer (see `docs/benchmarks.md`,
-    /// 2026-11-28).
+    /// syncs and a catalog commit: 2048 (2 GiB) asks for one per second of
+    /// a 2 GB/s sequential writer instead of eight (see
+    /// `docs/benchmarks.md`, 2026-11-28).
     pub checkpoint_replaced_slots: usize,
 }
 
