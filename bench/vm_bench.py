@@ -241,6 +241,21 @@ def pooled_ratio(ratios_by_run):
     return text + ")"
 
 
+def guest_runs(count, qemu_command, test, rounds_of, expected_rounds, timeout):
+    """Boots the one-guest comparison `test` `count` times with the same
+    command; returns each run's rounds in order (each round with both
+    targets) and the console text of the last run."""
+    runs = []
+    for _ in range(count):
+        _, text = run_qemu_until(qemu_command, "BASALT-DONE", timeout=timeout)
+        rounds = rounds_of(text)
+        if f"{test} PASS" not in text or len(rounds) != expected_rounds or \
+                any(len(r) != 2 for r in rounds.values()):
+            raise RuntimeError(f"the one-guest {test} did not finish:\n{text[-3000:]}")
+        runs.append([rounds[r] for r in sorted(rounds)])
+    return runs, text
+
+
 def ddpair_rounds(text, basalt_sectors):
     """The guest's `ddpair` lines: round -> {"basalt" | "qsd": (mb, write_s,
     read_s)}; the disks are told apart by size (`basalt_sectors`)."""
@@ -254,7 +269,8 @@ def ddpair_rounds(text, basalt_sectors):
 
 
 def pair_write_split(text, rounds, disk_targets):
-    """Per target, from the guest's `/sys/block/*/stat` after the pair run:
+    """Per target, from the guest's `/sys/block/*/stat` after a pair run
+    (`text`, its console; `rounds`, that run's rounds in order):
     write requests per MiB written, their mean time in the device as the
     guest's block layer times them (flushes apart), and, where each MiB is
     one request (the guest waits for one request at a time), each MiB split
@@ -269,8 +285,8 @@ def pair_write_split(text, rounds, disk_targets):
         writes, write_ms, flush_ms = int(m.group(2)), int(m.group(3)), int(m.group(4))
         if target is None or writes == 0:
             continue
-        total_s = sum(r[target]["write_s"] for r in rounds.values())
-        total_mb = sum(r[target]["mb"] for r in rounds.values())
+        total_s = sum(r[target]["write_s"] for r in rounds)
+        total_mb = sum(r[target]["mb"] for r in rounds)
         per_mib = writes / total_mb
         figures = {"requests_per_mib": per_mib, "latency_us": write_ms * 1000 / writes}
         if per_mib < 1.1:
@@ -494,23 +510,20 @@ def main():
             # One guest run's rounds are not independent samples of the
             # ratio (they share the host's mood of that half minute), so
             # the guest runs --pair-runs times and the figures pool them.
-            for _ in range(pair_runs):
-                _, text = run_qemu_until(
-                    qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
-                                              f"basalt.ddrounds={args.pair_rounds} "
-                                              f"basalt.ddchunk={args.pair_chunk_mb}" +
-                                              (" basalt.ddwt=1" if args.pair_write_through else "")) +
-                    vhost_disks(basalt_sock, sock),
-                    "BASALT-DONE", timeout=1800)
-                rounds = {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
-                                         "read_mbs": mb / max(read_s, 0.01),
-                                         "mb": mb, "write_s": write_s}
-                                for target, (mb, write_s, read_s) in disks.items()}
-                          for rnd, disks in ddpair_rounds(text, basalt_sectors).items()}
-                if "ddpair PASS" not in text or len(rounds) != args.pair_rounds or \
-                        any(len(r) != 2 for r in rounds.values()):
-                    raise RuntimeError(f"the one-guest dd did not finish:\n{text[-2000:]}")
-                results["pair_runs"].append([rounds[r] for r in sorted(rounds)])
+            results["pair_runs"], text = guest_runs(
+                pair_runs,
+                qemu_args(kernel, initrd, f"basalt.test=ddpair basalt.ddmb={args.dd_mb} "
+                                          f"basalt.ddrounds={args.pair_rounds} "
+                                          f"basalt.ddchunk={args.pair_chunk_mb}" +
+                                          (" basalt.ddwt=1" if args.pair_write_through else "")) +
+                vhost_disks(basalt_sock, sock),
+                "ddpair",
+                lambda text: {rnd: {target: {"write_mbs": mb / max(write_s, 0.01),
+                                             "read_mbs": mb / max(read_s, 0.01),
+                                             "mb": mb, "write_s": write_s}
+                                    for target, (mb, write_s, read_s) in disks.items()}
+                              for rnd, disks in ddpair_rounds(text, basalt_sectors).items()},
+                args.pair_rounds, timeout=1800)
             # What each backend spent on the CPU over the whole guest runs
             # (basaltd also keeps its idle cluster chores going meanwhile).
             moved_gib = 2 * pair_runs * args.pair_rounds * args.dd_mb / 1024
@@ -529,7 +542,7 @@ def main():
             results["pair_cost"] = {}
             for m in re.finditer(r"BASALT-DDPAIR-COST: disk=(\w+) (.*)", text):
                 results["pair_cost"][disk_targets.get(m.group(1), m.group(1))] = m.group(2).strip()
-            results["pair_write_split_us"] = pair_write_split(text, rounds, disk_targets)
+            results["pair_write_split_us"] = pair_write_split(text, results["pair_runs"][-1], disk_targets)
             first.cli("vdisk", "unexport", "pair-data", "--vhost")
 
         # --- fio: one guest, both disks, fio from a third disk -------------------
@@ -541,21 +554,18 @@ def main():
             # Like the dd pair, the guest runs several times and the rounds
             # of all runs are pooled (each run boots afresh: a run's rounds
             # share its host conditions, runs less so).
-            for _ in range(fio_runs):
-                _, text = run_qemu_until(
-                    qemu_args(kernel, initrd, f"basalt.test=fiopair basalt.fiomb={min(args.fio_mb, disk_mb)} "
-                                              f"basalt.fiorounds={args.fio_rounds} "
-                                              f"basalt.fioruntime={args.fio_runtime}" +
-                                              (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
-                    vhost_disks(basalt_sock, sock) +
-                    ["-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
-                     "-device", "virtio-blk-pci,drive=tools"],
-                    "BASALT-DONE", timeout=3600)
-                rounds = fio_rounds(text, basalt_sectors)
-                if "fiopair PASS" not in text or len(rounds) != args.fio_rounds or \
-                        any(len(r) != 2 for r in rounds.values()):
-                    raise RuntimeError(f"the one-guest fio did not finish:\n{text[-3000:]}")
-                results["fio_runs"].append([rounds[r] for r in sorted(rounds)])
+            results["fio_runs"], _ = guest_runs(
+                fio_runs,
+                qemu_args(kernel, initrd, f"basalt.test=fiopair basalt.fiomb={min(args.fio_mb, disk_mb)} "
+                                          f"basalt.fiorounds={args.fio_rounds} "
+                                          f"basalt.fioruntime={args.fio_runtime}" +
+                                          (f" basalt.fiojobs={args.fio_jobs}" if args.fio_jobs else "")) +
+                vhost_disks(basalt_sock, sock) +
+                ["-drive", f"file={fio_img},if=none,id=tools,format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,drive=tools"],
+                "fiopair",
+                lambda text: fio_rounds(text, basalt_sectors),
+                args.fio_rounds, timeout=3600)
             first.cli("vdisk", "unexport", "fio-data", "--vhost")
         if qsd:
             qsd.terminate()
