@@ -381,6 +381,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let node = node.clone();
         tokio::spawn(async move { node.offer_vm_capacity().await });
     }
+    // Caught from before the first request is served: a SIGTERM that
+    // follows the first healthy answer must stop basaltd cleanly, not
+    // kill it by the signal's default action.
+    let signals = StopSignals::install()?;
     let (stop, stopped) = watch::channel(false);
     let registry: Arc<dyn basalt_core::ExportRegistry> = Arc::new(node.exports());
     let nbd = basalt_nbd::NbdServer::new(registry);
@@ -398,7 +402,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tracing::info!(api = %args.api, nbd = %args.nbd, listen = %args.listen, data_dir = %args.data_dir.display(), "basaltd serving");
 
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
     match nbd_task.await {
@@ -417,15 +421,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals that stop basaltd (SIGTERM, SIGINT), caught once installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Waits for either signal (one that arrived since `install` counts).
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 #[cfg(test)]
