@@ -1600,7 +1600,7 @@ impl Store {
     /// that continues it goes into the same slot at its own blocks, and the
     /// part that makes it whole switches the extent to that slot. Each part
     /// is written once and answered on its own. `None`: this write is no
-    /// such part (or no written slot is free); the caller logs it.
+    /// such part (or no slot with its space reserved is free); the caller logs it.
     async fn write_shadow(
         &self,
         key: ExtentKey,
@@ -1640,7 +1640,10 @@ impl Store {
                 let (slot, fresh) = d.take_slot()?;
                 if fresh {
                     // Its space is not reserved; the logged path needs none.
+                    // The next rewrite finds reserved slots again.
                     d.give_back(slot, fresh);
+                    drop(guard);
+                    self.reserve_slots_ahead(disk);
                     return None;
                 }
                 d.shadows.insert(
@@ -1669,6 +1672,11 @@ impl Store {
                 d.slot_offset(slot),
             )
         };
+        // A rewrite in parts takes slots as whole-extent writes do: it keeps
+        // the never-used ones reserved ahead too, or once the reused ones
+        // run out (until a checkpoint frees more) every rewrite would find
+        // an unreserved slot and fall back to the oplog.
+        self.reserve_slots_ahead(disk);
         let block = BLOCK_BYTES as usize;
         let data_offset = offset + SLOT_META_BYTES + u64::from(start) * BLOCK_BYTES;
         // The part's data, where it is held: one segment of the caller's

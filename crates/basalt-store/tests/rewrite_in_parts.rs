@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{Store, StoreError};
+use basalt_store::{OpenedDisk, Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -24,7 +24,8 @@ const EXTENT_BLOCKS: u64 = 256;
 const PARTS: [(u64, u64); 3] = [(0, 126), (126, 126), (252, 4)];
 
 /// A store on `disk` with vdisk "v" whose extents 0..4 hold tag 1, and a
-/// written slot free for reuse (a rewrite in parts only takes such slots).
+/// written slot free for reuse (a rewrite in parts takes only slots whose
+/// space is reserved: reused ones, or never-used ones reserved ahead).
 async fn store_with_written_extents(dir: &std::path::Path, disk: &SimDisk) -> (Store, u64) {
     let store = open_sim(dir, disk).await;
     let v = store.create_vdisk("v", 8 << 20).await.expect("create").id;
@@ -411,6 +412,59 @@ async fn a_checkpoint_between_overlapping_rewrites_cuts_neither() {
     assert_eq!(extent_tags(&store, v, a).await, vec![2; 256], "rewrite A");
     for tag in extent_tags(&store, v, b).await {
         assert!(tag == 1 || tag == 3, "block of B reads tag {tag}");
+    }
+    store.halt().await;
+}
+
+/// More extents rewritten in parts than never-used slots are reserved ahead,
+/// with no checkpoint in between to hand replaced slots back: every rewrite
+/// still goes once into a slot of its own and switches its extent (the
+/// rewrites keep slots reserved ahead, as whole-extent writes do); none
+/// falls back to the oplog and its second write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_in_parts_keep_never_used_slots_reserved_ahead() {
+    const EXTENTS: u64 = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // About a thousand slots: an eighth of them (the cap on replaced slots
+    // before a checkpoint) is more than the rewrites replace.
+    let disk = SimDisk::new(1 << 30);
+    let mut config = config(dir.path());
+    config.drain_interval = Duration::from_secs(3600);
+    let store = Store::open_with_engines(
+        config,
+        vec![OpenedDisk {
+            path: "sim0".into(),
+            engine: disk.engine(),
+        }],
+    )
+    .await
+    .expect("open store");
+    let v = store
+        .create_vdisk("v", EXTENTS << 20)
+        .await
+        .expect("create")
+        .id;
+    for e in 0..EXTENTS {
+        let first = e * EXTENT_BLOCKS;
+        store
+            .write(v, first, buffer(1, first, 256), false)
+            .await
+            .expect("whole extent");
+    }
+    let cow_before = cow_writes(&store);
+
+    for e in 0..EXTENTS {
+        write_parts(&store, v, e, &PARTS, 2).await;
+    }
+    // A part that fell back to the oplog would have interrupted its
+    // rewrite, which then never switches.
+    assert_eq!(
+        cow_writes(&store),
+        cow_before + EXTENTS,
+        "every rewrite switched its extent to its own slot"
+    );
+    for e in 0..EXTENTS {
+        assert_eq!(extent_tags(&store, v, e).await, vec![2; 256], "extent {e}");
     }
     store.halt().await;
 }
