@@ -115,6 +115,22 @@ pub trait DiskEngine: Send + Sync + 'static {
         segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>>;
 
+    /// Writes like [`DiskEngine::write_at`], but through the kernel's page
+    /// cache where the engine has one: the write completes once the kernel
+    /// holds the bytes, not once the device has them, so it does not wait
+    /// behind large writes already queued at the device. A crash of this
+    /// process keeps it (the kernel writes it back); a power cut may lose
+    /// it until the next [`DiskEngine::sync`], as it may any write. Reads
+    /// see it at once (the kernel keeps direct and cached I/O of one file
+    /// coherent). Engines without such a path write as `write_at`.
+    fn write_at_cached(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.write_at(offset, segments)
+    }
+
     /// Writes many independent ranges; the results come back in order. An
     /// engine may hand them to the kernel together (one submission, one
     /// device notification) instead of one by one.

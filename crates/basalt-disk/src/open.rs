@@ -83,6 +83,13 @@ pub fn open_disk(
         )));
     }
 
+    let open_with = |flags: i32| -> std::io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+    };
     let open = |direct: bool| -> std::io::Result<File> {
         let mut flags = 0;
         if direct {
@@ -91,12 +98,11 @@ pub fn open_disk(
         if block_device {
             flags |= libc::O_EXCL;
         }
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(path)
+        open_with(flags)
     };
+    // A descriptor for the engine's cached writes: neither direct nor
+    // exclusive (the claim and the lock stay with the other two).
+    let open_cached = || open_with(0).ok();
 
     let buffered = open(false).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {
@@ -130,12 +136,20 @@ pub fn open_disk(
         EngineChoice::Sync => Arc::new(SyncEngine::new(buffered, size)),
         EngineChoice::Uring => {
             let direct = open(true).map_err(open_err)?;
-            Arc::new(UringEngine::new(direct, size, Some(buffered))?)
+            Arc::new(UringEngine::new(
+                direct,
+                size,
+                Some(buffered),
+                open_cached(),
+            )?)
         }
         EngineChoice::Auto => match open(true) {
-            Ok(direct) if direct_io_works(&direct) => {
-                Arc::new(UringEngine::new(direct, size, Some(buffered))?)
-            }
+            Ok(direct) if direct_io_works(&direct) => Arc::new(UringEngine::new(
+                direct,
+                size,
+                Some(buffered),
+                open_cached(),
+            )?),
             _ => {
                 tracing::info!(path = %path.display(), "O_DIRECT refused; using pread/pwrite");
                 Arc::new(SyncEngine::new(buffered, size))

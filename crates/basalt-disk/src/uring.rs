@@ -6,6 +6,11 @@
 //! reactor wakes the task, and the task completes the waiting futures on the
 //! same worker thread — no extra thread and no extra wake-up per I/O. Short
 //! transfers (rare on regular files) are resubmitted for the remainder.
+//!
+//! Cached writes ([`crate::DiskEngine::write_at_cached`]) go through the
+//! same ring on another descriptor of the file, opened without `O_DIRECT`:
+//! the kernel keeps the two coherent, and an `fdatasync` on either makes
+//! both durable.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -31,6 +36,8 @@ enum OpKind {
     Write {
         _segments: Vec<Segment>,
         done: oneshot::Sender<Result<(), DiskError>>,
+        /// Through the buffered descriptor (the page cache), not `O_DIRECT`.
+        cached: bool,
     },
     Sync {
         done: oneshot::Sender<Result<(), DiskError>>,
@@ -55,6 +62,10 @@ struct Shared {
     /// every access to the submission queue.
     ops: Mutex<Slab>,
     file: File,
+    /// The same file opened without `O_DIRECT` (and without the lock or
+    /// exclusive claim, which go with the engine), for cached writes; kept
+    /// here so that it outlives every operation that names it.
+    cached: Option<File>,
 }
 
 #[derive(Default)]
@@ -96,9 +107,17 @@ pub struct UringEngine {
 }
 
 impl UringEngine {
-    /// Starts an engine on `file`, which should be opened with `O_DIRECT`.
-    /// Must be called within a tokio runtime, which will reap completions.
-    pub fn new(file: File, size: u64, lock_holder: Option<File>) -> Result<UringEngine, DiskError> {
+    /// Starts an engine on `file`, which should be opened with `O_DIRECT`;
+    /// `lock_holder` is kept (and closed) with the engine, `cached` (the
+    /// file opened without `O_DIRECT`) serves cached writes, which without
+    /// it are written direct. Must be called within a tokio runtime, which
+    /// will reap completions.
+    pub fn new(
+        file: File,
+        size: u64,
+        lock_holder: Option<File>,
+        cached: Option<File>,
+    ) -> Result<UringEngine, DiskError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| DiskError::Uring(std::io::Error::other(e.to_string())))?;
         let ring = IoUring::builder()
@@ -128,6 +147,7 @@ impl UringEngine {
             ring,
             ops: Mutex::new(Slab::default()),
             file,
+            cached,
         });
         runtime.spawn(reap(shared.clone(), notifier));
         Ok(UringEngine {
@@ -142,6 +162,7 @@ impl UringEngine {
         &self,
         offset: u64,
         segments: Vec<Segment>,
+        cached: bool,
     ) -> Result<(Op, oneshot::Receiver<Result<(), DiskError>>), DiskError> {
         let total: u64 = segments.iter().map(|s| s.len as u64).sum();
         check_aligned(offset, segment_parts(&segments))?;
@@ -160,6 +181,7 @@ impl UringEngine {
             kind: OpKind::Write {
                 _segments: segments,
                 done,
+                cached,
             },
             offset,
             iovecs,
@@ -176,6 +198,26 @@ impl UringEngine {
                 size: self.size,
             }),
         }
+    }
+
+    /// Submits one write, direct or `cached` (through the buffered descriptor).
+    fn write(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+        cached: bool,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        let (op, wait) = match self.write_op(offset, segments, cached) {
+            Ok(prepared) => prepared,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            if let Err((_, error)) = shared.submit(op) {
+                return Err(DiskError::from_io(offset, error));
+            }
+            wait.await.unwrap_or(Err(DiskError::EngineGone))
+        })
     }
 }
 
@@ -194,7 +236,11 @@ impl Shared {
                     .build()
                     .user_data(token)
             }
-            OpKind::Write { .. } => {
+            OpKind::Write { cached, .. } => {
+                let fd = match (&self.cached, cached) {
+                    (Some(file), true) => types::Fd(file.as_raw_fd()),
+                    _ => fd,
+                };
                 opcode::Writev::new(fd, op.iovecs.as_ptr(), op.iovecs.len() as u32)
                     .offset(op.offset)
                     .build()
@@ -474,7 +520,9 @@ fn abandon_all(shared: &Shared) {
                 std::mem::forget(buf);
                 let _ = done.send((IoBuf::zeroed(len), Err(DiskError::EngineGone)));
             }
-            OpKind::Write { _segments, done } => {
+            OpKind::Write {
+                _segments, done, ..
+            } => {
                 std::mem::forget(_segments);
                 let _ = done.send(Err(DiskError::EngineGone));
             }
@@ -532,17 +580,15 @@ impl DiskEngine for UringEngine {
         offset: u64,
         segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        let (op, wait) = match self.write_op(offset, segments) {
-            Ok(prepared) => prepared,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            if let Err((_, error)) = shared.submit(op) {
-                return Err(DiskError::from_io(offset, error));
-            }
-            wait.await.unwrap_or(Err(DiskError::EngineGone))
-        })
+        self.write(offset, segments, false)
+    }
+
+    fn write_at_cached(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.write(offset, segments, self.shared.cached.is_some())
     }
 
     fn write_batch(
@@ -552,7 +598,7 @@ impl DiskEngine for UringEngine {
         let mut waits = Vec::with_capacity(writes.len());
         let mut ops = Vec::with_capacity(writes.len());
         for (offset, segments) in writes {
-            match self.write_op(offset, segments) {
+            match self.write_op(offset, segments, false) {
                 Ok((op, wait)) => {
                     ops.push(op);
                     waits.push(Ok((offset, wait)));
@@ -663,5 +709,61 @@ mod tests {
         assert!(matches!(result, Err(DiskError::OutOfRange { .. })));
         let (_, result) = engine.read_at(1, IoBuf::zeroed(4096)).await;
         assert!(matches!(result, Err(DiskError::Unaligned { .. })));
+    }
+
+    /// A cached write is read back at once by a direct read, overwrites
+    /// what a direct write put there (and is overwritten by the next one),
+    /// and is still there when the disk is opened again without a sync (as
+    /// after a crash of the process), and after one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_writes_are_coherent_with_direct_io_and_outlive_the_engine() {
+        let dir =
+            tempfile::tempdir_in(std::env::var("BASALT_TEST_DIR").unwrap_or("/var/tmp".into()))
+                .expect("tempdir");
+        let path = dir.path().join("d");
+        let fill =
+            |byte: u8, len: usize| Segment::whole(Arc::new(IoBuf::from_slice(&vec![byte; len])));
+        let read = |engine: Arc<dyn DiskEngine>, offset: u64| async move {
+            let (buf, result) = engine.read_at(offset, IoBuf::zeroed(8192)).await;
+            result.expect("read");
+            buf.as_slice().to_vec()
+        };
+        {
+            let disk = open_disk(&path, Some(64 << 20), EngineChoice::Auto).expect("open");
+            assert_eq!(
+                disk.engine.kind(),
+                EngineKind::Uring,
+                "the test needs O_DIRECT"
+            );
+            let engine = disk.engine.clone();
+            engine
+                .write_at(0, vec![fill(1, 8192)])
+                .await
+                .expect("direct write");
+            engine
+                .write_at_cached(4096, vec![fill(2, 4096), fill(3, 4096)])
+                .await
+                .expect("cached write");
+            let mut expected = vec![1u8; 4096];
+            expected.extend([2u8; 4096]);
+            assert_eq!(read(engine.clone(), 0).await, expected);
+            assert_eq!(read(engine.clone(), 8192).await[..4096], [3u8; 4096]);
+            engine
+                .write_at(8192, vec![fill(4, 4096)])
+                .await
+                .expect("direct over cached");
+            assert_eq!(read(engine.clone(), 8192).await[..4096], [4u8; 4096]);
+            let (_, result) = engine.read_at(64 << 20, IoBuf::zeroed(4096)).await;
+            assert!(matches!(result, Err(DiskError::OutOfRange { .. })));
+            let out_of_range = engine.write_at_cached(64 << 20, vec![fill(5, 4096)]).await;
+            assert!(matches!(out_of_range, Err(DiskError::OutOfRange { .. })));
+        }
+        let disk = open_disk(&path, None, EngineChoice::Auto).expect("reopen");
+        let engine = disk.engine.clone();
+        let mut expected = vec![1u8; 4096];
+        expected.extend([2u8; 4096]);
+        assert_eq!(read(engine.clone(), 0).await, expected);
+        engine.sync().await.expect("sync");
+        assert_eq!(read(engine.clone(), 8192).await[..4096], [4u8; 4096]);
     }
 }

@@ -1,7 +1,9 @@
 //! The oplog: group commit on the way in, replay on the way back.
 //!
 //! One writer task per disk takes the oldest gathered batch, places it in the
-//! ring, and writes header and data in one vectored I/O. Only one batch's
+//! ring, and writes header and data in one vectored I/O, through the page
+//! cache ([`basalt_disk::DiskEngine::write_at_cached`]) so that it does not
+//! wait behind the data writes queued at the device. Only one batch's
 //! own write is outstanding per disk, so while it is being written the next
 //! one gathers everything that arrives (group commit); a batch that only
 //! waits for the copy-on-write data its records point at does not hold up
@@ -143,7 +145,13 @@ impl Store {
     fn start_batch(&self, index: usize, job: Job) -> (InFlight, Unwritten) {
         let engine = self.lock().disks[index].engine.clone();
         let (written_tx, written_rx) = oneshot::channel();
-        let write = engine.write_at(job.pos, job.segments);
+        // Through the page cache: a batch is small, and its writers wait for
+        // it; written direct it would queue at the device behind the large
+        // copy-on-write data writes already there. Once the kernel holds it,
+        // a crash of this process keeps it; a power cut may not until the
+        // next sync, which is what the log promises anyway (only FUA
+        // batches and flushes are synced).
+        let write = engine.write_at_cached(job.pos, job.segments);
         let landing = job.landing;
         let done = crate::store::spawn_started(async move {
             let mut result = write.await;
