@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{OpenedDisk, Store, StoreError};
+use basalt_store::{Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -430,15 +430,7 @@ async fn rewrites_in_parts_keep_never_used_slots_reserved_ahead() {
     let disk = SimDisk::new(1 << 30);
     let mut config = config(dir.path());
     config.drain_interval = Duration::from_secs(3600);
-    let store = Store::open_with_engines(
-        config,
-        vec![OpenedDisk {
-            path: "sim0".into(),
-            engine: disk.engine(),
-        }],
-    )
-    .await
-    .expect("open store");
+    let store = open_sim_with(config, &disk).await;
     let v = store
         .create_vdisk("v", EXTENTS << 20)
         .await

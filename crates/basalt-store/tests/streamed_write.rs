@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use basalt_disk::sim::{CutMode, SimDisk};
-use basalt_store::{OpenedDisk, Store, StoreError};
+use basalt_store::{Store, StoreError};
 use common::*;
 
 const EXTENT_BLOCKS: u64 = 256;
@@ -184,15 +184,7 @@ async fn store_without_timed_drains(
     let mut config = config(dir);
     config.drain_interval = Duration::from_secs(3600);
     config.checkpoint_replaced_slots = replaced_slots;
-    let store = Store::open_with_engines(
-        config,
-        vec![OpenedDisk {
-            path: "sim0".into(),
-            engine: disk.engine(),
-        }],
-    )
-    .await
-    .expect("open store");
+    let store = open_sim_with(config, &disk).await;
     let v = store.create_vdisk("v", 4 << 20).await.expect("create").id;
     (store, v)
 }

@@ -22,8 +22,13 @@ pub fn config(dir: &Path) -> StoreConfig {
 }
 
 pub async fn open_sim(dir: &Path, disk: &SimDisk) -> Store {
+    open_sim_with(config(dir), disk).await
+}
+
+/// Opens a store with `config` on `disk`.
+pub async fn open_sim_with(config: StoreConfig, disk: &SimDisk) -> Store {
     Store::open_with_engines(
-        config(dir),
+        config,
         vec![OpenedDisk {
             path: "sim0".into(),
             engine: disk.engine(),
