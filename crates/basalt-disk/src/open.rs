@@ -102,7 +102,14 @@ pub fn open_disk(
     };
     // A descriptor for the engine's cached writes: neither direct nor
     // exclusive (the claim and the lock stay with the other two).
-    let open_cached = || open_with(0).ok();
+    let open_cached = || match open_with(0) {
+        Ok(file) => Some(file),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error,
+                "no buffered descriptor for cached writes; they are written direct");
+            None
+        }
+    };
 
     let buffered = open(false).map_err(|e| {
         if e.raw_os_error() == Some(libc::EBUSY) {

@@ -145,7 +145,8 @@ impl Store {
     fn start_batch(&self, index: usize, job: Job) -> (InFlight, Unwritten) {
         let engine = self.lock().disks[index].engine.clone();
         let (written_tx, written_rx) = oneshot::channel();
-        // Through the page cache: a batch is small, and its writers wait for
+        // Through the page cache: a batch is mostly small (a header, and the
+        // data of writes smaller than an extent), and its writers wait for
         // it; written direct it would queue at the device behind the large
         // copy-on-write data writes already there. Once the kernel holds it,
         // a crash of this process keeps it; a power cut may not until the
