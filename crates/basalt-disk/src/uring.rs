@@ -36,7 +36,8 @@ enum OpKind {
     Write {
         _segments: Vec<Segment>,
         done: oneshot::Sender<Result<(), DiskError>>,
-        /// Through the buffered descriptor (the page cache), not `O_DIRECT`.
+        /// Through the buffered descriptor (the page cache) where the
+        /// engine has one (see `Shared::sqe_for`), else `O_DIRECT`.
         cached: bool,
     },
     Sync {
@@ -588,7 +589,7 @@ impl DiskEngine for UringEngine {
         offset: u64,
         segments: Vec<Segment>,
     ) -> BoxFuture<'static, Result<(), DiskError>> {
-        self.write(offset, segments, self.shared.cached.is_some())
+        self.write(offset, segments, true)
     }
 
     fn write_batch(

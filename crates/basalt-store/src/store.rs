@@ -1609,7 +1609,7 @@ impl Store {
         data: CowData<'_>,
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
-        let (disk, slot, generation, engine, offset) = {
+        let (disk, slot, continuing, generation, engine, offset) = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let e = st.extents.get(&key)?;
@@ -1667,16 +1667,20 @@ impl Store {
             (
                 disk,
                 slot,
+                continuing,
                 generation,
                 d.engine.clone(),
                 d.slot_offset(slot),
             )
         };
-        // A rewrite in parts takes slots as whole-extent writes do: it keeps
-        // the never-used ones reserved ahead too, or once the reused ones
-        // run out (until a checkpoint frees more) every rewrite would find
-        // an unreserved slot and fall back to the oplog.
-        self.reserve_slots_ahead(disk);
+        if !continuing {
+            // A rewrite in parts takes slots as whole-extent writes do: it
+            // keeps the never-used ones reserved ahead too, or once the
+            // reused ones run out (until a checkpoint frees more) every
+            // rewrite would find an unreserved slot and fall back to the
+            // oplog. A continuing part took no slot.
+            self.reserve_slots_ahead(disk);
+        }
         let block = BLOCK_BYTES as usize;
         let data_offset = offset + SLOT_META_BYTES + u64::from(start) * BLOCK_BYTES;
         // The part's data, where it is held: one segment of the caller's
