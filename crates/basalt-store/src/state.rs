@@ -518,7 +518,8 @@ impl DiskState {
 
     /// Takes a slot for a new tenancy: a recently freed one if any (no
     /// space to reserve), else a never-used one (`true`: reserve its space,
-    /// unless that was done ahead).
+    /// unless that was done ahead). Only through `Store::take_slot`, which
+    /// also keeps the never-used slots reserved ahead.
     pub fn take_slot(&mut self) -> Option<(u64, bool)> {
         if let Some(slot) = self.reuse.pop() {
             return Some((slot, false));

@@ -1317,13 +1317,12 @@ impl Store {
             let Some(disk) = st.pick_disk() else {
                 return Err(StoreError::NoSpace);
             };
-            let d = &mut st.disks[disk];
-            let Some((slot, fresh)) = d.take_slot() else {
+            let Some((slot, fresh)) = self.take_slot(&mut st, disk) else {
                 return Err(StoreError::NoSpace);
             };
+            let d = &st.disks[disk];
             (disk, slot, fresh, d.engine.clone(), d.slot_offset(slot))
         };
-        self.reserve_slots_ahead(disk);
         let reserved = if fresh {
             engine.allocate(offset, SLOT_BYTES).await
         } else {
@@ -1335,21 +1334,28 @@ impl Store {
         Ok(())
     }
 
-    /// Reserves the space of the next never-used slots of `disk` in one go,
-    /// in the background, when those taken next are about to run out of
-    /// reserved ones (see `DiskState::wants_reservation`).
-    fn reserve_slots_ahead(&self, disk: usize) {
-        let (range, engine, offset) = {
-            let mut st = self.lock();
-            let Some(d) = st.disks.get_mut(disk) else {
-                return;
-            };
-            let Some(range) = d.wants_reservation() else {
-                return;
-            };
-            let offset = d.slot_offset(range.start);
-            (range, d.engine.clone(), offset)
+    /// Takes a slot of disk `disk` for a new tenancy (see
+    /// `DiskState::take_slot`) and, when the never-used slots taken next are
+    /// about to run out of reserved ones, starts reserving the next ones in
+    /// the background. Every path that takes a slot comes through here:
+    /// one that took slots without asking (the rewrite in parts did, once)
+    /// finds only unreserved never-used slots once the reused ones run out,
+    /// and falls back to writing everything twice, through the oplog.
+    fn take_slot(&self, st: &mut State, disk: usize) -> Option<(u64, bool)> {
+        let d = st.disks.get_mut(disk)?;
+        let taken = d.take_slot();
+        self.reserve_slots_ahead(d, disk);
+        taken
+    }
+
+    /// Reserves the space of the next never-used slots of disk `disk` (whose
+    /// state is `d`) in one go, in the background, when those taken next are
+    /// about to run out of reserved ones (see `DiskState::wants_reservation`).
+    fn reserve_slots_ahead(&self, d: &mut DiskState, disk: usize) {
+        let Some(range) = d.wants_reservation() else {
+            return;
         };
+        let (engine, offset) = (d.engine.clone(), d.slot_offset(range.start));
         let store = self.clone();
         tokio::spawn(async move {
             let bytes = (range.end - range.start) * SLOT_BYTES;
@@ -1453,8 +1459,8 @@ impl Store {
             }
             let alloc_id = st.next_alloc_id()?;
             let generation = st.next_generation(key.0)?;
-            let d = &mut st.disks[disk];
-            let (slot, fresh) = d.take_slot()?;
+            let (slot, fresh) = self.take_slot(&mut st, disk)?;
+            let d = &st.disks[disk];
             (
                 disk,
                 slot,
@@ -1465,7 +1471,6 @@ impl Store {
                 d.slot_offset(slot),
             )
         };
-        self.reserve_slots_ahead(disk);
         let give_back = move |store: &Store| {
             if let Some(d) = store.lock().disks.get_mut(disk) {
                 d.give_back(slot, fresh);
@@ -1609,7 +1614,7 @@ impl Store {
         data: CowData<'_>,
         fua: bool,
     ) -> Option<Result<(), StoreError>> {
-        let (disk, slot, continuing, generation, engine, offset) = {
+        let (disk, slot, generation, engine, offset) = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let e = st.extents.get(&key)?;
@@ -1630,20 +1635,19 @@ impl Store {
             };
             let new_alloc = if continuing { 0 } else { st.next_alloc_id()? };
             let generation = st.next_generation(key.0)?;
-            let d = &mut st.disks[disk];
             let slot = if continuing {
-                let s = d.shadows.get_mut(&key)?;
+                let s = st.disks[disk].shadows.get_mut(&key)?;
                 s.claimed += n;
                 s.inflight += 1;
                 s.slot
             } else {
-                let (slot, fresh) = d.take_slot()?;
+                let (slot, fresh) = self.take_slot(st, disk)?;
+                let d = &mut st.disks[disk];
                 if fresh {
                     // Its space is not reserved; the logged path needs none.
-                    // The next rewrite finds reserved slots again.
+                    // The reservation `take_slot` started lets the next
+                    // rewrites find reserved slots again.
                     d.give_back(slot, fresh);
-                    drop(guard);
-                    self.reserve_slots_ahead(disk);
                     return None;
                 }
                 d.shadows.insert(
@@ -1664,23 +1668,15 @@ impl Store {
                 );
                 slot
             };
+            let d = &st.disks[disk];
             (
                 disk,
                 slot,
-                continuing,
                 generation,
                 d.engine.clone(),
                 d.slot_offset(slot),
             )
         };
-        if !continuing {
-            // A rewrite in parts takes slots as whole-extent writes do: it
-            // keeps the never-used ones reserved ahead too, or once the
-            // reused ones run out (until a checkpoint frees more) every
-            // rewrite would find an unreserved slot and fall back to the
-            // oplog. A continuing part took no slot.
-            self.reserve_slots_ahead(disk);
-        }
         let block = BLOCK_BYTES as usize;
         let data_offset = offset + SLOT_META_BYTES + u64::from(start) * BLOCK_BYTES;
         // The part's data, where it is held: one segment of the caller's
