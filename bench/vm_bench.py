@@ -319,6 +319,8 @@ FIO_FIGURES = [
     ("seq write 1M QD4 (MB/s)", "seqwrite-qd4", "write_mbs", True),
     ("seq write 512k QD2 (MB/s)", "seqwrite-512k", "write_mbs", True),
     ("seq read 1M QD4 (MB/s)", "seqread-qd4", "read_mbs", True),
+    ("seq read 1M QD4 p50 (us)", "seqread-qd4", "read_p50_us", False),
+    ("seq read 1M QD4 p99 (us)", "seqread-qd4", "read_p99_us", False),
     ("rand read 4k QD32 (IOPS)", "randread", "read_iops", True),
     ("rand write 4k QD32 (IOPS)", "randwrite", "write_iops", True),
     ("rand write 4k QD1 (IOPS)", "randwrite-qd1", "write_iops", True),
