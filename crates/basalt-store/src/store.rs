@@ -742,19 +742,7 @@ impl Store {
     }
 
     fn disk_usable(st: &State, disk: usize) -> Result<(), StoreError> {
-        match st.disks.get(disk) {
-            Some(d) => match &d.failed {
-                Some(why) => Err(StoreError::DiskFailed(
-                    d.path.display().to_string(),
-                    why.clone(),
-                )),
-                None => Ok(()),
-            },
-            None => Err(StoreError::DiskFailed(
-                "(missing)".into(),
-                "the disk is not present".into(),
-            )),
-        }
+        Store::disk_usable_ref(&st.disks, disk)
     }
 
     /// Waits while too much written data is waiting to be drained.
@@ -1283,6 +1271,8 @@ impl Store {
         Ok(Queued::Waiting(rx))
     }
 
+    /// Refuses I/O to a disk that failed or is not present (`disk_usable`
+    /// for callers holding only the disks, not the whole state).
     fn disk_usable_ref(disks: &[DiskState], disk: usize) -> Result<(), StoreError> {
         match disks.get(disk) {
             Some(d) => match &d.failed {
