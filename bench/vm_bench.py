@@ -317,6 +317,8 @@ TERSE_WRITE_BW_KIB, TERSE_WRITE_IOPS, TERSE_WRITE_CLAT_PCT = 47, 48, range(58, 7
 FIO_FIGURES = [
     ("seq write 1M QD1 (MB/s)", "seqwrite", "write_mbs", True),
     ("seq write 1M QD4 (MB/s)", "seqwrite-qd4", "write_mbs", True),
+    ("seq write 1M QD4 p50 (us)", "seqwrite-qd4", "write_p50_us", False),
+    ("seq write 1M QD4 p99 (us)", "seqwrite-qd4", "write_p99_us", False),
     ("seq write 512k QD2 (MB/s)", "seqwrite-512k", "write_mbs", True),
     ("seq read 1M QD4 (MB/s)", "seqread-qd4", "read_mbs", True),
     ("seq read 1M QD4 p50 (us)", "seqread-qd4", "read_p50_us", False),
