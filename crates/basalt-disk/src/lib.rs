@@ -131,6 +131,24 @@ pub trait DiskEngine: Send + Sync + 'static {
         self.write_at(offset, segments)
     }
 
+    /// Writes like [`DiskEngine::write_at_cached`], but copies the bytes
+    /// into the page cache on the calling thread, before returning, where
+    /// the engine can: the returned future is then already complete. For
+    /// small writes that someone waits for and nothing else: io_uring hands
+    /// a buffered write to one of its kernel worker threads on filesystems
+    /// that cannot take it without blocking (ext4), and that thread, and
+    /// then the completion's wake-up, each wait for a CPU on a busy host.
+    /// The calling thread blocks for the copy (and, rarely, for the
+    /// kernel's dirty-page throttling), so keep the writes small. Engines
+    /// without such a path write as `write_at_cached`.
+    fn write_at_cached_inline(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        self.write_at_cached(offset, segments)
+    }
+
     /// Writes many independent ranges; the results come back in order. An
     /// engine may hand them to the kernel together (one submission, one
     /// device notification) instead of one by one.

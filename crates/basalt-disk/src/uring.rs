@@ -390,6 +390,63 @@ impl EventFd {
     }
 }
 
+/// Writes all of `op` (a write) to `file` with `pwritev` on this thread.
+/// The op's completion channel is dropped unused: the caller has the result.
+fn write_all_now(file: &File, mut op: Op) -> Result<(), DiskError> {
+    /// Most iovecs one `pwritev` takes (Linux's `UIO_MAXIOV`).
+    const MAX_IOVECS: usize = 1024;
+    let mut first = 0;
+    while first < op.iovecs.len() {
+        let count = (op.iovecs.len() - first).min(MAX_IOVECS);
+        let at = libc::off_t::try_from(op.offset).map_err(|_| DiskError::OutOfRange {
+            offset: op.offset,
+            len: 0,
+            size: i64::MAX as u64,
+        })?;
+        // SAFETY: the iovecs point into the op's own buffers (its segments),
+        // which it keeps alive for the call; `count` of them are valid from
+        // `first`, and `count` fits a c_int (at most 1024).
+        let written = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                op.iovecs[first..].as_ptr(),
+                count as libc::c_int,
+                at,
+            )
+        };
+        if written < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(DiskError::from_io(op.offset, error));
+        }
+        if written == 0 {
+            return Err(DiskError::from_io(
+                op.offset,
+                std::io::Error::from(std::io::ErrorKind::WriteZero),
+            ));
+        }
+        // A short write: go on after the bytes the kernel took.
+        let mut left = written as usize;
+        op.offset += left as u64;
+        while left > 0 {
+            let iov = &mut op.iovecs[first];
+            if left >= iov.iov_len {
+                left -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `left` < the iovec's length, so the pointer stays
+                // inside the same buffer.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(left) }.cast();
+                iov.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The reaper task: waits for the ring's eventfd and finishes operations.
 /// After the shutdown token it keeps reaping until no operation is in flight,
 /// so no buffer is freed while the kernel may still touch it.
@@ -592,6 +649,20 @@ impl DiskEngine for UringEngine {
         self.write(offset, segments, true)
     }
 
+    fn write_at_cached_inline(
+        &self,
+        offset: u64,
+        segments: Vec<Segment>,
+    ) -> BoxFuture<'static, Result<(), DiskError>> {
+        let Some(file) = self.shared.cached.as_ref() else {
+            return self.write(offset, segments, true);
+        };
+        let result = self
+            .write_op(offset, segments, true)
+            .and_then(|(op, _done)| write_all_now(file, op));
+        Box::pin(std::future::ready(result))
+    }
+
     fn write_batch(
         &self,
         writes: Vec<(u64, Vec<Segment>)>,
@@ -758,6 +829,28 @@ mod tests {
             assert!(matches!(result, Err(DiskError::OutOfRange { .. })));
             let out_of_range = engine.write_at_cached(64 << 20, vec![fill(5, 4096)]).await;
             assert!(matches!(out_of_range, Err(DiskError::OutOfRange { .. })));
+
+            // Inline: done when the call returns, more iovecs than one
+            // pwritev takes, coherent with direct reads; refused out of range.
+            let many: Vec<Segment> = (0..1100u32).map(|i| fill((i % 251) as u8, 4096)).collect();
+            let inline = engine.write_at_cached_inline(1 << 20, many);
+            let inline = futures::FutureExt::now_or_never(inline).expect("inline write is done");
+            inline.expect("inline write");
+            for i in [0u32, 1023, 1024, 1099] {
+                let at = (1 << 20) + u64::from(i) * 4096;
+                assert_eq!(
+                    read(engine.clone(), at).await[..4096],
+                    [(i % 251) as u8; 4096]
+                );
+            }
+            let out_of_range = engine
+                .write_at_cached_inline((64 << 20) - 4096, vec![fill(6, 8192)])
+                .await;
+            assert!(matches!(out_of_range, Err(DiskError::OutOfRange { .. })));
+            assert_eq!(
+                read(engine.clone(), (64 << 20) - 8192).await,
+                vec![0u8; 8192]
+            );
         }
         let disk = open_disk(&path, None, EngineChoice::Auto).expect("reopen");
         let engine = disk.engine.clone();
@@ -766,5 +859,9 @@ mod tests {
         assert_eq!(read(engine.clone(), 0).await, expected);
         engine.sync().await.expect("sync");
         assert_eq!(read(engine.clone(), 8192).await[..4096], [4u8; 4096]);
+        assert_eq!(
+            read(engine.clone(), (1 << 20) + 1099 * 4096).await[..4096],
+            [(1099 % 251) as u8; 4096]
+        );
     }
 }
