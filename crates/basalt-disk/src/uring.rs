@@ -395,21 +395,20 @@ impl EventFd {
 fn write_all_now(file: &File, mut op: Op) -> Result<(), DiskError> {
     /// Most iovecs one `pwritev` takes (Linux's `UIO_MAXIOV`).
     const MAX_IOVECS: usize = 1024;
-    let mut first = 0;
-    while first < op.iovecs.len() {
-        let count = (op.iovecs.len() - first).min(MAX_IOVECS);
+    while !op.iovecs.is_empty() {
+        let count = op.iovecs.len().min(MAX_IOVECS);
         let at = libc::off_t::try_from(op.offset).map_err(|_| DiskError::OutOfRange {
             offset: op.offset,
             len: 0,
             size: i64::MAX as u64,
         })?;
         // SAFETY: the iovecs point into the op's own buffers (its segments),
-        // which it keeps alive for the call; `count` of them are valid from
-        // `first`, and `count` fits a c_int (at most 1024).
+        // which it keeps alive for the call; `count` of them are valid, and
+        // `count` fits a c_int (at most 1024).
         let written = unsafe {
             libc::pwritev(
                 file.as_raw_fd(),
-                op.iovecs[first..].as_ptr(),
+                op.iovecs.as_ptr(),
                 count as libc::c_int,
                 at,
             )
@@ -427,22 +426,9 @@ fn write_all_now(file: &File, mut op: Op) -> Result<(), DiskError> {
                 std::io::Error::from(std::io::ErrorKind::WriteZero),
             ));
         }
-        // A short write: go on after the bytes the kernel took.
-        let mut left = written as usize;
-        op.offset += left as u64;
-        while left > 0 {
-            let iov = &mut op.iovecs[first];
-            if left >= iov.iov_len {
-                left -= iov.iov_len;
-                first += 1;
-            } else {
-                // SAFETY: `left` < the iovec's length, so the pointer stays
-                // inside the same buffer.
-                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(left) }.cast();
-                iov.iov_len -= left;
-                left = 0;
-            }
-        }
+        // A short write (or the first 1024 iovecs of more): go on after
+        // the bytes the kernel took.
+        advance(&mut op, written as usize);
     }
     Ok(())
 }
@@ -533,6 +519,15 @@ fn complete(shared: &Shared, mut op: Op, result: i32) {
         return;
     }
     // Short transfer: advance the iovecs and resubmit the remainder.
+    advance(&mut op, transferred);
+    if let Err((op, error)) = shared.submit(op) {
+        finish(op, Err(DiskError::from_io(0, error)));
+    }
+}
+
+/// Moves `op` past its first `transferred` bytes: the offset, and the
+/// iovecs (those done dropped, a partly done one shortened).
+fn advance(op: &mut Op, transferred: usize) {
     op.offset += transferred as u64;
     let mut skip = transferred;
     let mut rest = Vec::with_capacity(op.iovecs.len());
@@ -549,9 +544,6 @@ fn complete(shared: &Shared, mut op: Op, result: i32) {
         skip = 0;
     }
     op.iovecs = rest;
-    if let Err((op, error)) = shared.submit(op) {
-        finish(op, Err(DiskError::from_io(0, error)));
-    }
 }
 
 fn finish(op: Op, result: Result<(), DiskError>) {
