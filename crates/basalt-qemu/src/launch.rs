@@ -13,6 +13,8 @@
 //!   a pid file, all in the VM's run directory; QEMU runs in its own process
 //!   group. Nothing ties QEMU to basaltd's life: a restarted basaltd finds
 //!   its VMs again through these files.
+//! * Under TCG a one-vCPU guest gets room for a second vCPU (`-smp
+//!   1,maxcpus=2`), see [`VmLaunch::smp`].
 
 use std::path::{Path, PathBuf};
 
@@ -86,6 +88,28 @@ impl VmLaunch {
         qmp_socket(&self.run_dir)
     }
 
+    /// The `-smp` value.
+    ///
+    /// Under TCG with at most one possible vCPU, QEMU before 8.1 leaves the
+    /// guest's memory barriers out of the code it translates (QEMU commit
+    /// c914d46d, "tcg: Do not elide memory barriers for !CF_PARALLEL in
+    /// system mode"). A guest's virtio driver and a vhost-user backend
+    /// running beside it then can miss each other's ring updates: the
+    /// driver waits for an interrupt the backend saw no reason to send, and
+    /// the disk hangs with every request answered (seen with both Basalt's
+    /// and qemu-storage-daemon's backends on QEMU 7.2). Allowing a second
+    /// vCPU makes QEMU translate for parallel vCPUs, barriers included; the
+    /// guest runs one vCPU and sees one more it could hot-add. The rule
+    /// depends only on the spec and the accelerator, so a migration's two
+    /// ends agree on it.
+    pub fn smp(&self) -> String {
+        if self.accel == Accel::Tcg && self.vcpus <= 1 {
+            "1,maxcpus=2".to_string()
+        } else {
+            self.vcpus.to_string()
+        }
+    }
+
     /// QEMU's arguments.
     pub fn args(&self) -> Vec<String> {
         let run = |file: &str| self.run_dir.join(file).display().to_string();
@@ -94,7 +118,7 @@ impl VmLaunch {
         push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
         push(&["-accel", self.accel.as_str()]);
         push(&["-machine", "pc"]);
-        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-smp", &self.smp()]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         push(&[
             "-object",
@@ -300,6 +324,18 @@ mod tests {
         assert_eq!(after(&args, "-incoming"), ["tcp:127.0.0.1:4444"]);
         assert!(args.contains(&"-no-shutdown".to_string()));
         assert!(after(&args, "-kernel").is_empty());
+    }
+
+    #[test]
+    fn a_one_vcpu_tcg_guest_gets_room_for_a_second_vcpu() {
+        let mut vm = launch();
+        assert_eq!(after(&vm.args(), "-smp"), ["2"]);
+        vm.vcpus = 1;
+        assert_eq!(after(&vm.args(), "-smp"), ["1,maxcpus=2"]);
+        vm.accel = Accel::Kvm;
+        assert_eq!(after(&vm.args(), "-smp"), ["1"]);
+        vm.vcpus = 4;
+        assert_eq!(after(&vm.args(), "-smp"), ["4"]);
     }
 
     #[test]
