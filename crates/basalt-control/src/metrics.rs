@@ -77,6 +77,16 @@ pub fn render(node: &Arc<Node>) -> Result<String, std::fmt::Error> {
                 load(&s.drained_blocks),
             ),
             (
+                "basalt_vhost_requests",
+                "Requests answered by the current vhost-user exports",
+                exports.iter().map(|(_, e)| e.requests).sum(),
+            ),
+            (
+                "basalt_vhost_request_microseconds",
+                "Time those requests spent in basaltd, summed: from being taken off the ring to their answer (over basalt_vhost_requests, the mean)",
+                exports.iter().map(|(_, e)| e.request_nanos / 1000).sum(),
+            ),
+            (
                 "basalt_vhost_write_through_writes",
                 "Writes to the current vhost-user exports made durable before their answer (the guest chose write-through)",
                 exports.iter().map(|(_, e)| e.write_through_writes).sum(),

@@ -192,6 +192,8 @@ struct Slot {
     seq: u64,
     vring: Vring,
     mem: Arc<GuestMem>,
+    /// When the chain was taken off the available ring.
+    taken: Instant,
 }
 
 /// A parsed request waiting for, or running on, the backend.
@@ -417,6 +419,7 @@ impl Device {
                     seq,
                     vring: vring.clone(),
                     mem: mem.clone(),
+                    taken: Instant::now(),
                 };
                 if let Some(job) = self.start(slot, chain) {
                     jobs.push(job);
@@ -708,6 +711,8 @@ impl Device {
             }
         }
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let spent = u64::try_from(slot.taken.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.request_nanos.fetch_add(spent, Ordering::Relaxed);
 
         let mut run = Vec::new();
         {

@@ -89,6 +89,7 @@ fn options() -> VhostBlkOptions {
 fn write_read_roundtrip_on_every_queue() {
     let fx = fixture(options());
     let mut drv = Driver::connect(&fx.path, 2, 0);
+    let started = Instant::now();
     for q in 0..2 {
         let data = pattern(8192, q as u8);
         let sector = 8 + q as u64 * 64;
@@ -111,6 +112,16 @@ fn write_read_roundtrip_on_every_queue() {
     assert!(stats.connected);
     assert_eq!(stats.connections, 1);
     assert_eq!(stats.written_bytes, 8192 * 2 + 4096);
+    // Six requests, each answered one after the other: their time in the
+    // device adds up to something, and to no more than the whole exchange.
+    assert_eq!(stats.requests, 6);
+    assert!(stats.request_nanos > 0);
+    assert!(
+        u128::from(stats.request_nanos) <= started.elapsed().as_nanos(),
+        "{} ns in the device for requests sent within {:?}",
+        stats.request_nanos,
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -317,6 +317,15 @@ fn a_hand_made_export_and_its_write_through_choice_outlive_a_daemon_crash() {
     guest.wait_for("BASALT-TEST: writethrough PASS", BOOT_TIMEOUT);
     guest.wait_for("BASALT-SEQ: 30", BOOT_TIMEOUT);
     assert_eq!(daemon.metric("basalt_vhost_write_through_exports"), 1);
+    // The guest's requests and their time in basaltd (the mean under a
+    // second: a slow TCG guest's, not a stuck one's).
+    let requests = daemon.metric("basalt_vhost_requests");
+    let spent = daemon.metric("basalt_vhost_request_microseconds");
+    assert!(requests >= 30, "{requests} requests");
+    assert!(
+        spent > 0 && spent / requests < 1_000_000,
+        "{spent} µs for {requests} requests"
+    );
 
     daemon.kill9();
     let before = guest_count(&guest.console(), "BASALT-SEQ");
